@@ -1,0 +1,798 @@
+"""CDG-MAE: cross-view masked autoencoder pre-training on bags of diffusion-generated views.
+
+Reference implementation of "CDG-MAE: Learning Correspondences from Diffusion Generated
+Views" (Belagali et al.). This one file holds
+
+  1. the model: a ViT encoder with the MAE/DINO/timm state-dict layout, the CDG-MAE
+     decoder (cross-attention to N anchors, Sec. 3.3 and 4) and the loss (Eq. 4-10);
+  2. the FLOP counter that reproduces the paper's Table 8 (Sec. A.3.1);
+  3. checkpoint loading for MAE, DINO, CropMAE and CDG-MAE checkpoints;
+  4. the bag-of-views dataset (Sec. 3.1) and the torchrun/DDP training script (Table 6).
+
+Usage:
+    python cdgmae.py --data BAGS --output runs/a1                       # one process
+    torchrun --nproc_per_node 8 cdgmae.py --data BAGS --anchors 3 --anchor-mask 0.25
+    python cdgmae.py --count-flops --anchors 3 --anchor-mask 0.25      # Table 8 GFLOPs
+
+Import:
+    from cdgmae import CDGMAE, vit_small, vit_base
+    loss, pred, mask = CDGMAE(num_anchors=3, anchor_mask_ratio=0.25)(target, anchors)
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# -----------------------------------------------------------------------------
+# Position embeddings
+# -----------------------------------------------------------------------------
+
+def sincos_pos_embed(embed_dim, grid_h, grid_w, cls_token=True):
+    """Fixed 2-D sine-cosine position embedding, MAE's convention.
+
+    The first half of the channels encodes the column (x) index, the second half the
+    row (y) index; each half is [sin(pos * omega), cos(pos * omega)] with
+    omega_k = 1 / 10000^(k / (D/4)). With `cls_token` a zero row is prepended.
+    Returns [1 + grid_h * grid_w, D] (or [grid_h * grid_w, D]).
+    """
+    assert embed_dim % 4 == 0, "sin-cos embedding needs a dimension divisible by 4"
+    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim / 4))
+    ys, xs = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
+                            torch.arange(grid_w, dtype=torch.float64), indexing="ij")
+
+    def encode(pos):  # [L] -> [L, D/2]
+        angles = pos.reshape(-1, 1) * omega.reshape(1, -1)
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+    emb = torch.cat([encode(xs), encode(ys)], dim=1).float()
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, embed_dim), emb], dim=0)
+    return emb
+
+
+def interpolate_pos_embed(pos_embed, grid_h, grid_w, num_prefix_tokens=1):
+    """Resize a [1, P + h*w, D] position embedding (P prefix tokens: cls) to a new grid.
+
+    The patch part is treated as an image and resized bicubically (as DINO and CropMAE's
+    evaluation do); at the original size the tensor is returned unchanged. The stored
+    grid is assumed square, as in every ViT checkpoint of this family.
+    """
+    prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    old = int(round(math.sqrt(patches.shape[1])))
+    if old * old != patches.shape[1]:
+        raise ValueError(f"position embedding of {patches.shape[1]} patches is not a square grid")
+    if (old, old) == (grid_h, grid_w):
+        return pos_embed
+    dim = patches.shape[-1]
+    patches = patches.reshape(1, old, old, dim).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim).to(pos_embed.dtype)
+    return torch.cat([prefix, patches], dim=1)
+
+
+# -----------------------------------------------------------------------------
+# Transformer pieces (plain modules; attention products go through the fused
+# F.scaled_dot_product_attention kernel)
+# -----------------------------------------------------------------------------
+
+class PatchEmbed(nn.Module):
+    """Image [B, 3, H, W] -> patch tokens [B, (H/P)*(W/P), D] by a stride-P convolution (rho in Eq. 4)."""
+
+    def __init__(self, patch_size=16, in_chans=3, embed_dim=384):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (timm/MAE key names)."""
+
+    def __init__(self, dim, num_heads, qkv_bias=True, attn_drop=0.0):
+        super().__init__()
+        assert dim % num_heads == 0
+        self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # [B, L, D] -> [B, L, D]
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj(x.transpose(1, 2).reshape(B, L, D))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from queries x [B, Lq, D] to a memory [B, Lm, D]."""
+
+    def __init__(self, dim, num_heads, attn_drop=0.0):
+        super().__init__()
+        assert dim % num_heads == 0
+        self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, dim * 2)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, memory):
+        B, Lq, D = x.shape
+        h = self.num_heads
+        q = self.q(x).reshape(B, Lq, h, D // h).transpose(1, 2)
+        k, v = self.kv(memory).reshape(B, memory.shape[1], 2, h, D // h).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj(x.transpose(1, 2).reshape(B, Lq, D))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> (dropout) -> fc2."""
+
+    def __init__(self, dim, hidden_dim, drop=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.drop(self.act(self.fc1(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm ViT encoder block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class DecoderBlock(nn.Module):
+    """CDG-MAE decoder block (Sec. 4): cross-attention, feed-forward, self-attention.
+
+    This is CropMAE's block, on which the paper is built: a post-norm
+    `nn.TransformerDecoderLayer` with its sub-layers reordered so that the target tokens
+    first read the anchors, then mix among themselves. FFN width 2048, GELU, dropout 0.1
+    on attention weights, inside the FFN and on every residual branch.
+    """
+
+    def __init__(self, dim, num_heads, ffn_dim=2048, dropout=0.1):
+        super().__init__()
+        self.cross_attn = CrossAttention(dim, num_heads, attn_drop=dropout)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, ffn_dim, drop=dropout)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.self_attn = Attention(dim, num_heads, attn_drop=dropout)
+        self.norm3 = nn.LayerNorm(dim, eps=1e-6)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, memory):  # x [B, 1+L, Dd] target stream, memory [B, M, Dd] anchor tokens
+        x = self.norm1(x + self.drop(self.cross_attn(x, memory)))
+        x = self.norm2(x + self.drop(self.mlp(x)))
+        return self.norm3(x + self.drop(self.self_attn(x)))
+
+
+# -----------------------------------------------------------------------------
+# Masking (MAE's per-sample random permutation)
+# -----------------------------------------------------------------------------
+
+def random_masking(x, mask_ratio, noise=None):
+    """Keep a random subset of `int(L * (1 - mask_ratio))` tokens of each sample.
+
+    x [B, L, D]; noise [B, L] in [0, 1) decides the order (lowest noise is kept), so a
+    caller can make the masks reproducible. Returns the kept tokens [B, K, D], the binary
+    mask [B, L] (1 = masked, 0 = visible) and ids_restore [B, L], the inverse permutation.
+    """
+    B, L, D = x.shape
+    num_keep = int(L * (1 - mask_ratio))  # 19 of 196 at 90%, 147 at 25%
+    if noise is None:
+        noise = torch.rand(B, L, device=x.device)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :num_keep]
+    x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
+    mask = torch.ones(B, L, device=x.device)
+    mask[:, :num_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return x_kept, mask, ids_restore
+
+
+# -----------------------------------------------------------------------------
+# Encoder: a ViT whose state dict is the MAE / DINO / timm layout
+# -----------------------------------------------------------------------------
+
+class VisionTransformer(nn.Module):
+    """ViT encoder e_theta: patch embedding, cls token, fixed sin-cos position embedding,
+    pre-norm blocks and a final LayerNorm.
+
+    State-dict keys: cls_token, pos_embed, patch_embed.proj.*, blocks.{i}.norm1 / attn.qkv /
+    attn.proj / norm2 / mlp.fc1 / mlp.fc2, norm.* -- the names of official MAE, DINO,
+    CropMAE and timm ViTs, so their checkpoints load with strict=True.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0):
+        super().__init__()
+        self.img_size, self.patch_size = img_size, patch_size
+        self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size ** 2
+        self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # Fixed (not learned) position embedding, as in MAE; a zero vector in the cls slot.
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, embed_dim), requires_grad=False)
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.pos_embed.data.copy_(sincos_pos_embed(embed_dim, self.grid_size, self.grid_size).unsqueeze(0))
+        self._init_encoder_weights()
+
+    def _init_encoder_weights(self):
+        # MAE's initialisation: the patch conv like a Linear on its flattened weight.
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        self.apply(_init_linear_and_norm)
+
+    def pos_embed_for_grid(self, grid_h, grid_w):
+        """[1, 1 + grid_h * grid_w, D]: the stored embedding, interpolated to another grid."""
+        return interpolate_pos_embed(self.pos_embed, grid_h, grid_w)
+
+    def embed(self, x):
+        """Image [B, 3, H, W] -> patch tokens with position [B, L, D], and the cls token [B, 1, D]."""
+        grid_h, grid_w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        pos = self.pos_embed_for_grid(grid_h, grid_w)
+        tokens = self.patch_embed(x) + pos[:, 1:]  # position added before masking
+        cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
+        return tokens, cls
+
+    def run_blocks(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward_masked(self, x, mask_ratio, noise=None):
+        """Eq. (5)/(6): e_theta(m(rho(x), ratio)).
+
+        x [B, 3, H, W] -> tokens [B, 1 + K, D] (cls first, then the K visible patches in
+        kept order), mask [B, L] (1 = masked), ids_restore [B, L]. With mask_ratio == 0 no
+        token is dropped or shuffled (an unmasked anchor, r_a = 0).
+        """
+        tokens, cls = self.embed(x)
+        B, L, _ = tokens.shape
+        if mask_ratio > 0:
+            tokens, mask, ids_restore = random_masking(tokens, mask_ratio, noise)
+        else:
+            mask = torch.zeros(B, L, device=x.device)
+            ids_restore = torch.arange(L, device=x.device).expand(B, L)
+        return self.run_blocks(torch.cat([cls, tokens], dim=1)), mask, ids_restore
+
+    def forward(self, x):
+        """Unmasked features of the last block after the final norm: [B, 1 + h*w, D], cls first.
+        Any input size works: the position embedding is interpolated to the patch grid."""
+        tokens, cls = self.embed(x)
+        return self.run_blocks(torch.cat([cls, tokens], dim=1))
+
+
+def _init_linear_and_norm(m):
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def vit_tiny(**kwargs):
+    return VisionTransformer(**{"embed_dim": 192, "depth": 12, "num_heads": 3, **kwargs})
+
+
+def vit_small(**kwargs):
+    """ViT-S: width 384, 12 blocks, 6 heads (the paper's encoder; patch_size=8 for ViT-S/8)."""
+    return VisionTransformer(**{"embed_dim": 384, "depth": 12, "num_heads": 6, **kwargs})
+
+
+def vit_base(**kwargs):
+    """ViT-B: width 768, 12 blocks, 12 heads (MAE's ViT-B/16, used for the metrics of Table 1)."""
+    return VisionTransformer(**{"embed_dim": 768, "depth": 12, "num_heads": 12, **kwargs})
+
+
+VIT_SIZES = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}
+
+
+# -----------------------------------------------------------------------------
+# CDG-MAE
+# -----------------------------------------------------------------------------
+
+class CDGMAE(VisionTransformer):
+    """Siamese cross-view MAE with N anchors and anchor masking (Sec. 3.3, Eq. 4-10).
+
+    The encoder is this class's ViT part (so a checkpoint's keys are MAE's: cls_token,
+    blocks.*, ..., then decoder_embed, mask_token, decoder_pos_embed, decoder_blocks.*,
+    decoder_norm, decoder_pred). The paper's default, CDGMAE(num_anchors=3,
+    anchor_mask_ratio=0.25), is a ViT-S/16 encoder, a 4-block decoder of width 256 and a
+    target mask ratio of 0.9.
+
+    forward(target [B, 3, H, W], anchors [B, N, 3, H, W]) -> loss, pred [B, L, P*P*3], mask [B, L]
+    """
+
+    def __init__(self, num_anchors=1, anchor_mask_ratio=0.0, target_mask_ratio=0.9,
+                 img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6,
+                 decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8, decoder_ffn_dim=2048,
+                 decoder_dropout=0.1, norm_pix_loss=True):
+        super().__init__(img_size, patch_size, embed_dim, depth, num_heads)
+        if not 0 <= anchor_mask_ratio < 1 or not 0 < target_mask_ratio < 1:
+            raise ValueError("mask ratios must lie in [0, 1) (anchors) and (0, 1) (target)")
+        self.num_anchors = num_anchors
+        self.anchor_mask_ratio = anchor_mask_ratio
+        self.target_mask_ratio = target_mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+
+        # One Linear maps encoder tokens of the target and of every anchor to the decoder width.
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, decoder_embed_dim),
+                                              requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([
+            DecoderBlock(decoder_embed_dim, decoder_num_heads, decoder_ffn_dim, decoder_dropout)
+            for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * 3)
+
+        self.decoder_pos_embed.data.copy_(
+            sincos_pos_embed(decoder_embed_dim, self.grid_size, self.grid_size).unsqueeze(0))
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in [self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred]:
+            m.apply(_init_linear_and_norm)
+
+    # -- pixels <-> patches ---------------------------------------------------
+    def patchify(self, imgs):
+        """[B, 3, H, W] -> [B, L, P*P*3], channel last within a patch (MAE's order)."""
+        P = self.patch_size
+        B, C, H, W = imgs.shape
+        x = imgs.reshape(B, C, H // P, P, W // P, P)
+        return torch.einsum("nchpwq->nhwpqc", x).reshape(B, (H // P) * (W // P), P * P * C)
+
+    def unpatchify(self, x, grid_h=None, grid_w=None):
+        """[B, L, P*P*3] -> [B, 3, H, W]."""
+        P = self.patch_size
+        grid_h = grid_h or self.grid_size
+        grid_w = grid_w or self.grid_size
+        x = x.reshape(x.shape[0], grid_h, grid_w, P, P, 3)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], 3, grid_h * P, grid_w * P)
+
+    # -- Eq. (8)-(9) ----------------------------------------------------------
+    def forward_decoder(self, target_latent, ids_restore, memory):
+        """target_latent [B, 1+K, D] (cls + visible), ids_restore [B, L], memory [B, M, Dd]
+        -> predicted pixels of every target patch [B, L, P*P*3]."""
+        x = self.decoder_embed(target_latent)
+        B, L = ids_restore.shape
+        # Eq. (8): T_a = [T'_v, mask tokens], put back in image order (cls stays first).
+        mask_tokens = self.mask_token.expand(B, L + 1 - x.shape[1], -1)
+        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)
+        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
+        # Eq. (9): self-attention over T_a, cross-attention to the anchors A'_v.
+        for block in self.decoder_blocks:
+            x = block(x, memory)
+        x = self.decoder_pred(self.decoder_norm(x))
+        return x[:, 1:]  # drop the cls row
+
+    # -- Eq. (10) -------------------------------------------------------------
+    def forward_loss(self, target, pred, mask):
+        """Mean squared error over the masked target patches only (Eq. 10).
+
+        As in MAE the squared error is averaged over the pixels of a patch, then over the
+        masked patches. With norm_pix_loss each target patch is normalised by its own mean
+        and (unbiased) variance, eps 1e-6.
+        """
+        patches = self.patchify(target)
+        if self.norm_pix_loss:
+            mean = patches.mean(dim=-1, keepdim=True)
+            var = patches.var(dim=-1, keepdim=True)
+            patches = (patches - mean) / (var + 1e-6) ** 0.5
+        per_patch = ((pred.float() - patches.float()) ** 2).mean(dim=-1)
+        return (per_patch * mask).sum() / mask.sum()
+
+    def forward(self, target, anchors, target_noise=None, anchor_noise=None):
+        """target [B, 3, H, W], anchors [B, N, 3, H, W]; optional masking noise
+        target_noise [B, L], anchor_noise [B, N, L] (uniform in [0, 1), for reproducible masks).
+        Returns loss (scalar), pred [B, L, P*P*3], mask [B, L] (1 = masked, i.e. predicted)."""
+        B, N = anchors.shape[:2]
+        if N != self.num_anchors:
+            raise ValueError(f"model built for {self.num_anchors} anchors, got {N}")
+        # Eq. (4)-(5): target patchified, masked at r_t, visible patches encoded.
+        target_latent, mask, ids_restore = self.forward_masked(target, self.target_mask_ratio, target_noise)
+        # Eq. (6): every anchor masked independently at r_a by the same (Siamese) encoder;
+        # the N anchors of a sample go through it as N rows of one batch.
+        if anchor_noise is not None:
+            anchor_noise = anchor_noise.flatten(0, 1)
+        anchor_latent, _, _ = self.forward_masked(anchors.flatten(0, 1), self.anchor_mask_ratio, anchor_noise)
+        # Eq. (7): A'_v = [A'^1_v; ...; A'^N_v], cls tokens included, at the decoder width.
+        memory = self.decoder_embed(anchor_latent).reshape(B, N * anchor_latent.shape[1], -1)
+        pred = self.forward_decoder(target_latent, ids_restore, memory)
+        return self.forward_loss(target, pred, mask), pred, mask
+
+
+# -----------------------------------------------------------------------------
+# FLOP counting (Sec. A.3.1, Table 8)
+# -----------------------------------------------------------------------------
+
+def count_flops(model, num_anchors=None, batch_size=1):
+    """Count the FLOPs of one forward pass up to the loss, fvcore's convention.
+
+    Every nn.Linear and nn.Conv2d counts one FLOP per multiply-add and every affine
+    LayerNorm 5 FLOPs per element (fvcore's defaults); the products inside
+    F.scaled_dot_product_attention are not counted by fvcore, so they are returned
+    separately as `attention` (multiply-adds of q.k and attn.v). Returns a dict of
+    per-sample counts: linear, conv, layernorm, attention, fvcore (= the first three).
+    """
+    num_anchors = num_anchors or model.num_anchors
+    counts = {"linear": 0, "conv": 0, "layernorm": 0, "attention": 0}
+
+    def linear_hook(m, inputs, out):
+        counts["linear"] += inputs[0].numel() // m.in_features * m.in_features * m.out_features
+
+    def conv_hook(m, inputs, out):
+        kh, kw = m.kernel_size
+        counts["conv"] += out.numel() * (m.in_channels // m.groups) * kh * kw
+
+    def norm_hook(m, inputs, out):
+        counts["layernorm"] += inputs[0].numel() * (5 if m.elementwise_affine else 4)
+
+    def self_attn_hook(m, inputs, out):
+        B, L, D = inputs[0].shape
+        counts["attention"] += 2 * B * L * L * D
+
+    def cross_attn_hook(m, inputs, out):
+        (B, Lq, D), Lm = inputs[0].shape, inputs[1].shape[1]
+        counts["attention"] += 2 * B * Lq * Lm * D
+
+    hooks = []
+    for m in model.modules():
+        hook = {nn.Linear: linear_hook, nn.Conv2d: conv_hook, nn.LayerNorm: norm_hook,
+                Attention: self_attn_hook, CrossAttention: cross_attn_hook}.get(type(m))
+        if hook is not None:
+            hooks.append(m.register_forward_hook(hook))
+    size = model.img_size
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(batch_size, 3, size, size, device=device),
+                  torch.zeros(batch_size, num_anchors, 3, size, size, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    counts = {k: v / batch_size for k, v in counts.items()}
+    counts["fvcore"] = counts["linear"] + counts["conv"] + counts["layernorm"]
+    return counts
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints of the MAE family
+# -----------------------------------------------------------------------------
+
+DECODER_PREFIXES = ("decoder_", "mask_token")  # MAE, CropMAE and CDG-MAE decoder parameters
+HEAD_PREFIXES = ("head.", "fc_norm.")          # classification / DINO projection heads
+
+
+def read_state_dict(path):
+    """Load a checkpoint file and unwrap it to a flat state dict of tensors.
+
+    Understands {"model": sd} (MAE, CropMAE, CDG-MAE), {"state_dict": sd}, DINO's training
+    checkpoints {"teacher": sd} and plain state dicts (DINO's released backbones), and
+    strips the "module." (DDP) and "backbone." (DINO) prefixes.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
+        raise RuntimeError(f"{path}: cannot read checkpoint ({e})") from e
+    return unwrap_state_dict(ckpt, str(path))
+
+
+def unwrap_state_dict(ckpt, name="checkpoint"):
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{name}: expected a dict, got {type(ckpt).__name__}")
+    for key in ("model", "state_dict", "teacher"):
+        if key in ckpt and isinstance(ckpt[key], dict):
+            ckpt = ckpt[key]
+            break
+    state = {}
+    for k, v in ckpt.items():
+        if not torch.is_tensor(v):
+            continue
+        for prefix in ("module.", "backbone."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        state[k] = v
+    if not state:
+        raise ValueError(f"{name}: no tensors found")
+    return state
+
+
+def load_encoder_state(encoder, state, name="checkpoint"):
+    """Load an encoder state dict strictly into a VisionTransformer.
+
+    Decoder keys (decoder_*, mask_token) and heads (head.*, fc_norm.*) are dropped; the
+    position embedding is interpolated if the checkpoint's grid differs from the
+    encoder's. Any other missing or unexpected key is an error that lists the keys.
+    Returns the dropped keys.
+    """
+    dropped = sorted(k for k in state if k.startswith(DECODER_PREFIXES + HEAD_PREFIXES))
+    state = {k: v for k, v in state.items() if k not in dropped}
+    if "pos_embed" in state and state["pos_embed"].shape != encoder.pos_embed.shape:
+        state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], encoder.grid_size, encoder.grid_size)
+    expected = encoder.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong_shape:
+        lines = [f"{name}: does not match the encoder ({encoder.embed_dim}-d, {encoder.depth} blocks, "
+                 f"patch {encoder.patch_size})"]
+        if missing:
+            lines.append(f"  missing keys: {missing}")
+        if unexpected:
+            lines.append(f"  unexpected keys: {unexpected}")
+        for k in wrong_shape:
+            lines.append(f"  {k}: checkpoint {tuple(state[k].shape)} vs encoder {tuple(expected[k].shape)}")
+        raise ValueError("\n".join(lines))
+    encoder.load_state_dict(state, strict=True)
+    return dropped
+
+
+def encoder_from_checkpoint(path, img_size=224):
+    """Build a VisionTransformer shaped like the checkpoint's encoder and load it strictly.
+
+    Width, depth and patch size are read off the tensors; the number of heads comes from
+    a CDG-MAE checkpoint's args, else the ViT convention of 64 channels per head (ViT-T/S/B).
+    """
+    ckpt = torch.load(path, map_location="cpu", weights_only=True) if not isinstance(path, dict) else path
+    name = str(path) if not isinstance(path, dict) else "checkpoint"
+    state = unwrap_state_dict(ckpt, name)
+    if "patch_embed.proj.weight" not in state:
+        raise ValueError(f"{name}: no patch_embed.proj.weight, not a ViT checkpoint")
+    embed_dim, _, patch_size, _ = state["patch_embed.proj.weight"].shape
+    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    args = ckpt.get("args") if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) else {}
+    num_heads = args.get("num_heads") or max(1, embed_dim // 64)
+    encoder = VisionTransformer(img_size, patch_size, embed_dim, depth, num_heads)
+    load_encoder_state(encoder, state, name)
+    return encoder
+
+
+# -----------------------------------------------------------------------------
+# Bags of views (Sec. 3.1) on disk
+# -----------------------------------------------------------------------------
+#
+#   BAGS/<relative folder of the real image>/<image stem>/     one folder per real image
+#       real.<ext>                  the real image (its original bytes)
+#       view_00.jpg ... view_{M-1}  the M generated views
+#
+# `generate_views.py` writes this layout (mirroring the input tree); a bag is any folder
+# holding a file named real.*. Files are written under a temporary name and renamed,
+# so a name that matches below is always complete.
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+VIEW_NAME = re.compile(r"^view_(\d+)\.(jpg|jpeg|png|bmp|webp)$", re.IGNORECASE)
+
+
+def bag_files(bag_dir):
+    """(real image path or None, [view paths ordered by index]) of one bag folder."""
+    real, views = None, {}
+    for entry in os.scandir(bag_dir):
+        name = entry.name
+        if name.lower().startswith("real.") and name.lower().endswith(IMAGE_SUFFIXES):
+            real = entry.path
+        elif (match := VIEW_NAME.match(name)):
+            views[int(match.group(1))] = entry.path
+    return real, [views[k] for k in sorted(views)]
+
+
+def find_bags(root):
+    """Sorted relative paths of every bag folder (a folder holding real.*) under root."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: bag root is not a folder")
+    bags = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        if any(f.lower().startswith("real.") and f.lower().endswith(IMAGE_SUFFIXES) for f in filenames):
+            bags.append(os.path.relpath(dirpath, root))
+    return sorted(bags)
+
+
+def _image_problem(path):
+    """None if the file opens as an image (header check), else a short reason."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        with Image.open(path) as im:
+            im.size  # noqa: B018 -- parses the header
+        return None
+    except Exception as e:  # noqa: BLE001
+        return f"unreadable ({type(e).__name__}: {e})"
+
+
+def check_bags(root, bags, num_views, min_views, verify_images=True, threads=16):
+    """Problems of the given bags as {bag: reason}: no real image, views missing among
+    view_00..view_{num_views-1}, fewer than `min_views` images in all, or (verify_images)
+    an image whose header cannot be read."""
+    def check(bag):
+        real, views = bag_files(Path(root) / bag)
+        if real is None:
+            return bag, "no real.* image"
+        indices = [int(VIEW_NAME.match(os.path.basename(v)).group(1)) for v in views]
+        if indices[:num_views] != list(range(num_views)):
+            return bag, f"incomplete: has views {indices}, needs view_00..view_{num_views - 1:02d}"
+        if 1 + num_views < min_views:
+            return bag, f"{1 + num_views} images, needs at least {min_views}"
+        if verify_images:
+            for path in [real] + views[:num_views]:
+                if (problem := _image_problem(path)):
+                    return bag, f"{os.path.basename(path)}: {problem}"
+        return bag, None
+
+    with ThreadPoolExecutor(threads) as pool:
+        return {bag: reason for bag, reason in pool.map(check, bags) if reason}
+
+
+def load_rgb(path):
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:  # noqa: BLE001
+        raise RuntimeError(f"{path}: cannot decode image ({e})") from e
+
+
+def sample_crop_box(rng, width, height, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop's box (torchvision's algorithm), as fractions (l, t, r, b) of the image."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left / width, top / height, (left + w) / width, (top + h) / height
+    # Fallback: the largest central crop with the aspect ratio clamped into range.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    top, left = (height - h) // 2, (width - w) // 2
+    return left / width, top / height, (left + w) / width, (top + h) / height
+
+
+def image_to_tensor(img):
+    """PIL RGB -> ImageNet-normalised float tensor [3, H, W]."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+class BagDataset(torch.utils.data.Dataset):
+    """Samples (target, N anchors) from bags of views (Sec. 4, Table 2 and 6).
+
+    An item is addressed by (epoch, index): everything random about it -- which view is
+    the target, which N views are anchors, the crop box and flip shared by all of its
+    views, and the masking noise -- is drawn from a generator seeded by (seed, epoch,
+    index). So a sample does not depend on the worker, rank or world size that loads it,
+    which makes resumed and multi-process runs reproduce single-process ones.
+
+    target_choice: "any" (real or generated at random, the paper's default),
+    "real" (always the real image) or "generated" (always a generated view).
+    """
+
+    def __init__(self, root, bags, num_views, num_anchors=1, input_size=224, target_choice="any",
+                 crop_scale=(0.5, 1.0), crop_ratio=(3 / 4, 4 / 3), num_patches=196, seed=0):
+        self.root, self.bags = Path(root), list(bags)
+        self.num_views, self.num_anchors = num_views, num_anchors
+        self.input_size, self.target_choice = input_size, target_choice
+        self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
+        self.num_patches, self.seed = num_patches, seed
+        if target_choice not in ("any", "real", "generated"):
+            raise ValueError(f"target_choice must be any, real or generated, not {target_choice!r}")
+
+    def __len__(self):
+        return len(self.bags)
+
+    def choose_views(self, rng):
+        """Indices into [real, view_00, ...]: the target first, then N distinct anchors."""
+        everything = list(range(1 + self.num_views))
+        if self.target_choice == "real":
+            target = 0
+        elif self.target_choice == "generated":
+            target = int(rng.integers(1, 1 + self.num_views))
+        else:
+            target = int(rng.integers(0, 1 + self.num_views))
+        rest = [i for i in everything if i != target]
+        if self.target_choice == "real" and len(rest) < self.num_anchors:
+            raise ValueError("not enough generated views for the anchors")
+        anchors = rng.choice(rest, size=self.num_anchors, replace=False)
+        return [target] + [int(a) for a in anchors]
+
+    def __getitem__(self, key):
+        epoch, index = key
+        rng = np.random.default_rng([self.seed, epoch, index])
+        bag = self.root / self.bags[index]
+        real, views = bag_files(bag)
+        paths = [real] + views[:self.num_views]
+        chosen = self.choose_views(rng)
+        images = [load_rgb(paths[i]) for i in chosen]
+        # One crop box (relative to each image's size) and one flip for all views of the sample.
+        box = sample_crop_box(rng, *images[0].size, self.crop_scale, self.crop_ratio)
+        flip = rng.random() < 0.5
+        tensors = []
+        for img in images:
+            w, h = img.size
+            img = img.resize((self.input_size, self.input_size), Image.BICUBIC,
+                             box=(box[0] * w, box[1] * h, box[2] * w, box[3] * h))
+            if flip:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            tensors.append(image_to_tensor(img))
+        target_noise = torch.from_numpy(rng.random(self.num_patches, dtype=np.float32))
+        anchor_noise = torch.from_numpy(rng.random((self.num_anchors, self.num_patches), dtype=np.float32))
+        return tensors[0], torch.stack(tensors[1:]), target_noise, anchor_noise
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """Yields this rank's (epoch, index) keys, one global batch after another.
+
+    Each epoch is a permutation of the bags seeded by (seed, epoch), cut into global
+    batches of `global_batch` samples (the tail is dropped); rank r takes the r-th
+    contiguous slice of each. `start_step` skips the global batches already trained
+    on, to resume in the middle of an epoch.
+    """
+
+    def __init__(self, num_samples, global_batch, rank, world_size, epoch, seed=0, start_step=0):
+        self.num_samples, self.global_batch = num_samples, global_batch
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.seed, self.start_step = epoch, seed, start_step
+        self.steps = num_samples // global_batch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=g).tolist()
+        per_rank = self.global_batch // self.world_size
+        for step in range(self.start_step, self.steps):
+            start = step * self.global_batch + self.rank * per_rank
+            for index in order[start:start + per_rank]:
+                yield self.epoch, index
+
+    def __len__(self):
+        return (self.steps - self.start_step) * (self.global_batch // self.world_size)
