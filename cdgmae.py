@@ -796,3 +796,328 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return (self.steps - self.start_step) * (self.global_batch // self.world_size)
+
+
+# -----------------------------------------------------------------------------
+# Training (Sec. 4, Table 6): AdamW, warmup + per-iteration cosine, torchrun DDP
+# -----------------------------------------------------------------------------
+
+def get_args_parser():
+    p = argparse.ArgumentParser(
+        description="CDG-MAE pre-training on bags of views (defaults: the paper's single-anchor "
+                    "setting, Table 6). Run with python (one process) or torchrun (DDP).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", type=str, help="bag root (layout: see README, 'Bags of views')")
+    g.add_argument("--views", type=int, default=None,
+                   help="M generated views per bag to use (default: the largest count found; "
+                        "a bag with fewer is an error)")
+    g.add_argument("--target-view", choices=["any", "real", "generated"], default="any",
+                   help="target chosen among all views of the bag / always the real image / "
+                        "always a generated view (Table 2)")
+    g.add_argument("--input-size", type=int, default=224)
+    g.add_argument("--crop-scale", type=float, nargs=2, default=(0.5, 1.0), help="random resized crop area")
+    g.add_argument("--crop-ratio", type=float, nargs=2, default=(0.75, 1.33), help="crop aspect ratio range")
+    g.add_argument("--workers", type=int, default=8, help="DataLoader worker processes per rank")
+    g.add_argument("--verify-images", action=argparse.BooleanOptionalAction, default=True,
+                   help="open every image's header at start-up (split over ranks)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=sorted(VIT_SIZES), default="vit_small", help="encoder size")
+    g.add_argument("--embed-dim", type=int, default=None, help="override the encoder width")
+    g.add_argument("--depth", type=int, default=None, help="override the encoder depth")
+    g.add_argument("--num-heads", type=int, default=None, help="override the encoder heads")
+    g.add_argument("--patch-size", type=int, default=16)
+    g.add_argument("--anchors", type=int, default=1, help="N anchors per target (Eq. 6-7)")
+    g.add_argument("--anchor-mask", type=float, default=0.0, help="anchor mask ratio r_a (Eq. 6)")
+    g.add_argument("--target-mask", type=float, default=0.9, help="target mask ratio r_t (Eq. 4)")
+    g.add_argument("--decoder-dim", type=int, default=256)
+    g.add_argument("--decoder-depth", type=int, default=4)
+    g.add_argument("--decoder-heads", type=int, default=8)
+    g.add_argument("--decoder-ffn-dim", type=int, default=2048)
+    g.add_argument("--decoder-dropout", type=float, default=0.1)
+    g.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="regress per-patch normalised pixels")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=100)
+    g.add_argument("--batch-size", type=int, default=2048, help="global batch (all ranks, all accumulation steps)")
+    g.add_argument("--accum-iter", type=int, default=1, help="gradient accumulation steps per optimizer step")
+    g.add_argument("--blr", type=float, default=1.5e-4, help="base lr; lr = blr * batch_size / 256")
+    g.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--warmup-epochs", type=float, default=5, help="linear warmup (CropMAE: 5%% of 100 epochs)")
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
+    g.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) after this many optimizer steps")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output", type=str, default="runs/cdgmae")
+    g.add_argument("--resume", type=str, default=None, help="checkpoint to continue from ('auto': OUTPUT/checkpoint-last.pth if present)")
+    g.add_argument("--save-every", type=int, default=25, help="keep a copy of the checkpoint every this many epochs")
+    g.add_argument("--vis-every", type=int, default=5, help="reconstruction PNG every this many epochs (0: never)")
+    g.add_argument("--log-every", type=int, default=20, help="JSON-lines log every this many steps")
+    g.add_argument("--count-flops", action="store_true",
+                   help="print the GFLOPs of one 224x224 training sample (Table 8) and exit")
+    return p
+
+
+def model_config(args):
+    """The CDGMAE constructor arguments implied by the command line (sizes resolved)."""
+    embed_dim, depth, num_heads = VIT_SIZES[args.model]
+    return dict(num_anchors=args.anchors, anchor_mask_ratio=args.anchor_mask,
+                target_mask_ratio=args.target_mask, img_size=args.input_size, patch_size=args.patch_size,
+                embed_dim=args.embed_dim or embed_dim, depth=args.depth or depth,
+                num_heads=args.num_heads or num_heads, decoder_embed_dim=args.decoder_dim,
+                decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_heads,
+                decoder_ffn_dim=args.decoder_ffn_dim, decoder_dropout=args.decoder_dropout,
+                norm_pix_loss=args.norm_pix_loss)
+
+
+def learning_rate(args, epoch_float):
+    """Linear warmup, then half-cycle cosine to min_lr; evaluated every iteration (MAE)."""
+    if epoch_float < args.warmup_epochs:
+        return args.lr * epoch_float / args.warmup_epochs
+    progress = (epoch_float - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-8)
+    return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups: no weight decay on biases and 1-D parameters (norms, cls/mask tokens)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") or name in ("cls_token", "mask_token")
+         else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def setup_distributed():
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo on CPU."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file beside `path`, then rename: a crash never leaves a torn file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def plain(value):
+    """argparse values -> JSON/weights_only-safe plain Python (tuples become lists)."""
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def denormalize(x):
+    """ImageNet-normalised [..., 3, H, W] -> [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    return (x * std + mean).clamp(0, 1)
+
+
+@torch.no_grad()
+def reconstruction_image(model, target, anchors, pred, mask, max_rows=4):
+    """PIL grid, one row per sample: anchors | masked target | reconstruction | original.
+
+    The reconstruction pastes the predicted patches among the visible ones; with the
+    normalised-pixel loss the predictions are de-normalised with each true patch's
+    mean and standard deviation (as MAE's visualisation does). Masked patches are grey.
+    """
+    target, anchors = target[:max_rows].float().cpu(), anchors[:max_rows].float().cpu()
+    pred, m = pred[:max_rows].float().cpu(), mask[:max_rows].float().cpu().unsqueeze(-1)
+    patches = model.patchify(target)
+    if model.norm_pix_loss:
+        pred = pred * (patches.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + patches.mean(dim=-1, keepdim=True)
+    recon = denormalize(model.unpatchify(patches * (1 - m) + pred * m))
+    masked = model.unpatchify(model.patchify(denormalize(target)) * (1 - m) + 0.5 * m)
+    rows = [torch.cat([*denormalize(anchors[i]), masked[i], recon[i], denormalize(target[i])], dim=2)
+            for i in range(target.shape[0])]
+    grid = torch.cat(rows, dim=1).permute(1, 2, 0).numpy()
+    return Image.fromarray((grid * 255).round().astype(np.uint8))
+
+
+def scan_bag_root(args, rank, world_size):
+    """List the bags, check every one of them (split over ranks) and fail with their names
+    before any training if one is unreadable or incomplete. Returns (bags, num_views)."""
+    bags = find_bags(args.data) if rank == 0 else None
+    if world_size > 1:
+        box = [bags]
+        dist.broadcast_object_list(box, src=0)
+        bags = box[0]
+    if not bags:
+        raise SystemExit(f"{args.data}: no bags found (a bag is a folder holding real.* and view_NN.jpg files)")
+    num_views = args.views
+    if num_views is None:  # infer M from the first bags; check_bags then holds every bag to it
+        num_views = max(len(bag_files(Path(args.data) / b)[1]) for b in bags[:1000])
+    problems = check_bags(args.data, bags[rank::world_size], num_views, 1 + args.anchors,
+                          verify_images=args.verify_images)
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, problems)
+        problems = {k: v for part in gathered for k, v in part.items()}
+    if args.target_view == "real" and num_views < args.anchors:
+        problems["(all)"] = f"--target-view real needs at least {args.anchors} generated views, bags have {num_views}"
+    if problems:
+        lines = [f"  {Path(args.data) / bag}: {why}" for bag, why in sorted(problems.items())[:20]]
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise SystemExit(f"{args.data}: {len(problems)} of {len(bags)} bags cannot be used "
+                         f"(M = {num_views} views, N = {args.anchors} anchors):\n" + "\n".join(lines) + more)
+    return bags, num_views
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    if args.count_flops:
+        counts = count_flops(CDGMAE(**{**model_config(args), "img_size": 224}))
+        print(f"N={args.anchors} r_a={args.anchor_mask:g} r_t={args.target_mask:g}: "
+              f"{counts['fvcore'] / 1e9:.2f} GFLOPs per sample (fvcore: Linear+Conv multiply-adds "
+              f"{(counts['linear'] + counts['conv']) / 1e9:.3f} G, LayerNorm {counts['layernorm'] / 1e9:.3f} G; "
+              f"attention products, not counted: {counts['attention'] / 1e9:.3f} G)")
+        return counts
+    if not args.data:
+        raise SystemExit("--data BAGS is required (or --count-flops)")
+
+    rank, world_size, device = setup_distributed()
+    per_step = args.batch_size // (world_size * args.accum_iter)
+    if per_step * world_size * args.accum_iter != args.batch_size:
+        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by {world_size} ranks x "
+                         f"{args.accum_iter} accumulation steps")
+    args.lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
+    output = Path(args.output)
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+
+    bags, num_views = scan_bag_root(args, rank, world_size)
+    steps_per_epoch = len(bags) // args.batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{args.data}: {len(bags)} bags is fewer than one global batch of {args.batch_size}")
+    config = model_config(args)
+
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = CDGMAE(**config).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=tuple(args.betas))
+
+    start_epoch, start_step = 0, 0
+    resume = output / "checkpoint-last.pth" if args.resume == "auto" else args.resume
+    if resume and (args.resume != "auto" or Path(resume).exists()):
+        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
+        model.load_state_dict(ckpt["model"], strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, start_step = ckpt["next_epoch"], ckpt["next_step"]
+        if rank == 0:
+            print(f"resumed from {resume}: epoch {start_epoch}, step {start_step} of {steps_per_epoch}")
+
+    train_model = model
+    if world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        train_model = torch.compile(train_model)
+    use_bf16 = device.type == "cuda"  # bf16 autocast on GPU; float32 on CPU (bf16 is ~30x slower there)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    dataset = BagDataset(args.data, bags, num_views, args.anchors, args.input_size, args.target_view,
+                         tuple(args.crop_scale), tuple(args.crop_ratio), model.num_patches, args.seed)
+    if rank == 0:
+        counts = count_flops(CDGMAE(**{**config, "decoder_dropout": 0.0}))
+        print(f"{len(bags)} bags of 1 real + {num_views} views; {world_size} rank(s) x {per_step} samples x "
+              f"{args.accum_iter} accumulation = global batch {args.batch_size}; {steps_per_epoch} steps/epoch; "
+              f"lr {args.lr:.3g}; {counts['fvcore'] / 1e9:.3g} GFLOPs/sample (fvcore)")
+        with open(output / "args.json", "w") as f:
+            json.dump({k: plain(v) for k, v in vars(args).items()}, f, indent=2)
+
+    log_file = open(output / "log.jsonl", "a") if rank == 0 else None
+    global_step = start_epoch * steps_per_epoch + start_step
+    try:
+        from tqdm import tqdm
+        for epoch in range(start_epoch, args.epochs):
+            sampler = GlobalBatchSampler(len(bags), args.batch_size, rank, world_size, epoch, args.seed,
+                                         start_step if epoch == start_epoch else 0)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=per_step, sampler=sampler,
+                                                 num_workers=args.workers, pin_memory=device.type == "cuda",
+                                                 drop_last=False, persistent_workers=False)
+            batches = iter(loader)
+            first = start_step if epoch == start_epoch else 0
+            bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch}", disable=rank != 0,
+                       dynamic_ncols=True, initial=first, total=steps_per_epoch)
+            model.train()
+            t_last, seen, loss_sum, loss_steps = time.time(), 0, 0.0, 0
+            for step in bar:
+                lr = learning_rate(args, epoch + step / steps_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                # Dropout (and any other model-side randomness) is a function of (seed, rank, step),
+                # so a resumed run replays exactly what an uninterrupted one would have drawn.
+                torch.manual_seed(args.seed * 1_000_003 + global_step * 1009 + rank)
+                for micro in range(args.accum_iter):
+                    target, anchors, target_noise, anchor_noise = [t.to(device, non_blocking=True)
+                                                                   for t in next(batches)]
+                    sync = micro == args.accum_iter - 1 or world_size == 1
+                    with (contextlib.nullcontext() if sync else train_model.no_sync()), \
+                            torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                        loss, pred, mask = train_model(target, anchors, target_noise, anchor_noise)
+                    (loss / args.accum_iter).backward()
+                    loss_sum += loss.item() / args.accum_iter
+                loss_steps += 1
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+                seen += args.batch_size
+                if rank == 0:
+                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}",
+                                    samples_per_s=f"{seen / max(time.time() - t_last, 1e-9):.1f}")
+                    if global_step % args.log_every == 0 or step == steps_per_epoch - 1:
+                        now = time.time()
+                        log_file.write(json.dumps({"epoch": epoch, "step": global_step, "lr": lr,
+                                                   "loss": loss_sum / loss_steps,
+                                                   "samples_per_s": seen / max(now - t_last, 1e-9)}) + "\n")
+                        log_file.flush()
+                        t_last, seen, loss_sum, loss_steps = now, 0, 0.0, 0
+                stop = args.max_steps is not None and global_step >= args.max_steps
+                if stop:
+                    break
+            finished_epoch = step == steps_per_epoch - 1
+            if rank == 0:
+                next_epoch, next_step = (epoch + 1, 0) if finished_epoch else (epoch, step + 1)
+                ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "next_epoch": next_epoch, "next_step": next_step, "global_step": global_step,
+                        "args": {**{k: plain(v) for k, v in vars(args).items()}, **config}}
+                save_atomic(ckpt, output / "checkpoint-last.pth")
+                if finished_epoch and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
+                    save_atomic(ckpt, output / f"checkpoint-{epoch + 1:04d}.pth")
+                if finished_epoch and args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
+                    reconstruction_image(model, target, anchors, pred.detach(), mask).save(
+                        output / f"reconstruction-{epoch + 1:04d}.png")
+            if stop:
+                break
+    finally:
+        if log_file:
+            log_file.close()
+        if world_size > 1:
+            dist.destroy_process_group()
+    return model
+
+
+if __name__ == "__main__":
+    main()
