@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -815,7 +816,7 @@ def get_args_parser():
     g.add_argument("--target-view", choices=["any", "real", "generated"], default="any",
                    help="target chosen among all views of the bag / always the real image / "
                         "always a generated view (Table 2)")
-    g.add_argument("--input-size", type=int, default=224)
+    g.add_argument("--input-size", type=int, default=224, help="side of the square training crops (pixels)")
     g.add_argument("--crop-scale", type=float, nargs=2, default=(0.5, 1.0), help="random resized crop area")
     g.add_argument("--crop-ratio", type=float, nargs=2, default=(0.75, 1.33), help="crop aspect ratio range")
     g.add_argument("--workers", type=int, default=8, help="DataLoader worker processes per rank")
@@ -827,34 +828,34 @@ def get_args_parser():
     g.add_argument("--embed-dim", type=int, default=None, help="override the encoder width")
     g.add_argument("--depth", type=int, default=None, help="override the encoder depth")
     g.add_argument("--num-heads", type=int, default=None, help="override the encoder heads")
-    g.add_argument("--patch-size", type=int, default=16)
+    g.add_argument("--patch-size", type=int, default=16, help="ViT patch size P (16: ViT-S/16, 8: ViT-S/8)")
     g.add_argument("--anchors", type=int, default=1, help="N anchors per target (Eq. 6-7)")
     g.add_argument("--anchor-mask", type=float, default=0.0, help="anchor mask ratio r_a (Eq. 6)")
     g.add_argument("--target-mask", type=float, default=0.9, help="target mask ratio r_t (Eq. 4)")
-    g.add_argument("--decoder-dim", type=int, default=256)
-    g.add_argument("--decoder-depth", type=int, default=4)
-    g.add_argument("--decoder-heads", type=int, default=8)
-    g.add_argument("--decoder-ffn-dim", type=int, default=2048)
-    g.add_argument("--decoder-dropout", type=float, default=0.1)
+    g.add_argument("--decoder-dim", type=int, default=256, help="decoder width (Sec. 4)")
+    g.add_argument("--decoder-depth", type=int, default=4, help="decoder blocks (Sec. 4)")
+    g.add_argument("--decoder-heads", type=int, default=8, help="decoder attention heads")
+    g.add_argument("--decoder-ffn-dim", type=int, default=2048, help="decoder feed-forward width (CropMAE)")
+    g.add_argument("--decoder-dropout", type=float, default=0.1, help="decoder dropout (CropMAE)")
     g.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
                    help="regress per-patch normalised pixels")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=100)
+    g.add_argument("--epochs", type=int, default=100, help="passes over the bags (Table 6)")
     g.add_argument("--batch-size", type=int, default=2048, help="global batch (all ranks, all accumulation steps)")
     g.add_argument("--accum-iter", type=int, default=1, help="gradient accumulation steps per optimizer step")
     g.add_argument("--blr", type=float, default=1.5e-4, help="base lr; lr = blr * batch_size / 256")
     g.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
-    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine")
     g.add_argument("--warmup-epochs", type=float, default=5, help="linear warmup (CropMAE: 5%% of 100 epochs)")
-    g.add_argument("--weight-decay", type=float, default=0.05)
-    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (Table 6)")
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas (Table 6)")
+    g.add_argument("--seed", type=int, default=0, help="seeds the initial weights, the data order and every sample's crop, views and masks")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
     g.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) after this many optimizer steps")
 
     g = p.add_argument_group("output")
-    g.add_argument("--output", type=str, default="runs/cdgmae")
+    g.add_argument("--output", type=str, default="runs/cdgmae", help="folder for checkpoints, log.jsonl, args.json and reconstruction PNGs")
     g.add_argument("--resume", type=str, default=None, help="checkpoint to continue from ('auto': OUTPUT/checkpoint-last.pth if present)")
     g.add_argument("--save-every", type=int, default=25, help="keep a copy of the checkpoint every this many epochs")
     g.add_argument("--vis-every", type=int, default=5, help="reconstruction PNG every this many epochs (0: never)")
@@ -1025,6 +1026,12 @@ def main(argv=None):
         start_epoch, start_step = ckpt["next_epoch"], ckpt["next_step"]
         if rank == 0:
             print(f"resumed from {resume}: epoch {start_epoch}, step {start_step} of {steps_per_epoch}")
+            changed = [f"{k}: {ckpt['args'][k]} -> {plain(getattr(args, k))}"
+                       for k in ("batch_size", "seed", "epochs", "lr", "warmup_epochs", "target_view", "views")
+                       if k in ckpt["args"] and ckpt["args"][k] != plain(getattr(args, k))]
+            if changed:
+                print("warning: the run continues with other settings than the checkpoint's, so it will not "
+                      "replay the uninterrupted run: " + "; ".join(changed))
 
     train_model = model
     if world_size > 1:
@@ -1050,7 +1057,6 @@ def main(argv=None):
     log_file = open(output / "log.jsonl", "a") if rank == 0 else None
     global_step = start_epoch * steps_per_epoch + start_step
     try:
-        from tqdm import tqdm
         for epoch in range(start_epoch, args.epochs):
             sampler = GlobalBatchSampler(len(bags), args.batch_size, rank, world_size, epoch, args.seed,
                                          start_step if epoch == start_epoch else 0)
@@ -1062,7 +1068,8 @@ def main(argv=None):
             bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch}", disable=rank != 0,
                        dynamic_ncols=True, initial=first, total=steps_per_epoch)
             model.train()
-            t_last, seen, loss_sum, loss_steps = time.time(), 0, 0.0, 0
+            t_last, seen, loss_steps = time.time(), 0, 0
+            loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
             for step in bar:
                 lr = learning_rate(args, epoch + step / steps_per_epoch)
                 for group in optimizer.param_groups:
@@ -1078,22 +1085,26 @@ def main(argv=None):
                             torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                         loss, pred, mask = train_model(target, anchors, target_noise, anchor_noise)
                     (loss / args.accum_iter).backward()
-                    loss_sum += loss.item() / args.accum_iter
-                loss_steps += 1
+                    loss_sum += loss.detach() / args.accum_iter
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 global_step += 1
+                loss_steps += 1
                 seen += args.batch_size
-                if rank == 0:
-                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}",
-                                    samples_per_s=f"{seen / max(time.time() - t_last, 1e-9):.1f}")
-                    if global_step % args.log_every == 0 or step == steps_per_epoch - 1:
-                        now = time.time()
-                        log_file.write(json.dumps({"epoch": epoch, "step": global_step, "lr": lr,
-                                                   "loss": loss_sum / loss_steps,
-                                                   "samples_per_s": seen / max(now - t_last, 1e-9)}) + "\n")
+                if global_step % args.log_every == 0 or step == steps_per_epoch - 1:
+                    if world_size > 1:  # the mean over all ranks' samples
+                        dist.all_reduce(loss_sum)
+                        loss_sum /= world_size
+                    now = time.time()
+                    record = {"epoch": epoch, "step": global_step, "lr": lr, "loss": loss_sum.item() / loss_steps,
+                              "samples_per_s": seen / max(now - t_last, 1e-9)}
+                    if rank == 0:
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
+                                        samples_per_s=f"{record['samples_per_s']:.1f}")
+                        log_file.write(json.dumps(record) + "\n")
                         log_file.flush()
-                        t_last, seen, loss_sum, loss_steps = now, 0, 0.0, 0
+                    t_last, seen, loss_steps = now, 0, 0
+                    loss_sum.zero_()
                 stop = args.max_steps is not None and global_step >= args.max_steps
                 if stop:
                     break
