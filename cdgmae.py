@@ -70,21 +70,24 @@ def sincos_pos_embed(embed_dim, grid_h, grid_w, cls_token=True):
 
 
 def interpolate_pos_embed(pos_embed, grid_h, grid_w, num_prefix_tokens=1):
-    """Resize a [1, P + h*w, D] position embedding (P prefix tokens: cls) to a new grid.
+    """Resize a [1, P + g0*g0, D] position embedding (P prefix tokens: cls) to a new grid.
 
-    The patch part is treated as an image and resized bicubically (as DINO and CropMAE's
-    evaluation do); at the original size the tensor is returned unchanged. The stored
-    grid is assumed square, as in every ViT checkpoint of this family.
+    The patch part is treated as a g0 x g0 image and resized bicubically the way DINO's
+    and CropMAE's evaluation ViTs do it (the label-propagation protocol of A.1.2): with
+    scale_factor (grid + 0.1) / g0 rather than an output size, which also fixes where the
+    new grid samples the old one (source = (dst + 0.5) * g0 / (grid + 0.1) - 0.5). At the
+    stored grid the tensor is returned unchanged.
     """
     prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    old = int(round(math.sqrt(patches.shape[1])))
-    if old * old != patches.shape[1]:
+    g0 = math.isqrt(patches.shape[1])
+    if g0 * g0 != patches.shape[1]:
         raise ValueError(f"position embedding of {patches.shape[1]} patches is not a square grid")
-    if (old, old) == (grid_h, grid_w):
+    if (g0, g0) == (grid_h, grid_w):
         return pos_embed
     dim = patches.shape[-1]
-    patches = patches.reshape(1, old, old, dim).permute(0, 3, 1, 2)
-    patches = F.interpolate(patches.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+    patches = patches.reshape(1, g0, g0, dim).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches.float(), scale_factor=((grid_h + 0.1) / g0, (grid_w + 0.1) / g0),
+                            mode="bicubic", align_corners=False)
     patches = patches.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim).to(pos_embed.dtype)
     return torch.cat([prefix, patches], dim=1)
 
@@ -292,11 +295,15 @@ class VisionTransformer(nn.Module):
             ids_restore = torch.arange(L, device=x.device).expand(B, L)
         return self.run_blocks(torch.cat([cls, tokens], dim=1)), mask, ids_restore
 
-    def forward(self, x):
+    def forward_features(self, x):
         """Unmasked features of the last block after the final norm: [B, 1 + h*w, D], cls first.
-        Any input size works: the position embedding is interpolated to the patch grid."""
+        Any input size works: the position embedding is interpolated to the patch grid.
+        (A CDGMAE inherits this, so a whole pre-training model is also a feature extractor.)"""
         tokens, cls = self.embed(x)
         return self.run_blocks(torch.cat([cls, tokens], dim=1))
+
+    def forward(self, x):
+        return self.forward_features(x)
 
 
 def _init_linear_and_norm(m):
@@ -505,6 +512,19 @@ DECODER_PREFIXES = ("decoder_", "mask_token")  # MAE, CropMAE and CDG-MAE decode
 HEAD_PREFIXES = ("head.", "fc_norm.")          # classification / DINO projection heads
 
 
+def load_checkpoint(path):
+    """torch.load with weights_only=True (no arbitrary code), allowing the argparse.Namespace
+    that MAE's and CropMAE's training checkpoints store under "args"."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
+        raise RuntimeError(f"{path}: cannot read checkpoint ({e})") from e
+
+
 def read_state_dict(path):
     """Load a checkpoint file and unwrap it to a flat state dict of tensors.
 
@@ -512,11 +532,7 @@ def read_state_dict(path):
     checkpoints {"teacher": sd} and plain state dicts (DINO's released backbones), and
     strips the "module." (DDP) and "backbone." (DINO) prefixes.
     """
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
-        raise RuntimeError(f"{path}: cannot read checkpoint ({e})") from e
-    return unwrap_state_dict(ckpt, str(path))
+    return unwrap_state_dict(load_checkpoint(path), str(path))
 
 
 def unwrap_state_dict(ckpt, name="checkpoint"):
@@ -569,21 +585,26 @@ def load_encoder_state(encoder, state, name="checkpoint"):
     return dropped
 
 
-def encoder_from_checkpoint(path, img_size=224):
-    """Build a VisionTransformer shaped like the checkpoint's encoder and load it strictly.
+def encoder_from_checkpoint(checkpoint, img_size=None, num_heads=None):
+    """Build a VisionTransformer shaped like a checkpoint's encoder and load it strictly.
 
-    Width, depth and patch size are read off the tensors; the number of heads comes from
-    a CDG-MAE checkpoint's args, else the ViT convention of 64 channels per head (ViT-T/S/B).
+    checkpoint: a path or an already loaded dict. Width, depth and patch size are read off
+    the tensors; img_size defaults to the stored position-embedding grid x patch size (so
+    the embedding is resized once, to each input's grid, and never twice); heads come from
+    `num_heads`, else the checkpoint's args["num_heads"], else the ViT convention of 64
+    channels per head (ViT-T/S/B: 3/6/12).
     """
-    ckpt = torch.load(path, map_location="cpu", weights_only=True) if not isinstance(path, dict) else path
-    name = str(path) if not isinstance(path, dict) else "checkpoint"
+    name = "checkpoint" if isinstance(checkpoint, dict) else str(checkpoint)
+    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
     state = unwrap_state_dict(ckpt, name)
-    if "patch_embed.proj.weight" not in state:
-        raise ValueError(f"{name}: no patch_embed.proj.weight, not a ViT checkpoint")
+    if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
+        raise ValueError(f"{name}: no patch_embed.proj.weight / pos_embed, not a ViT checkpoint")
     embed_dim, _, patch_size, _ = state["patch_embed.proj.weight"].shape
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
-    args = ckpt.get("args") if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) else {}
-    num_heads = args.get("num_heads") or max(1, embed_dim // 64)
+    args = ckpt.get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
+    num_heads = num_heads or args.get("num_heads") or max(1, embed_dim // 64)
+    img_size = img_size or math.isqrt(state["pos_embed"].shape[1] - 1) * patch_size
     encoder = VisionTransformer(img_size, patch_size, embed_dim, depth, num_heads)
     load_encoder_state(encoder, state, name)
     return encoder

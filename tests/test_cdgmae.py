@@ -228,6 +228,38 @@ def test_interpolated_position_embedding_is_the_identity_at_the_original_size():
     assert torch.allclose(out[:, 1:], torch.full_like(out[:, 1:], 0.3), atol=1e-6)
 
 
+def cubic_weight(d, a=-0.75):
+    d = abs(d)
+    if d <= 1:
+        return (a + 2) * d ** 3 - (a + 3) * d ** 2 + 1
+    if d < 2:
+        return a * d ** 3 - 5 * a * d ** 2 + 8 * a * d - 4 * a
+    return 0.0
+
+
+def test_position_embedding_is_resampled_at_dinos_scale_factor_positions():
+    # bicubic (a = -0.75, edges clamped) sampled at source = (dst + 0.5) * g0 / (g + 0.1) - 0.5
+    g0, gh, gw, dim = 4, 5, 7, 3
+    pos = torch.randn(1, 1 + g0 * g0, dim, dtype=torch.float64)
+    grid = pos[0, 1:].reshape(g0, g0, dim).numpy()
+
+    def taps(dst, g):
+        src = (dst + 0.5) * g0 / (g + 0.1) - 0.5
+        base = math.floor(src)
+        return [(min(max(k, 0), g0 - 1), cubic_weight(src - k)) for k in range(base - 1, base + 3)]
+
+    expected = np.zeros((gh, gw, dim))
+    for i in range(gh):
+        for j in range(gw):
+            for yi, wy in taps(i, gh):
+                for xj, wx in taps(j, gw):
+                    expected[i, j] += wy * wx * grid[yi, xj]
+    got = cdgmae.interpolate_pos_embed(pos, gh, gw)
+    assert torch.equal(got[0, 0], pos[0, 0])  # the cls slot is kept
+    assert np.allclose(got[0, 1:].reshape(gh, gw, dim).numpy(), expected, atol=1e-5)  # float32 inside
+    assert torch.equal(cdgmae.interpolate_pos_embed(pos, g0, g0), pos)  # unchanged at the stored grid
+
+
 def test_encoder_runs_on_480x880_video_frames():
     vit = VisionTransformer(**{k: TINY[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")})
     assert vit(torch.randn(1, 3, 480, 880)).shape == (1, 1 + 30 * 55, 32)

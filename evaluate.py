@@ -1,0 +1,634 @@
+"""Scores of the label-propagation benchmarks (Sec. 4, A.1.2): DAVIS-2017 J&F, VIP mIoU, JHMDB PCK.
+
+The paper evaluates "with the evaluation codebase released by CropMAE" (A.1.2). That
+codebase scores DAVIS with the official davis2017-evaluation code, VIP and JHMDB with the
+scripts inherited from CRW (videowalk). This file re-implements their conventions (read
+from the public code, written anew) and says where each one comes from:
+
+  DAVIS-2017 semi-supervised (official davis2017-evaluation, task "semi-supervised"):
+    * objects are 1..max id of the first annotation; annotation value 255 (void) is set to
+      background, and NO void mask is used by the official semi-supervised scorer
+      (`exclude_void=True` excludes void pixels instead, as the unsupervised task does);
+    * frames 1..T-2 are scored (the first and the last annotated frame are left out);
+    * J: IoU, 1 when the union is empty;
+    * F: boundary F-measure. Boundary pixels (seg2bmap) are those that differ from their
+      east, south or south-east neighbour (on the last row only east, on the last column
+      only south, never the corner); they match when within a disk of radius
+      ceil(0.008 * sqrt(H^2 + W^2)) pixels (8 px at 480x854) of the other boundary;
+      no boundary in both: 1; in only one: 0;
+    * per object: mean over its frames; J-Mean / F-Mean: mean over every object of every
+      sequence (object-weighted); J&F-Mean = their average.
+  VIP (CRW's eval_vip.py): 20 classes (background included); one confusion matrix over every
+    frame of every video, the first frame included; predictions of another size are resized
+    to the annotation with PIL's nearest neighbour; ground-truth values outside 0..19 are
+    ignored; mIoU = mean IoU over the classes whose union is not empty.
+  JHMDB (CRW's eval_pck.py): the first frame is not scored; a joint counts in a frame when
+    its PREDICTION is visible (the propagated heat map was not all zero); the normaliser of
+    a frame is 0.6 x the diagonal of the box around the ground-truth joints that count in
+    that frame; correct when distance / normaliser <= alpha; PCK = mean over the 15 joints
+    of each joint's fraction correct over all frames of all videos.
+
+Scores of the summaries are percentages (the paper's tables); the metric functions return
+fractions in [0, 1].
+
+Usage:
+    python evaluate.py --dataset davis --data-root DAVIS --predictions runs/davis
+    python evaluate.py --dataset vip   --data-root VIP_Fine --predictions runs/vip
+    python evaluate.py --dataset jhmdb --data-root JHMDB --predictions runs/jhmdb
+
+Import:
+    from evaluate import evaluate_dataset, region_similarity, contour_accuracy, pck, mean_iou
+    summary = evaluate_dataset("davis", "DAVIS", "runs/davis")   # {"J&F_m": ..., "J_m": ..., ...}
+"""
+import argparse
+import csv
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import io as sio
+from scipy import ndimage
+
+DATASETS = ("davis", "vip", "jhmdb")
+VIP_NUM_CLASSES = 20
+VIP_CLASSES = ["background", "hat", "hair", "sun-glasses", "upper-clothes", "dress", "coat",
+               "socks", "pants", "gloves", "scarf", "skirt", "torso-skin", "face", "right-arm",
+               "left-arm", "right-leg", "left-leg", "right-shoe", "left-shoe"]
+JHMDB_JOINTS = ["neck", "belly", "face", "right shoulder", "left shoulder", "right hip", "left hip",
+                "right elbow", "left elbow", "right knee", "left knee", "right wrist", "left wrist",
+                "right ankle", "left ankle"]
+DAVIS_VOID = 255
+
+
+# -----------------------------------------------------------------------------
+# File formats: palette PNG (DAVIS), class-id PNG (VIP), joint_positions.mat (JHMDB)
+# -----------------------------------------------------------------------------
+
+def davis_palette():
+    """The DAVIS / PASCAL VOC colour map, [256, 3] uint8: bit b of the index, for b = 0, 3, 6
+    (red), 1, 4, 7 (green), 2, 5 (blue), goes to bit 7, 6, 5 of its channel. Index 1 is
+    (128, 0, 0), 2 is (0, 128, 0), 3 is (128, 128, 0), 4 is (0, 0, 128)."""
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    for index in range(256):
+        value = index
+        for shift in range(7, -1, -1):
+            for channel in range(3):
+                palette[index, channel] |= (value & 1) << shift
+                value >>= 1
+    return palette
+
+
+def atomic_save(path, save):
+    """Run save(tmp_path) on a temporary name in the same folder, then rename it to path,
+    so a file with the final name is always complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_palette_png(path, ids):
+    """ids [H, W] integers 0..255 -> an indexed ('P') PNG with the DAVIS palette."""
+    image = Image.fromarray(np.asarray(ids, dtype=np.uint8), mode="P")
+    image.putpalette(davis_palette().ravel().tolist())
+    atomic_save(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def write_class_png(path, ids):
+    """ids [H, W] integers 0..255 -> a grayscale ('L') PNG holding the ids themselves (VIP's
+    Category_ids format; CRW's evaluator reads the value, so no palette)."""
+    image = Image.fromarray(np.asarray(ids, dtype=np.uint8), mode="L")
+    atomic_save(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def read_label_png(path):
+    """An id map [H, W] uint8 from a palette ('P') or grayscale ('L') PNG: the stored index or
+    value, never a colour."""
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("P", "L"):
+                raise ValueError(f"mode {image.mode!r}, expected an indexed ('P') or grayscale ('L') PNG")
+            return np.array(image, dtype=np.uint8)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: annotation file not found") from None
+    except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
+        raise ValueError(f"{path}: cannot read label PNG ({e})") from e
+
+
+def read_joints_mat(path):
+    """JHMDB joint_positions.mat -> [T, J, 2] float (x, y) pixel coordinates, 0-based.
+
+    The file holds pos_img [2, J, T] in MATLAB's 1-based pixel coordinates (J = 15); CRW's
+    loader subtracts 1. NaN marks a joint that a prediction file gives as not visible.
+    """
+    try:
+        mat = sio.loadmat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: joint_positions.mat not found") from None
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{path}: cannot read .mat ({e})") from e
+    if "pos_img" not in mat:
+        raise ValueError(f"{path}: no 'pos_img' array")
+    pos = np.asarray(mat["pos_img"], dtype=np.float64)
+    if pos.ndim == 2:  # a one-frame video loses its last axis in MATLAB
+        pos = pos[:, :, None]
+    if pos.ndim != 3 or pos.shape[0] != 2:
+        raise ValueError(f"{path}: pos_img has shape {pos.shape}, expected [2, joints, frames]")
+    return pos.transpose(2, 1, 0) - 1.0
+
+
+def write_joints_mat(path, xy):
+    """xy [T, J, 2] 0-based pixel coordinates (NaN = not visible) -> joint_positions.mat with
+    pos_img [2, J, T], 1-based like JHMDB's own files."""
+    pos = np.asarray(xy, dtype=np.float64).transpose(2, 1, 0) + 1.0
+    atomic_save(path, lambda tmp: sio.savemat(tmp, {"pos_img": pos}, format="5"))
+
+
+# -----------------------------------------------------------------------------
+# Dataset layouts
+#   DAVIS  JPEGImages/480p/<seq>/00000.jpg, Annotations/480p/<seq>/00000.png (palette),
+#          ImageSets/2017/val.txt
+#   VIP    Images/<videosN>/<frame>.jpg, Annotations/Category_ids/<videosN>/<frame>.png,
+#          lists/val_videos.txt (VIP_Fine's layout)
+#   JHMDB  Rename_Images/<class>/<video>/00001.png,
+#          joint_positions/<class>/<video>/joint_positions.mat,
+#          splits/<class>_test_split1.txt ("<video>.avi 1|2", 2 = test)
+# -----------------------------------------------------------------------------
+
+def sorted_frames(folder, suffixes):
+    """Files of `folder` with one of `suffixes`, in frame order: by number when every stem is
+    a number (00000, 00001, ...), else by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: folder not found")
+    files = [p for p in folder.iterdir() if p.suffix.lower() in suffixes and not p.name.startswith(".")]
+    if all(p.stem.isdigit() for p in files):
+        return sorted(files, key=lambda p: int(p.stem))
+    return sorted(files)
+
+
+def read_video_list(path, dataset):
+    """Video names from a list file: one per line, or CropMAE's two-column lists
+    (`<frames folder> <annotation folder>` for DAVIS / VIP, `<joint_positions.mat>
+    <Rename_Images folder>` for JHMDB). JHMDB names are "<class>/<video>"."""
+    names = []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        entry = Path(line.split()[0])
+        if dataset == "jhmdb":
+            if entry.suffix == ".mat":
+                entry = entry.parent
+            names.append("/".join(entry.parts[-2:]))
+        else:
+            names.append(entry.name)
+    if not names:
+        raise ValueError(f"{path}: empty video list")
+    return names
+
+
+def list_videos(dataset, data_root, list_file=None, subset="val"):
+    """The videos a benchmark uses, in order.
+
+    DAVIS: ImageSets/2017/<subset>.txt. VIP: lists/<subset>_videos.txt if present, else every
+    folder of Images/. JHMDB: the test videos (label 2) of splits/*_test_split1.txt if
+    present, else every video of joint_positions/. A list_file overrides these.
+    """
+    root = Path(data_root)
+    if list_file is not None:
+        return read_video_list(list_file, dataset)
+    if dataset == "davis":
+        path = root / "ImageSets" / "2017" / f"{subset}.txt"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: DAVIS video list not found (or pass a list file)")
+        return read_video_list(path, dataset)
+    if dataset == "vip":
+        path = root / "lists" / f"{subset}_videos.txt"
+        if path.exists():
+            return read_video_list(path, dataset)
+        if not (root / "Images").is_dir():
+            raise FileNotFoundError(f"{root / 'Images'}: VIP frames folder not found")
+        return sorted(p.name for p in (root / "Images").iterdir() if p.is_dir())
+    if dataset == "jhmdb":
+        splits = sorted((root / "splits").glob("*_test_split1.txt"))
+        if splits:
+            names = []
+            for split in splits:
+                action = split.name[:-len("_test_split1.txt")]
+                for line in split.read_text().splitlines():
+                    parts = line.split()
+                    if len(parts) == 2 and parts[1] == "2":
+                        names.append(f"{action}/{Path(parts[0]).stem}")
+            return names
+        joints = root / "joint_positions"
+        if not joints.is_dir():
+            raise FileNotFoundError(f"{joints}: JHMDB joint_positions folder not found")
+        return sorted(f"{c.name}/{v.name}" for c in joints.iterdir() if c.is_dir()
+                      for v in c.iterdir() if (v / "joint_positions.mat").exists())
+    raise ValueError(f"unknown dataset {dataset!r}, expected one of {DATASETS}")
+
+
+def davis_video(data_root, name, resolution="480p", require_all=False):
+    """(frames, annotations) of a DAVIS sequence: the JPEG paths in order and, for each frame,
+    its annotation path (None where the folder has none). The first frame's annotation must
+    exist; other annotations, if any, must match the frames one to one (require_all: all
+    frames must have one, as scoring needs)."""
+    frames = sorted_frames(Path(data_root) / "JPEGImages" / resolution / name, (".jpg", ".jpeg", ".png"))
+    if not frames:
+        raise FileNotFoundError(f"{Path(data_root) / 'JPEGImages' / resolution / name}: no frames")
+    ann_dir = Path(data_root) / "Annotations" / resolution / name
+    annotations = [ann_dir / f"{f.stem}.png" for f in frames]
+    if not annotations[0].exists():
+        raise FileNotFoundError(f"{annotations[0]}: first-frame annotation not found")
+    present = {p.stem for p in sorted_frames(ann_dir, (".png",))}
+    extra = sorted(present - {f.stem for f in frames})
+    if extra:
+        raise ValueError(f"{ann_dir / (extra[0] + '.png')}: annotation without a frame "
+                         f"({len(present)} annotations, {len(frames)} frames)")
+    if require_all or len(present) > 1:
+        for frame, ann in zip(frames, annotations):
+            if ann.stem not in present:
+                raise FileNotFoundError(f"{ann}: annotation missing for frame {frame.name} "
+                                        f"({len(present)} annotations, {len(frames)} frames)")
+    return frames, [a if a.stem in present else None for a in annotations]
+
+
+def vip_video(data_root, name):
+    """(frames, annotations) of a VIP video; every frame needs its Category_ids PNG (CRW's
+    loader pairs the two sorted lists one to one)."""
+    frames = sorted_frames(Path(data_root) / "Images" / name, (".jpg", ".jpeg", ".png"))
+    if not frames:
+        raise FileNotFoundError(f"{Path(data_root) / 'Images' / name}: no frames")
+    ann_dir = Path(data_root) / "Annotations" / "Category_ids" / name
+    annotations = [ann_dir / f"{f.stem}.png" for f in frames]
+    present = {p.stem for p in sorted_frames(ann_dir, (".png",))}
+    for frame, ann in zip(frames, annotations):
+        if ann.stem not in present:
+            raise FileNotFoundError(f"{ann}: annotation missing for frame {frame.name} "
+                                    f"({len(present)} annotations, {len(frames)} frames)")
+    if len(present) != len(frames):
+        extra = sorted(present - {f.stem for f in frames})[0]
+        raise ValueError(f"{ann_dir / (extra + '.png')}: annotation without a frame "
+                         f"({len(present)} annotations, {len(frames)} frames)")
+    return frames, annotations
+
+
+def jhmdb_video(data_root, name):
+    """(frames, joints path, ground-truth joints [T, 15, 2] 0-based) of a JHMDB video
+    "<class>/<video>". The .mat may have fewer frames than the folder (CRW propagates over
+    every frame and scores the annotated ones), never more."""
+    frames = sorted_frames(Path(data_root) / "Rename_Images" / name, (".png", ".jpg", ".jpeg"))
+    if not frames:
+        raise FileNotFoundError(f"{Path(data_root) / 'Rename_Images' / name}: no frames")
+    mat = Path(data_root) / "joint_positions" / name / "joint_positions.mat"
+    joints = read_joints_mat(mat)
+    if len(joints) > len(frames):
+        raise ValueError(f"{mat}: pos_img has {len(joints)} frames but "
+                         f"{Path(data_root) / 'Rename_Images' / name} has {len(frames)}")
+    return frames, mat, joints
+
+
+# -----------------------------------------------------------------------------
+# Metrics on numpy arrays
+# -----------------------------------------------------------------------------
+
+def region_similarity(gt, pred, void=None):
+    """J, the Jaccard index of binary masks [..., H, W] (one value per leading index).
+
+    Pixels where `void` is true count in neither intersection nor union; an empty union
+    gives 1 (an object correctly predicted absent)."""
+    gt, pred = np.asarray(gt, bool), np.asarray(pred, bool)
+    if gt.shape != pred.shape:
+        raise ValueError(f"ground truth {gt.shape} and prediction {pred.shape} differ in shape")
+    keep = ~np.asarray(void, bool) if void is not None else np.ones_like(gt)
+    inter = (gt & pred & keep).sum(axis=(-2, -1))
+    union = ((gt | pred) & keep).sum(axis=(-2, -1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+
+
+def boundary_map(mask):
+    """seg2bmap: [H, W] bool -> the pixels that differ from their east, south or south-east
+    neighbour; on the last row only the east neighbour counts, on the last column only the
+    south one, and the bottom-right pixel is never a boundary."""
+    mask = np.asarray(mask, bool)
+    east, south, south_east = np.zeros_like(mask), np.zeros_like(mask), np.zeros_like(mask)
+    east[:, :-1] = mask[:, 1:]
+    south[:-1, :] = mask[1:, :]
+    south_east[:-1, :-1] = mask[1:, 1:]
+    boundary = (mask ^ east) | (mask ^ south) | (mask ^ south_east)
+    boundary[-1, :] = mask[-1, :] ^ east[-1, :]
+    boundary[:, -1] = mask[:, -1] ^ south[:, -1]
+    boundary[-1, -1] = False
+    return boundary
+
+
+def dilate_disk(boundary, radius):
+    """Binary dilation by a disk {x^2 + y^2 <= radius^2} (skimage's disk(radius)), computed as
+    'Euclidean distance to the nearest true pixel <= radius'."""
+    if not boundary.any():
+        return np.zeros_like(boundary)
+    return ndimage.distance_transform_edt(~boundary) <= radius
+
+
+def contour_accuracy(gt, pred, void=None, bound_th=0.008):
+    """F, the boundary F-measure of binary masks [H, W] (or [T, H, W] -> [T]).
+
+    Tolerance: bound_th pixels if >= 1, else ceil(bound_th * image diagonal). Void pixels
+    are cleared from both masks before their boundaries are taken."""
+    gt, pred = np.asarray(gt, bool), np.asarray(pred, bool)
+    if gt.shape != pred.shape:
+        raise ValueError(f"ground truth {gt.shape} and prediction {pred.shape} differ in shape")
+    if gt.ndim == 3:
+        return np.array([contour_accuracy(g, p, None if void is None else void[i], bound_th)
+                         for i, (g, p) in enumerate(zip(gt, pred))])
+    if void is not None:
+        gt, pred = gt & ~np.asarray(void, bool), pred & ~np.asarray(void, bool)
+    radius = bound_th if bound_th >= 1 else math.ceil(bound_th * math.hypot(*gt.shape))
+    gt_boundary, pred_boundary = boundary_map(gt), boundary_map(pred)
+    n_gt, n_pred = gt_boundary.sum(), pred_boundary.sum()
+    if n_gt == 0 and n_pred == 0:
+        return 1.0
+    if n_gt == 0 or n_pred == 0:
+        return 0.0
+    precision = (pred_boundary & dilate_disk(gt_boundary, radius)).sum() / n_pred
+    recall = (gt_boundary & dilate_disk(pred_boundary, radius)).sum() / n_gt
+    return 0.0 if precision + recall == 0 else float(2 * precision * recall / (precision + recall))
+
+
+def confusion_matrix(gt, pred, num_classes=VIP_NUM_CLASSES):
+    """[num_classes, num_classes] pixel counts, rows = ground truth, columns = prediction.
+    Ground-truth values outside 0..num_classes-1 are ignored (CRW's fast_hist)."""
+    gt, pred = np.asarray(gt).astype(np.int64).ravel(), np.asarray(pred).astype(np.int64).ravel()
+    keep = (gt >= 0) & (gt < num_classes)
+    if (pred[keep] >= num_classes).any() or (pred[keep] < 0).any():
+        raise ValueError(f"prediction holds a class id outside 0..{num_classes - 1}")
+    counts = np.bincount(num_classes * gt[keep] + pred[keep], minlength=num_classes ** 2)
+    return counts.reshape(num_classes, num_classes)
+
+
+def mean_iou(confusion):
+    """(mIoU, per-class IoU [C]) of a confusion matrix; a class with an empty union (absent
+    from both ground truth and prediction) has IoU NaN and is left out of the mean."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    inter = np.diag(confusion)
+    union = confusion.sum(0) + confusion.sum(1) - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = inter / union
+    return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"), iou
+
+
+def joint_visibility(pred_xy, visible=None):
+    """[N, J] bool: the given mask, else "the predicted position is finite" (CRW decides
+    visibility from the prediction: an all-zero propagated heat map)."""
+    return np.isfinite(np.asarray(pred_xy, np.float64)).all(-1) if visible is None else np.asarray(visible, bool)
+
+
+def normalized_joint_distances(pred_xy, gt_xy, visible=None):
+    """Distances [N, J] between predicted and true joints, divided by 0.6 x the diagonal of
+    the box around the frame's ground-truth joints that are visible; NaN where not visible.
+
+    pred_xy, gt_xy [N, J, 2]; visible [N, J] bool (default: joint_visibility). As in CRW's
+    eval_pck.py the box starts as (min x, min y) = (1e6, 1e6), (max x, max y) = (-1, -1), and a
+    zero normaliser gives NaN (0 / 0) or inf, which no threshold accepts."""
+    pred_xy, gt_xy = np.asarray(pred_xy, np.float64), np.asarray(gt_xy, np.float64)
+    visible = joint_visibility(pred_xy, visible)
+    low = np.minimum(np.where(visible[..., None], gt_xy, np.inf).min(axis=1), 1e6)     # [N, 2]
+    high = np.maximum(np.where(visible[..., None], gt_xy, -np.inf).max(axis=1), -1.0)  # [N, 2]
+    normaliser = 0.6 * np.linalg.norm(high - low, axis=-1)  # [N]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dist = np.linalg.norm(pred_xy - gt_xy, axis=-1) / normaliser[:, None]
+    return np.where(visible, dist, np.nan)
+
+
+def pck(pred_xy, gt_xy, alphas=(0.1, 0.2), visible=None):
+    """Percentage of correct keypoints as fractions: {alpha: PCK}.
+
+    pred_xy, gt_xy [N, J, 2] over N frames (of any videos); a visible joint is correct when
+    its normalised distance (normalized_joint_distances) is <= alpha. Each joint's fraction
+    is taken over the frames where it is visible, then averaged over the joints (a joint
+    never visible is left out)."""
+    visible = joint_visibility(pred_xy, visible)
+    dist = normalized_joint_distances(pred_xy, gt_xy, visible)
+    counts = visible.sum(0).astype(np.float64)
+    scores = {}
+    for alpha in alphas:
+        with np.errstate(invalid="ignore"):
+            correct = ((dist <= alpha) & visible).sum(0)
+        per_joint = correct / np.where(counts > 0, counts, np.nan)
+        scores[alpha] = float(np.nanmean(per_joint))
+    return scores
+
+
+# -----------------------------------------------------------------------------
+# Dataset-level scorers
+# -----------------------------------------------------------------------------
+
+def evaluate_davis(data_root, predictions, videos, resolution="480p", exclude_void=False, progress=True):
+    """Semi-supervised DAVIS-2017 scores. Predictions: <predictions>/<seq>/<frame>.png id maps
+    (palette or grayscale) at annotation size. Returns (summary, rows): summary {"J&F_m",
+    "J_m", "F_m"} in %, one row per object."""
+    rows = []
+    for seq in _progress(videos, progress, "davis"):
+        frames, annotations = davis_video(data_root, seq, resolution, require_all=True)
+        gt = np.stack([read_label_png(a) for a in annotations])
+        void = gt == DAVIS_VOID
+        gt[void] = 0
+        num_objects = int(gt[0].max())
+        scored = list(range(1, len(frames) - 1))  # the first and the last frame are not scored
+        pred = []
+        for t in scored:
+            path = Path(predictions) / seq / f"{annotations[t].stem}.png"
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: prediction missing")
+            ids = read_label_png(path)
+            if ids.shape != gt[t].shape:
+                raise ValueError(f"{path}: prediction {ids.shape} but annotation {gt[t].shape}")
+            pred.append(ids)
+        pred = np.stack(pred) if pred else np.zeros((0,) + gt.shape[1:], np.uint8)
+        if pred.size and int(pred.max()) > num_objects:
+            raise ValueError(f"{Path(predictions) / seq}: prediction holds id {int(pred.max())}, "
+                             f"the sequence has {num_objects} objects")
+        for obj in range(1, num_objects + 1):
+            v = void[scored] if exclude_void else None
+            j = region_similarity(gt[scored] == obj, pred == obj, v)
+            f = contour_accuracy(gt[scored] == obj, pred == obj, v)
+            j_mean = float(np.mean(j)) if len(scored) else float("nan")
+            f_mean = float(np.mean(f)) if len(scored) else float("nan")
+            rows.append({"sequence": f"{seq}_{obj}", "J&F": 100 * (j_mean + f_mean) / 2,
+                         "J": 100 * j_mean, "F": 100 * f_mean})
+    j_m = float(np.nanmean([r["J"] for r in rows]))
+    f_m = float(np.nanmean([r["F"] for r in rows]))
+    return {"J&F_m": (j_m + f_m) / 2, "J_m": j_m, "F_m": f_m, "objects": len(rows)}, rows
+
+
+def evaluate_vip(data_root, predictions, videos, progress=True):
+    """VIP mIoU over 20 classes from one confusion matrix over all frames of all videos.
+    Predictions: <predictions>/<video>/<frame>.png class ids. Returns (summary {"mIoU"} in %,
+    one row per video with that video's own mIoU, for reading only)."""
+    total = np.zeros((VIP_NUM_CLASSES, VIP_NUM_CLASSES), np.int64)
+    rows = []
+    for video in _progress(videos, progress, "vip"):
+        frames, annotations = vip_video(data_root, video)
+        confusion = np.zeros_like(total)
+        for ann in annotations:
+            gt = read_label_png(ann)
+            path = Path(predictions) / video / f"{ann.stem}.png"
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: prediction missing")
+            with Image.open(path) as image:
+                if image.mode not in ("P", "L"):
+                    raise ValueError(f"{path}: mode {image.mode!r}, expected a class-id PNG")
+                if image.size != (gt.shape[1], gt.shape[0]):  # CRW's eval_vip: PIL nearest
+                    image = image.resize((gt.shape[1], gt.shape[0]), Image.NEAREST)
+                pred = np.array(image, dtype=np.uint8)
+            try:
+                confusion += confusion_matrix(gt, pred)
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
+        total += confusion
+        rows.append({"video": video, "frames": len(frames), "mIoU": 100 * mean_iou(confusion)[0]})
+    miou, per_class = mean_iou(total)
+    summary = {"mIoU": 100 * miou, "videos": len(rows)}
+    summary.update({f"IoU_{name}": 100 * float(v) for name, v in zip(VIP_CLASSES, per_class)})
+    return summary, rows
+
+
+def evaluate_jhmdb(data_root, predictions, videos, alphas=(0.1, 0.2), progress=True):
+    """JHMDB PCK@alpha. Predictions: <predictions>/<class>/<video>/joint_positions.mat
+    (pos_img [2, 15, T], 1-based, NaN = not visible). Returns (summary {"PCK@0.1", ...} in %,
+    one row per video, for reading only)."""
+    all_pred, all_gt, rows = [], [], []
+    for video in _progress(videos, progress, "jhmdb"):
+        _, _, gt = jhmdb_video(data_root, video)
+        path = Path(predictions) / video / "joint_positions.mat"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: prediction missing")
+        pred = read_joints_mat(path)
+        if len(pred) < len(gt) or pred.shape[1] != gt.shape[1]:
+            raise ValueError(f"{path}: prediction {pred.shape[:2]} (frames, joints) does not "
+                             f"cover the annotation {gt.shape[:2]}")
+        pred, gt = pred[1:len(gt)], gt[1:]  # the first frame is given, not scored
+        all_pred.append(pred)
+        all_gt.append(gt)
+        scores = pck(pred, gt, alphas)
+        rows.append({"video": video, **{f"PCK@{a}": 100 * scores[a] for a in alphas}})
+    scores = pck(np.concatenate(all_pred), np.concatenate(all_gt), alphas)
+    return {**{f"PCK@{a}": 100 * scores[a] for a in alphas}, "videos": len(rows)}, rows
+
+
+def evaluate_dataset(dataset, data_root, predictions, list_file=None, videos=None,
+                     resolution="480p", subset="val", exclude_void=False, progress=True):
+    """Score the predictions of one benchmark. Returns the summary dict (percentages) with
+    the per-sequence rows under "rows"."""
+    if videos is None:
+        videos = list_videos(dataset, data_root, list_file, subset)
+    if dataset == "davis":
+        summary, rows = evaluate_davis(data_root, predictions, videos, resolution, exclude_void, progress)
+    elif dataset == "vip":
+        summary, rows = evaluate_vip(data_root, predictions, videos, progress)
+    elif dataset == "jhmdb":
+        summary, rows = evaluate_jhmdb(data_root, predictions, videos, progress=progress)
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}, expected one of {DATASETS}")
+    return {"dataset": dataset, **summary, "rows": rows}
+
+
+def _progress(items, enabled, desc):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+    return tqdm(items, desc=desc, leave=False)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+# -----------------------------------------------------------------------------
+
+SUMMARY_COLUMNS = {"davis": ["J&F_m", "J_m", "F_m"], "vip": ["mIoU"], "jhmdb": ["PCK@0.1", "PCK@0.2"]}
+
+
+def format_table(rows):
+    columns = list(rows[0])
+    cells = [[f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def write_csv(path, rows, summary_row):
+    """Per-sequence rows, then one row named ALL with the dataset-level summary."""
+    columns = list(rows[0]) if rows else list(summary_row)
+
+    def save(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+            writer.writerow(summary_row)
+    atomic_save(path, save)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows the module docstring as written and the defaults that are not None."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--dataset", required=True, choices=DATASETS)
+    parser.add_argument("--data-root", required=True, type=Path,
+                        help="dataset folder in its native layout (DAVIS: JPEGImages/Annotations/ImageSets; "
+                             "VIP_Fine: Images/Annotations/Category_ids; JHMDB: Rename_Images/joint_positions)")
+    parser.add_argument("--predictions", required=True, type=Path,
+                        help="folder written by propagate.py (DAVIS <seq>/<frame>.png, VIP <video>/<frame>.png, "
+                             "JHMDB <class>/<video>/joint_positions.mat)")
+    parser.add_argument("--list", dest="list_file", type=Path, default=None,
+                        help="video list (one name per line, or CropMAE's two-column lists); default: the "
+                             "dataset's own list, see list_videos()")
+    parser.add_argument("--videos", nargs="+", default=None, help="score only these videos")
+    parser.add_argument("--subset", default="val", help="DAVIS ImageSets/2017/<subset>.txt, VIP lists/<subset>_videos.txt")
+    parser.add_argument("--resolution", default="480p", help="DAVIS resolution folder")
+    parser.add_argument("--exclude-void", action=argparse.BooleanOptionalAction, default=False,
+                        help="DAVIS: leave void (255) pixels out of J and F; the official semi-supervised "
+                             "scorer does not (it counts them as background)")
+    parser.add_argument("--csv", type=Path, default=None,
+                        help="where to write the table (default: <predictions>/<dataset>_scores.csv)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    return parser
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    summary = evaluate_dataset(args.dataset, args.data_root, args.predictions, args.list_file, args.videos,
+                               args.resolution, args.subset, args.exclude_void, args.progress)
+    rows = summary["rows"]
+    print(format_table(rows))
+    columns = SUMMARY_COLUMNS[args.dataset]
+    print()
+    print(format_table([{c: summary[c] for c in columns}]))
+    name_key = "sequence" if args.dataset == "davis" else "video"
+    summary_row = {name_key: "ALL"}
+    if args.dataset == "davis":
+        summary_row.update({"J&F": summary["J&F_m"], "J": summary["J_m"], "F": summary["F_m"]})
+    else:
+        summary_row.update({c: summary[c] for c in columns})
+    csv_path = args.csv or Path(args.predictions) / f"{args.dataset}_scores.csv"
+    write_csv(csv_path, rows, summary_row)
+    print(f"\nwrote {csv_path}")
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,763 @@
+"""Bags of views from an image-conditioned latent diffusion model (CDG-MAE, Sec. 3.1 and 4).
+
+For every real image, M views are sampled from a self-supervised latent diffusion model
+(S-LDM): a UNet whose cross-attention context is the projected embedding of the real image
+by a frozen self-supervised ViT. The real image and its M views form the image's *bag of
+views*, written offline in the layout that `cdgmae.py` trains on:
+
+    BAGS/<relative folder of the real image>/<image stem>/
+        view_00.jpg ... view_{M-1}.jpg    the generated views (JPEG, quality 95)
+        real.<original suffix, lowercased> the real image, its original bytes
+
+Sampling follows the paper (Sec. 4, after Gen-SIS): 50 DDIM steps (eta = 0) and
+classifier-free guidance of weight 6, the unconditional branch being the projection of a
+zero embedding. Guidance convention used here (the `guidance_scale` of diffusers and the
+`unconditional_guidance_scale` of the CompVis LDM sampler):
+
+    eps = eps_uncond + w * (eps_cond - eps_uncond)      w = 1: conditional, w = 0: unconditional
+
+Ho & Salimans write the same rule as (1 + w') eps_cond - w' eps_uncond, so w = 1 + w'
+(the lab's Large-Image-Diffusion notebooks use the w' form). The paper does not say which
+form its "weight of 6" is in; the default here is w = 6 (w' = 5); pass --guidance 7 for w' = 6.
+
+Commands:
+    # a CompVis-LDM checkpoint (UNet + VQ/KL first stage + Linear projection) -> S-LDM folder
+    python generate_views.py convert --ldm-checkpoint model.ckpt --ldm-config model.yaml \\
+        --dino dino_vitbase16_pretrain.pth --output sldm/
+    # views of an ImageNet-layout tree, 8 GPUs (or --shard i/n for array jobs)
+    torchrun --nproc_per_node 8 generate_views.py --images train/ --model sldm/ --output bags/ --views 4
+
+Import:
+    from generate_views import load_sldm, SLDMBackend, generate_bags
+"""
+import argparse
+import copy
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+from tqdm import tqdm
+
+import cdgmae
+
+PAPER_VIEWS = 4          # M (Sec. 4)
+PAPER_STEPS = 50         # DDIM steps (Sec. 4)
+PAPER_GUIDANCE = 6.0     # classifier-free guidance weight (Sec. 4); convention in the docstring
+JPEG_QUALITY = 95
+SLDM_FORMAT = "cdgmae-sldm"
+
+# The LDM noise schedule ("linear" in CompVis terms is linear in sqrt(beta): diffusers'
+# "scaled_linear") and the DDIM discretisation of the CompVis sampler: timesteps
+# range(0, 1000, 1000 // S) + 1, final alpha_bar_prev = alpha_bar[0], no clipping.
+LDM_DDIM = dict(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear",
+                clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+                prediction_type="epsilon")
+
+
+# -----------------------------------------------------------------------------
+# The conditioning network: frozen SSL ViT + Linear projection
+# -----------------------------------------------------------------------------
+
+class Conditioner(nn.Module):
+    """Real image -> the UNet's cross-attention context (Sec. 3.1).
+
+    The frozen self-supervised ViT (DINO ViT-B/16 for the lab's S-LDMs) embeds the image as
+    its cls token after the final norm, [B, E]; with `normalize` the embedding is
+    L2-normalised (the `normalize_ssl` option of the CompVis config), then a Linear layer
+    projects it to the UNet's cross-attention width: context [B, 1, D]. The unconditional
+    context of classifier-free guidance is the projection of a zero embedding, as in
+    training, where the embedding was replaced by zeros with probability p_uncond.
+    """
+
+    def __init__(self, vit, context_dim, normalize=True, image_size=224):
+        super().__init__()
+        self.vit = vit
+        self.projection = nn.Linear(vit.embed_dim, context_dim)
+        self.normalize = normalize
+        self.image_size = image_size
+
+    def embed(self, images):
+        """images [B, 3, S, S] (ImageNet-normalised) -> cls embedding [B, E]."""
+        return self.vit.forward_features(images)[:, 0]
+
+    def project(self, embedding):
+        """embedding [B, E] -> context [B, 1, D]. A zero embedding stays zero under the normalisation."""
+        if self.normalize:
+            embedding = F.normalize(embedding, dim=-1)
+        return self.projection(embedding).unsqueeze(1)
+
+    def forward(self, images):
+        return self.project(self.embed(images))
+
+    def unconditional(self):
+        """The context of the unconditional branch, [1, 1, D]."""
+        return self.project(torch.zeros(1, self.vit.embed_dim, device=self.projection.weight.device))
+
+
+def conditioning_tensor(img, size=224):
+    """PIL RGB -> [3, size, size]: shorter side resized to `size` (bicubic), centre crop,
+    ImageNet normalisation. An assumption: the S-LDM papers do not state their transform."""
+    w, h = img.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((new_w, new_h), Image.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return cdgmae.image_to_tensor(img.crop((left, top, left + size, top + size)))
+
+
+# -----------------------------------------------------------------------------
+# The S-LDM folder (diffusers layout)
+# -----------------------------------------------------------------------------
+#
+#   MODEL/sldm.json                  {"format": "cdgmae-sldm", "vae_class": "VQModel" | "AutoencoderKL",
+#                                     "conditioner": {"embed_dim", "context_dim", "normalize", "image_size"}}
+#   MODEL/unet/                      UNet2DConditionModel.save_pretrained (config.json + safetensors)
+#   MODEL/vae/                       VQModel or AutoencoderKL.save_pretrained
+#   MODEL/scheduler/                 DDIMScheduler.save_pretrained (scheduler_config.json)
+#   MODEL/conditioner/vit.pth        {"model": ViT state dict (MAE/DINO keys), "args": {"num_heads": H}}
+#   MODEL/conditioner/projection.pth {"weight": [D, E], "bias": [D]}
+
+@dataclass
+class SLDM:
+    unet: nn.Module
+    vae: nn.Module
+    scheduler: object
+    conditioner: Conditioner
+
+    def latent_shape(self):
+        """(C, h, w) of the UNet's latents."""
+        size = self.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return (self.unet.config.in_channels, *size)
+
+
+def save_sldm(folder, sldm, extra=None):
+    """Write an S-LDM to `folder` in the layout above (written to a temporary sibling folder,
+    then renamed, so a half-written model folder never exists under the final name)."""
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        raise FileExistsError(f"{folder}: output folder exists and is not empty")
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    sldm.unet.save_pretrained(tmp / "unet")
+    sldm.vae.save_pretrained(tmp / "vae")
+    sldm.scheduler.save_pretrained(tmp / "scheduler")
+    (tmp / "conditioner").mkdir(parents=True)
+    vit = sldm.conditioner.vit
+    torch.save({"model": vit.state_dict(), "args": {"num_heads": vit.num_heads}}, tmp / "conditioner" / "vit.pth")
+    projection = sldm.conditioner.projection
+    torch.save({"weight": projection.weight.detach().cpu(), "bias": projection.bias.detach().cpu()},
+               tmp / "conditioner" / "projection.pth")
+    meta = {"format": SLDM_FORMAT, "vae_class": type(sldm.vae).__name__,
+            "conditioner": {"embed_dim": vit.embed_dim, "context_dim": projection.out_features,
+                            "normalize": sldm.conditioner.normalize, "image_size": sldm.conditioner.image_size},
+            **(extra or {})}
+    (tmp / "sldm.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if folder.exists():
+        folder.rmdir()
+    os.replace(tmp, folder)
+
+
+def load_sldm(folder, device="cpu", dtype=torch.float32):
+    """Read an S-LDM folder. The UNet runs in `dtype`; the VAE and the conditioner stay in float32."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, VQModel
+
+    folder = Path(folder)
+    needed = ["sldm.json", "unet/config.json", "vae/config.json", "scheduler/scheduler_config.json",
+              "conditioner/vit.pth", "conditioner/projection.pth"]
+    missing = [n for n in needed if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: not an S-LDM folder, missing {missing} "
+                                f"(make one with `python generate_views.py convert ...`)")
+    meta = json.loads((folder / "sldm.json").read_text())
+    if meta.get("format") != SLDM_FORMAT:
+        raise ValueError(f"{folder}/sldm.json: format is {meta.get('format')!r}, expected {SLDM_FORMAT!r}")
+    vae_classes = {"VQModel": VQModel, "AutoencoderKL": AutoencoderKL}
+    if meta["vae_class"] not in vae_classes:
+        raise ValueError(f"{folder}/sldm.json: vae_class {meta['vae_class']!r} is not one of {sorted(vae_classes)}")
+    # No accelerate here: low_cpu_mem_usage=False makes diffusers build the modules normally.
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, low_cpu_mem_usage=False)
+    vae = vae_classes[meta["vae_class"]].from_pretrained(folder / "vae", low_cpu_mem_usage=False)
+    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+    cond = meta["conditioner"]
+    vit = cdgmae.encoder_from_checkpoint(str(folder / "conditioner" / "vit.pth"), img_size=cond["image_size"])
+    conditioner = Conditioner(vit, cond["context_dim"], cond["normalize"], cond["image_size"])
+    projection = torch.load(folder / "conditioner" / "projection.pth", map_location="cpu", weights_only=True)
+    conditioner.projection.load_state_dict(projection, strict=True)
+    if unet.config.cross_attention_dim != cond["context_dim"]:
+        raise ValueError(f"{folder}: UNet cross_attention_dim {unet.config.cross_attention_dim} != "
+                         f"projection width {cond['context_dim']}")
+    sldm = SLDM(unet.to(device).eval(), vae.to(device).eval(), scheduler, conditioner.to(device).eval())
+    for module in (sldm.unet, sldm.vae, sldm.conditioner):
+        module.requires_grad_(False)
+    return sldm
+
+
+# -----------------------------------------------------------------------------
+# Converting a CompVis-LDM checkpoint (model.diffusion_model.* UNet, first_stage_model.*
+# VQ/KL autoencoder, cond_stage_model.* projection) into an S-LDM folder
+# -----------------------------------------------------------------------------
+
+def read_ldm_checkpoint(path, trust=False):
+    """Flat state dict of a CompVis/Lightning checkpoint ({"state_dict": ...} or plain)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=not trust)
+    except Exception as e:  # noqa: BLE001 -- re-raised with the file's name and the way out
+        hint = "" if trust else (" -- if the file holds pickled Python objects and you trust it, "
+                                 "pass --trust-checkpoint")
+        raise RuntimeError(f"{path}: cannot read checkpoint ({e}){hint}") from e
+    while isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
+        ckpt = ckpt["state_dict"]
+    if not isinstance(ckpt, dict) or not any(k.startswith("model.diffusion_model.") for k in ckpt):
+        raise ValueError(f"{path}: no model.diffusion_model.* keys, not a CompVis-LDM checkpoint")
+    return {k: v for k, v in ckpt.items() if torch.is_tensor(v)}
+
+
+def _check_all_keys_used(source, converted, what, name):
+    """Every source tensor must reappear in the converted dict (possibly reshaped, same storage)."""
+    used = {v.data_ptr() for v in converted.values()}
+    unused = sorted(k for k, v in source.items() if v.numel() and v.data_ptr() not in used)
+    if unused:
+        raise ValueError(f"{name}: {len(unused)} {what} keys were not converted: {unused[:20]}")
+
+
+def _load_strict(module, state, what, name):
+    missing, unexpected = set(module.state_dict()) - set(state), set(state) - set(module.state_dict())
+    if missing or unexpected:
+        raise ValueError(f"{name}: converted {what} does not match the model built from the config:\n"
+                         f"  missing: {sorted(missing)[:20]}\n  unexpected: {sorted(unexpected)[:20]}")
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{name}: {what} weights do not fit the config: {e}") from e
+
+
+def ldm_unet_config(original_config, state):
+    """diffusers UNet2DConditionModel config of a CompVis `openaimodel.UNetModel` with spatial transformers."""
+    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
+
+    original_config = copy.deepcopy(original_config)
+    params = original_config["model"]["params"]
+    unet_params = params["unet_config"]["params"]
+    if not unet_params.get("use_spatial_transformer") or unet_params.get("context_dim") is None:
+        raise ValueError("the UNet has no cross-attention (use_spatial_transformer / context_dim): not an S-LDM")
+    if params.get("conditioning_key", "crossattn") != "crossattn":
+        raise ValueError(f"conditioning_key {params.get('conditioning_key')!r} is not supported, only 'crossattn'")
+    if unet_params.get("resblock_updown") or "num_classes" in unet_params:
+        raise ValueError("resblock_updown / class-conditional UNets are not supported")
+    if not isinstance(unet_params["num_res_blocks"], int):
+        raise ValueError("per-level num_res_blocks is not supported")
+    unet_params.setdefault("transformer_depth", 1)  # the CompVis default
+    config = create_unet_diffusers_config_from_ldm(original_config, state)
+    # diffusers guesses the sample size from Stable Diffusion's; the yaml states the latent size.
+    config["sample_size"] = unet_params["image_size"]
+    # Heads per level. CompVis: num_head_channels (if set) gives ch // num_head_channels heads
+    # at width ch, else num_heads heads everywhere; diffusers' helper only handles the former
+    # for linear projections. diffusers' `attention_head_dim` is the number of heads.
+    head_channels = unet_params.get("num_head_channels", -1)
+    if head_channels not in (None, -1):
+        config["attention_head_dim"] = [c // head_channels for c in config["block_out_channels"]]
+    else:
+        config["attention_head_dim"] = unet_params["num_heads"]
+    if unet_params.get("use_scale_shift_norm"):
+        config["resnet_time_scale_shift"] = "scale_shift"
+    return config
+
+
+def convert_ldm_unet(state, original_config, extract_ema=False, name="checkpoint"):
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import LDM_UNET_KEY, convert_ldm_unet_checkpoint
+
+    config = ldm_unet_config(original_config, state)
+    converted = convert_ldm_unet_checkpoint(state, config, extract_ema=extract_ema)
+    if not extract_ema:
+        _check_all_keys_used({k: v for k, v in state.items() if k.startswith(LDM_UNET_KEY)}, converted, "UNet", name)
+    unet = UNet2DConditionModel.from_config(config)
+    _load_strict(unet, converted, "UNet", name)
+    return unet
+
+
+def convert_ldm_first_stage(state, original_config, name="checkpoint"):
+    """The VQ (VQModelInterface) or KL first stage as a diffusers VQModel / AutoencoderKL."""
+    from diffusers import AutoencoderKL, VQModel
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    params = original_config["model"]["params"]
+    first_stage = params["first_stage_config"]
+    target = first_stage["target"].rsplit(".", 1)[-1]
+    dd = first_stage["params"]["ddconfig"]
+    if dd.get("attn_resolutions"):
+        raise ValueError(f"first stage with attention at resolutions {dd['attn_resolutions']} is not supported "
+                         "(diffusers' encoder/decoder blocks have none)")
+    # LatentDiffusion divides latents by scale_factor before decoding (1.0 unless scale_by_std).
+    scale = state.get("scale_factor", params.get("scale_factor", 1.0))
+    scale = float(scale.item() if torch.is_tensor(scale) else scale)
+    levels = len(dd["ch_mult"])
+    config = dict(in_channels=dd["in_channels"], out_channels=dd["out_ch"],
+                  down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
+                  block_out_channels=[dd["ch"] * m for m in dd["ch_mult"]], layers_per_block=dd["num_res_blocks"],
+                  latent_channels=dd["z_channels"], sample_size=dd["resolution"], scaling_factor=scale)
+    source = {k: v for k, v in state.items()
+              if k.startswith("first_stage_model.") and not k.startswith("first_stage_model.loss.")}
+    converted = convert_ldm_vae_checkpoint(source, config)
+    if target.startswith("VQModel"):
+        vae = VQModel(**config, num_vq_embeddings=first_stage["params"]["n_embed"],
+                      vq_embed_dim=first_stage["params"]["embed_dim"])
+        converted["quantize.embedding.weight"] = source["first_stage_model.quantize.embedding.weight"]
+    elif target == "AutoencoderKL":
+        if first_stage["params"]["embed_dim"] != dd["z_channels"]:
+            raise ValueError("AutoencoderKL with embed_dim != z_channels has no diffusers counterpart")
+        vae = AutoencoderKL(**config)
+    else:
+        raise ValueError(f"first stage {first_stage['target']} is not supported (VQModelInterface or AutoencoderKL)")
+    _check_all_keys_used(source, converted, "first-stage", name)
+    _load_strict(vae, converted, "first stage", name)
+    return vae
+
+
+def convert_ldm_projection(state, original_config, name="checkpoint"):
+    """(weight [D, E], bias [D], normalize) of the cond_stage_model's single Linear layer
+    (Large-Image-Diffusion's PatchEmbedder: cond_stage_model.patch_fc)."""
+    cond = {k[len("cond_stage_model."):]: v for k, v in state.items() if k.startswith("cond_stage_model.")}
+    weights = [k for k, v in cond.items() if k.endswith("weight") and v.ndim == 2]
+    if len(weights) != 1 or len(cond) != 2 or weights[0][:-len("weight")] + "bias" not in cond:
+        raise ValueError(f"{name}: expected the cond_stage_model to be one Linear layer (weight + bias), "
+                         f"found keys {sorted(cond)}")
+    prefix = weights[0][:-len("weight")]
+    cond_params = (original_config["model"]["params"].get("cond_stage_config") or {}).get("params") or {}
+    return cond[prefix + "weight"], cond[prefix + "bias"], bool(cond_params.get("normalize_ssl", False))
+
+
+def ldm_scheduler(original_config):
+    """DDIMScheduler reproducing the CompVis DDIM sampler (eta = 0) on the checkpoint's noise schedule."""
+    from diffusers import DDIMScheduler
+
+    params = original_config["model"]["params"]
+    if params.get("beta_schedule", "linear") != "linear":
+        raise ValueError(f"beta_schedule {params['beta_schedule']!r} is not supported, only CompVis 'linear'")
+    prediction = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[params.get("parameterization", "eps")]
+    # CompVis DDPM defaults: linear_start 1e-4, linear_end 2e-2, 1000 timesteps.
+    return DDIMScheduler(**{**LDM_DDIM, "num_train_timesteps": params.get("timesteps", 1000),
+                            "beta_start": params.get("linear_start", 1e-4), "beta_end": params.get("linear_end", 2e-2),
+                            "prediction_type": prediction})
+
+
+def convert_ldm(ldm_checkpoint, ldm_config, dino_checkpoint, output, cond_image_size=224,
+                extract_ema=False, trust_checkpoint=False):
+    """CompVis-LDM checkpoint + its yaml + the conditioning ViT's checkpoint -> S-LDM folder."""
+    with open(ldm_config) as f:
+        original_config = yaml.safe_load(f)
+    if not isinstance(original_config, dict) or "unet_config" not in original_config.get("model", {}).get("params", {}):
+        raise ValueError(f"{ldm_config}: not a CompVis LDM config (model.params.unet_config missing)")
+    state = read_ldm_checkpoint(ldm_checkpoint, trust=trust_checkpoint)
+    name = str(ldm_checkpoint)
+    unet = convert_ldm_unet(state, original_config, extract_ema, name)
+    vae = convert_ldm_first_stage(state, original_config, name)
+    weight, bias, normalize = convert_ldm_projection(state, original_config, name)
+    vit = cdgmae.encoder_from_checkpoint(str(dino_checkpoint), img_size=cond_image_size)
+    if weight.shape != (unet.config.cross_attention_dim, vit.embed_dim):
+        raise ValueError(f"projection {tuple(weight.shape)} in {ldm_checkpoint} does not map the {vit.embed_dim}-d "
+                         f"embedding of {dino_checkpoint} to the UNet's {unet.config.cross_attention_dim}-d context")
+    conditioner = Conditioner(vit, weight.shape[0], normalize, cond_image_size)
+    conditioner.projection.load_state_dict({"weight": weight, "bias": bias})
+    sldm = SLDM(unet, vae, ldm_scheduler(original_config), conditioner)
+    save_sldm(output, sldm, extra={"converted_from": {"checkpoint": str(ldm_checkpoint), "config": str(ldm_config),
+                                                     "vit": str(dino_checkpoint), "ema": extract_ema}})
+    return sldm
+
+
+# -----------------------------------------------------------------------------
+# Sampling (Sec. 4: 50 DDIM steps, classifier-free guidance)
+# -----------------------------------------------------------------------------
+
+def guided_noise_prediction(unet, latents, t, context, uncond_context, guidance):
+    """Classifier-free guidance: eps_u + w (eps_c - eps_u), both branches in ONE UNet call.
+
+    latents [N, C, h, w], context [N, 1, D], uncond_context [1, 1, D] -> eps [N, C, h, w] (float32).
+    """
+    n = latents.shape[0]
+    x = torch.cat([latents, latents]).to(unet.dtype)
+    ctx = torch.cat([context, uncond_context.expand(n, -1, -1)]).to(unet.dtype)
+    eps_cond, eps_uncond = unet(x, t, encoder_hidden_states=ctx).sample.float().chunk(2)
+    return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+
+@torch.no_grad()
+def sample_latents(unet, scheduler, noise, context, uncond_context, guidance=PAPER_GUIDANCE, steps=PAPER_STEPS):
+    """DDIM (eta = 0) from `noise` [N, C, h, w] with contexts [N, 1, D] -> latents [N, C, h, w].
+    One UNet call per step: N samples x 2 guidance branches."""
+    scheduler.set_timesteps(steps, device=noise.device)
+    latents = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        eps = guided_noise_prediction(unet, scheduler.scale_model_input(latents, t), t, context, uncond_context,
+                                      guidance)
+        latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
+    return latents
+
+
+@torch.no_grad()
+def decode_latents(vae, latents):
+    """latents [N, C, h, w] -> uint8 images [N, H, W, 3]. A VQ first stage quantises first, as LDM does."""
+    x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float()
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def view_seed(seed, rel_path, view_index):
+    """63-bit seed of one view: a hash of (seed, the image's relative path, the view index), so that
+    a view does not depend on the batch, the shard, the number of views asked or the machine."""
+    digest = hashlib.sha256(f"{seed}:{rel_path}:{view_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
+
+
+def view_noise(seed, rel_path, num_views, shape):
+    """Initial latents of the M views of one image: [M, *shape], float32, drawn on the CPU."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(view_seed(seed, rel_path, k)))
+                        for k in range(num_views)])
+
+
+class SLDMBackend:
+    """Views from an S-LDM folder. `prepare` runs in the data-loading workers."""
+
+    def __init__(self, sldm, steps=PAPER_STEPS, guidance=PAPER_GUIDANCE):
+        self.sldm, self.steps, self.guidance = sldm, steps, guidance
+        self.device = sldm.unet.device
+        self.unet_calls = 0
+        sldm.unet.register_forward_pre_hook(self._count_call)
+        self.prepare = partial(conditioning_tensor, size=sldm.conditioner.image_size)
+
+    def _count_call(self, module, inputs):
+        self.unet_calls += 1
+
+    def latent_shape(self):
+        return self.sldm.latent_shape()
+
+    @torch.no_grad()
+    def generate(self, prepared, noise):
+        """prepared: B conditioning tensors [3, S, S]; noise [B, M, C, h, w] -> B lists of M PIL images."""
+        B, M = noise.shape[:2]
+        context = self.sldm.conditioner(torch.stack(prepared).to(self.device))        # [B, 1, D]
+        context = context.repeat_interleave(M, dim=0)                                   # [B*M, 1, D], image-major
+        uncond = self.sldm.conditioner.unconditional()
+        latents = sample_latents(self.sldm.unet, self.sldm.scheduler, noise.flatten(0, 1).to(self.device),
+                                 context, uncond, self.guidance, self.steps)
+        images = decode_latents(self.sldm.vae, latents).numpy()
+        return [[Image.fromarray(images[b * M + k]) for k in range(M)] for b in range(B)]
+
+
+class ImageVariationBackend:
+    """Views from a local `StableDiffusionImageVariationPipeline` folder (CLIP image embedding as the
+    [B, 1, 768] context; needs `transformers`), sampled with the same DDIM settings and guidance rule."""
+
+    def __init__(self, folder, device, dtype, steps=PAPER_STEPS, guidance=PAPER_GUIDANCE):
+        if importlib.util.find_spec("transformers") is None:
+            raise RuntimeError("the sd-image-variation backend needs the `transformers` package "
+                               "(pip install transformers); the default S-LDM backend does not")
+        from diffusers import DDIMScheduler, StableDiffusionImageVariationPipeline
+
+        if not (Path(folder) / "model_index.json").is_file():
+            raise FileNotFoundError(f"{folder}: no model_index.json, not a diffusers pipeline folder")
+        self.pipe = StableDiffusionImageVariationPipeline.from_pretrained(folder, torch_dtype=dtype,
+                                                                          low_cpu_mem_usage=False).to(device)
+        self.pipe.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.steps, self.guidance, self.device, self.dtype = steps, guidance, device, dtype
+        self.unet_calls = 0
+        self.pipe.unet.register_forward_pre_hook(self._count_call)
+        self.prepare = None  # the pipeline's own CLIP preprocessing takes PIL images
+
+    def _count_call(self, module, inputs):
+        self.unet_calls += 1
+
+    def latent_shape(self):
+        size = self.pipe.unet.config.sample_size
+        return (self.pipe.unet.config.in_channels, size, size)
+
+    @torch.no_grad()
+    def generate(self, prepared, noise):
+        B, M = noise.shape[:2]
+        out = self.pipe(image=list(prepared), num_images_per_prompt=M, guidance_scale=self.guidance,
+                        num_inference_steps=self.steps, eta=0.0,
+                        latents=noise.flatten(0, 1).to(self.device, self.dtype), output_type="pil")
+        return [out.images[b * M:(b + 1) * M] for b in range(B)]
+
+
+# -----------------------------------------------------------------------------
+# Inputs, shards and bags on disk
+# -----------------------------------------------------------------------------
+
+def list_images(root, file_list=None):
+    """Sorted relative paths (POSIX strings) of the images under `root`, or of those named in
+    `file_list` (one path relative to root per line). Raises before any work on bad input."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: image folder not found")
+    if file_list is not None:
+        lines = [line.strip() for line in Path(file_list).read_text().splitlines()]
+        rel_paths = sorted({Path(os.path.normpath(line)).as_posix() for line in lines
+                            if line and not line.startswith("#")})
+        outside = [p for p in rel_paths if p.startswith(("/", "../"))]
+        if outside:
+            raise ValueError(f"{file_list}: paths must be relative to --images and inside it: {outside[:5]}")
+        missing = [p for p in rel_paths if not (root / p).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{file_list}: {len(missing)} listed files are not under {root}, "
+                                    f"e.g. {missing[:5]}")
+        wrong = [p for p in rel_paths if not p.lower().endswith(cdgmae.IMAGE_SUFFIXES)]
+        if wrong:
+            raise ValueError(f"{file_list}: not image files ({cdgmae.IMAGE_SUFFIXES}): {wrong[:5]}")
+    else:
+        rel_paths = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            rel_dir = Path(dirpath).relative_to(root)
+            rel_paths += [(rel_dir / f).as_posix() for f in filenames
+                          if not f.startswith(".") and f.lower().endswith(cdgmae.IMAGE_SUFFIXES)]
+        rel_paths.sort()
+    if not rel_paths:
+        raise ValueError(f"{root}: no images ({', '.join(cdgmae.IMAGE_SUFFIXES)}) found")
+    bags = {}
+    for p in rel_paths:
+        bags.setdefault(bag_name(p), []).append(p)
+    clashes = [v for v in bags.values() if len(v) > 1]
+    if clashes:
+        raise ValueError(f"{root}: images that would share a bag folder (same folder and stem): {clashes[:5]}")
+    return rel_paths
+
+
+def bag_name(rel_path):
+    """Relative bag folder of an image: its folder / its stem (Sec. 3.1 layout in cdgmae.py)."""
+    p = Path(rel_path)
+    return (p.parent / p.stem).as_posix()
+
+
+def resolve_shard(shard=None, env=None):
+    """(index, count) of this process's share of the work: a --shard i/n split further by the
+    torchrun rank (RANK / WORLD_SIZE), giving shard i * world + rank of n * world."""
+    env = os.environ if env is None else env
+    index, count = shard if shard is not None else (0, 1)
+    rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+    return index * world + rank, count * world
+
+
+def shard_items(items, index, count):
+    """Round-robin share of a sorted list: the shards 0..count-1 are disjoint and cover it."""
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index} of {count} does not exist")
+    return items[index::count]
+
+
+def bag_is_complete(bag_dir, num_views):
+    """True when the bag holds real.* and view_00 .. view_{M-1}."""
+    if not os.path.isdir(bag_dir):
+        return False
+    real, views = cdgmae.bag_files(bag_dir)
+    indices = {int(cdgmae.VIEW_NAME.match(os.path.basename(v)).group(1)) for v in views}
+    return real is not None and indices >= set(range(num_views))
+
+
+def write_bag(bag_dir, real_path, views, quality=JPEG_QUALITY):
+    """Write one bag: the views first, the real image last, each under a hidden temporary
+    name then renamed. A bag folder holding real.* (what cdgmae.find_bags looks for) is
+    therefore always complete, and a killed run never leaves a truncated file under a final name."""
+    bag_dir = Path(bag_dir)
+    bag_dir.mkdir(parents=True, exist_ok=True)
+    for stale in bag_dir.glob(".*.tmp"):   # left by a run killed while writing this bag
+        stale.unlink()
+    for k, view in enumerate(views):
+        tmp = bag_dir / f".view_{k:02d}.jpg.tmp"
+        view.save(tmp, format="JPEG", quality=quality)
+        os.replace(tmp, bag_dir / f"view_{k:02d}.jpg")
+    real_name = "real" + Path(real_path).suffix.lower()
+    tmp = bag_dir / f".{real_name}.tmp"
+    shutil.copyfile(real_path, tmp)
+    os.replace(tmp, bag_dir / real_name)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """(index, prepared image or None, error or None): decoding runs in the DataLoader workers."""
+
+    def __init__(self, root, rel_paths, prepare=None):
+        self.root, self.rel_paths, self.prepare = Path(root), rel_paths, prepare
+
+    def __len__(self):
+        return len(self.rel_paths)
+
+    def __getitem__(self, i):
+        try:
+            img = cdgmae.load_rgb(self.root / self.rel_paths[i])
+            return i, (self.prepare(img) if self.prepare else img), None
+        except Exception as e:  # noqa: BLE001 -- reported and skipped, the run goes on
+            return i, None, str(e)
+
+
+def generate_bags(backend, images_root, rel_paths, output, num_views=PAPER_VIEWS, batch_size=8, seed=0,
+                  quality=JPEG_QUALITY, workers=4, progress=True):
+    """Generate the bags of `rel_paths` (relative to images_root) under `output`, skipping complete bags.
+
+    Returns a summary: {"images", "complete_before", "generated", "unreadable": [(path, reason)],
+    "unet_calls", "seconds"}.
+    """
+    if not 1 <= num_views <= 100:
+        raise ValueError(f"--views {num_views}: the layout names views view_00 .. view_99")
+    start, calls_before = time.time(), backend.unet_calls
+    output = Path(output)
+    todo = [p for p in tqdm(rel_paths, desc="checking bags", unit="bag", disable=not progress, leave=False)
+            if not bag_is_complete(output / bag_name(p), num_views)]
+    summary = {"images": len(rel_paths), "complete_before": len(rel_paths) - len(todo), "generated": 0,
+               "unreadable": []}
+    loader = torch.utils.data.DataLoader(ImageFiles(images_root, todo, backend.prepare), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=list)
+    shape = backend.latent_shape()
+    bar = tqdm(total=len(todo), unit="img", desc="generating views", disable=not progress, dynamic_ncols=True)
+    for batch in loader:
+        good = []
+        for i, prepared, error in batch:
+            if error is None:
+                good.append((i, prepared))
+            else:
+                summary["unreadable"].append((todo[i], error))
+                tqdm.write(f"skipping {todo[i]}: {error}", file=sys.stderr)
+        if good:
+            noise = torch.stack([view_noise(seed, todo[i], num_views, shape) for i, _ in good])
+            views = backend.generate([prepared for _, prepared in good], noise)
+            for (i, _), bag_views in zip(good, views):
+                write_bag(output / bag_name(todo[i]), Path(images_root) / todo[i], bag_views, quality)
+            summary["generated"] += len(good)
+        bar.update(len(batch))
+        bar.set_postfix(unreadable=len(summary["unreadable"]))
+    bar.close()
+    summary["unet_calls"] = backend.unet_calls - calls_before
+    summary["seconds"] = time.time() - start
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# Command line
+# -----------------------------------------------------------------------------
+
+def parse_shard(text):
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected i/n, e.g. 3/16") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: need 0 <= i < n")
+    return index, count
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(
+        description="Generate bags of views (CDG-MAE Sec. 3.1): M views per real image from an S-LDM, "
+                    "written as OUTPUT/<folder>/<stem>/{view_00.jpg ..., real.<ext>}. Resumable (complete bags "
+                    "are skipped), sharded across torchrun ranks and/or --shard i/n. To build the S-LDM folder "
+                    "from a CompVis-LDM checkpoint, see `python generate_views.py convert --help`.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--images", required=True, help="root of the real images (e.g. ImageNet train/, any depth)")
+    p.add_argument("--file-list", default=None, help="text file of image paths relative to --images, one a line; "
+                                                      "without it, every image under --images")
+    p.add_argument("--model", required=True, help="S-LDM folder (or a diffusers pipeline folder for "
+                                                  "--backend sd-image-variation)")
+    p.add_argument("--backend", choices=["sldm", "sd-image-variation"], default="sldm",
+                   help="sldm: the folder made by `convert`; sd-image-variation: "
+                        "StableDiffusionImageVariationPipeline (needs transformers)")
+    p.add_argument("--output", required=True, help="bag root to write")
+    p.add_argument("--views", type=int, default=PAPER_VIEWS, help="M generated views per real image")
+    p.add_argument("--steps", type=int, default=PAPER_STEPS, help="DDIM steps (eta = 0)")
+    p.add_argument("--guidance", type=float, default=PAPER_GUIDANCE,
+                   help="classifier-free guidance w in eps_u + w (eps_c - eps_u): 1 = conditional only")
+    p.add_argument("--batch-size", type=int, default=8, help="real images per UNet call (x M views x 2 branches)")
+    p.add_argument("--seed", type=int, default=0, help="global seed; each view's noise hashes (seed, path, view)")
+    p.add_argument("--jpeg-quality", type=int, default=JPEG_QUALITY)
+    p.add_argument("--shard", type=parse_shard, default=None, help="i/n: process the i-th of n round-robin shares "
+                                                                   "(combined with the torchrun rank)")
+    p.add_argument("--workers", type=int, default=4, help="image-decoding DataLoader workers")
+    p.add_argument("--device", default=None, help="torch device; unset: cuda:LOCAL_RANK if CUDA is available, "
+                                                  "else cpu")
+    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                   help="UNet precision; auto: bf16 (fp16 without bf16 support) on CUDA, fp32 on CPU")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+    return p
+
+
+def get_convert_parser():
+    p = argparse.ArgumentParser(
+        prog="generate_views.py convert",
+        description="Convert a CompVis-LDM checkpoint of an S-LDM (UNet model.diffusion_model.*, VQ/KL first stage "
+                    "first_stage_model.*, a Linear cond_stage_model.* projecting the SSL embedding) plus the "
+                    "conditioning ViT's checkpoint into an S-LDM folder (diffusers layout) for generate_views.py.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ldm-checkpoint", required=True, help="CompVis/Lightning .ckpt with a state_dict")
+    p.add_argument("--ldm-config", required=True, help="the checkpoint's yaml (model.params.unet_config, ...)")
+    p.add_argument("--dino", required=True, help="the conditioning ViT (e.g. DINO ViT-B/16 pretrain .pth)")
+    p.add_argument("--output", required=True, help="S-LDM folder to create (must not exist or be empty)")
+    p.add_argument("--cond-image-size", type=int, default=224, help="input size of the conditioning ViT")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=False,
+                   help="take the UNet's model_ema.* weights")
+    p.add_argument("--trust-checkpoint", action=argparse.BooleanOptionalAction, default=False,
+                   help="allow pickled Python objects in the .ckpt (torch.load weights_only=False)")
+    return p
+
+
+def pick_device_and_dtype(device, precision):
+    if device is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"
+    return device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["convert"]:
+        args = get_convert_parser().parse_args(argv[1:])
+        convert_ldm(args.ldm_checkpoint, args.ldm_config, args.dino, args.output, args.cond_image_size,
+                    args.ema, args.trust_checkpoint)
+        print(f"wrote {args.output}")
+        return None
+
+    args = get_args_parser().parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    output = Path(args.output).resolve()
+    if output.is_relative_to(Path(args.images).resolve()):
+        raise ValueError(f"--output {args.output} lies inside --images {args.images}")
+    rel_paths = list_images(args.images, args.file_list)
+    index, count = resolve_shard(args.shard)
+    mine = shard_items(rel_paths, index, count)
+    device, dtype = pick_device_and_dtype(args.device, args.precision)
+    if args.backend == "sldm":
+        backend = SLDMBackend(load_sldm(args.model, device, dtype), args.steps, args.guidance)
+    else:
+        backend = ImageVariationBackend(args.model, device, dtype, args.steps, args.guidance)
+    print(f"shard {index}/{count}: {len(mine)} of {len(rel_paths)} images, M = {args.views} views, "
+          f"{args.steps} DDIM steps, guidance {args.guidance}, {device} {dtype}", file=sys.stderr)
+    summary = generate_bags(backend, args.images, mine, args.output, args.views, args.batch_size, args.seed,
+                            args.jpeg_quality, args.workers, args.progress and int(os.environ.get("RANK", 0)) == 0)
+    rate = summary["generated"] / max(summary["seconds"], 1e-9)
+    print(f"shard {index}/{count}: {summary['generated']} bags generated ({rate:.2f} images/s), "
+          f"{summary['complete_before']} already complete, {len(summary['unreadable'])} unreadable images skipped",
+          file=sys.stderr)
+    if summary["unreadable"]:
+        report = output / f"unreadable-shard{index:03d}-of-{count:03d}.txt"
+        report.write_text("".join(f"{path}\t{reason}\n" for path, reason in summary["unreadable"]))
+        print(f"unreadable images listed in {report}", file=sys.stderr)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
