@@ -974,7 +974,9 @@ def reconstruction_image(model, target, anchors, pred, mask, max_rows=4):
     rows = [torch.cat([*denormalize(anchors[i]), masked[i], recon[i], denormalize(target[i])], dim=2)
             for i in range(target.shape[0])]
     grid = torch.cat(rows, dim=1).permute(1, 2, 0).numpy()
-    return Image.fromarray((grid * 255).round().astype(np.uint8))
+    image = Image.fromarray((grid * 255).round().astype(np.uint8))
+    scale = -(-128 // target.shape[-2])  # small crops (the toy world's 64x64) are enlarged to be seen
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
 
 
 def scan_bag_root(args, rank, world_size):

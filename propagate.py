@@ -408,13 +408,14 @@ def output_path(dataset, output, name):
 
 
 @torch.no_grad()
-def propagate_video(dataset, encoder, frames, extra, size, final, settings, device):
+def propagate_video(dataset, encoder, frames, extra, size, final, settings, device, progress=True):
     """Propagate one video and write its predictions atomically to `final` (a folder of PNGs,
     renamed into place when complete, or a .mat file)."""
     P = encoder.patch_size
     grid = (size[0] // P, size[1] // P)
     T = len(frames)
-    bar = tqdm(total=3 * T, desc=final.name if dataset != "jhmdb" else final.parent.name, leave=False)
+    bar = tqdm(total=3 * T, desc=final.name if dataset != "jhmdb" else final.parent.name, leave=False,
+               disable=not progress)
     try:
         features = video_features(encoder, frames, size, settings["batch_size"], device, on_frame=bar.update)
         if dataset == "jhmdb":
@@ -465,7 +466,7 @@ PROTOCOL_KEYS = ("dataset", "checkpoint", "topk", "queue_length", "radius", "tem
 def propagate_dataset(dataset, data_root, encoder, output, *, topk=None, queue_length=None, radius=None,
                       temperature=None, input_size=None, size_multiple=64, list_file=None, videos=None,
                       subset="val", resolution="480p", batch_size=8, device=None, num_heads=None,
-                      visualize=False, visualize_frames=6):
+                      visualize=False, visualize_frames=6, progress=True):
     """Propagate the first-frame labels of every video of a benchmark and write the predictions
     under `output` in the formats evaluate.py (and the official evaluators) read.
 
@@ -512,13 +513,13 @@ def propagate_dataset(dataset, data_root, encoder, output, *, topk=None, queue_l
     ev.atomic_save(record, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
 
     written, skipped = [], []
-    for name, frames, extra, size in tqdm(prepared, desc=f"{dataset} videos"):
+    for name, frames, extra, size in tqdm(prepared, desc=f"{dataset} videos", disable=not progress):
         final = output_path(dataset, output, name)
         if final.exists():
             skipped.append(name)
         else:
             final.parent.mkdir(parents=True, exist_ok=True)
-            propagate_video(dataset, encoder, frames, extra, size, final, settings, device)
+            propagate_video(dataset, encoder, frames, extra, size, final, settings, device, progress)
             written.append(name)
         strip = output / "visualize" / f"{name.replace('/', '__')}.png"
         if visualize and not strip.exists():

@@ -46,6 +46,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from evaluate import davis_palette  # the DAVIS / PASCAL VOC colour map of the official PNGs
+
 # -----------------------------------------------------------------------------
 # Dataset conventions
 # -----------------------------------------------------------------------------
@@ -66,20 +68,6 @@ JHMDB_ACTIONS = ["walk", "wave", "jump", "clap"]
 
 TEXTURES = ["stripes", "checks", "dots", "rings", "blobs", "zigzag", "gradient"]
 SHAPES = ["ellipse", "superellipse", "polygon", "star"]
-
-
-def davis_palette():
-    """The DAVIS / PASCAL VOC colour map [256, 3] uint8: the bits of the index are spread,
-    three at a time, from the most significant bit down over (r, g, b)."""
-    palette = np.zeros((256, 3), dtype=np.uint8)
-    for index in range(256):
-        c, rgb = index, [0, 0, 0]
-        for bit in range(8):
-            for channel in range(3):
-                rgb[channel] |= ((c >> channel) & 1) << (7 - bit)
-            c >>= 3
-        palette[index] = rgb
-    return palette
 
 
 # -----------------------------------------------------------------------------
