@@ -23,9 +23,7 @@ import contextlib
 import json
 import math
 import os
-import random
 import re
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -932,11 +930,18 @@ def setup_distributed():
     return rank, world_size, device
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves a torn file."""
+def atomic_write(path, write):
+    """Call write(tmp) on a hidden temporary name beside `path` (".<name>.tmp": it matches no
+    bag, frame or checkpoint pattern), then rename it to `path`, so that a file under its final
+    name is always complete. An error removes the temporary file; a killed process leaves it
+    hidden, and the next write replaces it. Used for checkpoints, bags and CSVs."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+    except Exception:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -1137,9 +1142,9 @@ def main(argv=None):
                 ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "next_epoch": next_epoch, "next_step": next_step, "global_step": global_step,
                         "args": {**{k: plain(v) for k, v in vars(args).items()}, **config}}
-                save_atomic(ckpt, output / "checkpoint-last.pth")
+                atomic_write(output / "checkpoint-last.pth", lambda tmp: torch.save(ckpt, tmp))
                 if finished_epoch and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
-                    save_atomic(ckpt, output / f"checkpoint-{epoch + 1:04d}.pth")
+                    atomic_write(output / f"checkpoint-{epoch + 1:04d}.pth", lambda tmp: torch.save(ckpt, tmp))
                 if finished_epoch and args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
                     reconstruction_image(model, target, anchors, pred.detach(), mask).save(
                         output / f"reconstruction-{epoch + 1:04d}.png")

@@ -23,8 +23,6 @@ is resumable: a rerun skips what is done.
 """
 import argparse
 import json
-import shutil
-import sys
 import time
 from pathlib import Path
 

@@ -83,7 +83,9 @@ def davis_palette():
 
 def atomic_save(path, save):
     """Run save(tmp_path) on a temporary name in the same folder, then rename it to path,
-    so a file with the final name is always complete."""
+    so a file with the final name is always complete. (cdgmae.atomic_write does the same on
+    the training side; this file keeps its own so that it imports no torch and can be copied
+    alone, like the official evaluators.)"""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

@@ -576,13 +576,9 @@ def write_bag(bag_dir, real_path, views, quality=JPEG_QUALITY):
     for stale in bag_dir.glob(".*.tmp"):   # left by a run killed while writing this bag
         stale.unlink()
     for k, view in enumerate(views):
-        tmp = bag_dir / f".view_{k:02d}.jpg.tmp"
-        view.save(tmp, format="JPEG", quality=quality)
-        os.replace(tmp, bag_dir / f"view_{k:02d}.jpg")
+        cdgmae.atomic_write(bag_dir / f"view_{k:02d}.jpg", lambda tmp: view.save(tmp, format="JPEG", quality=quality))
     real_name = "real" + Path(real_path).suffix.lower()
-    tmp = bag_dir / f".{real_name}.tmp"
-    shutil.copyfile(real_path, tmp)
-    os.replace(tmp, bag_dir / real_name)
+    cdgmae.atomic_write(bag_dir / real_name, lambda tmp: shutil.copyfile(real_path, tmp))
 
 
 class ImageFiles(torch.utils.data.Dataset):

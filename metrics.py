@@ -218,15 +218,15 @@ def format_table(rows):
 
 
 def write_csv(rows, path):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     fields = ["pairs", "num_pairs", "gs", "gs_std", "ls", "ls_std", "nps", "nps_std"]
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (f"{r[k]:.6f}" if isinstance(r[k], float) else r[k]) for k in fields})
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({k: (f"{r[k]:.6f}" if isinstance(r[k], float) else r[k]) for k in fields})
+    cdgmae.atomic_write(path, write)
 
 
 def summarize(name, scores):

@@ -55,7 +55,6 @@ Import:
 """
 import argparse
 import json
-import math
 import os
 import shutil
 import sys

@@ -39,14 +39,13 @@ import colorsys
 import functools
 import io
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from evaluate import davis_palette  # the DAVIS / PASCAL VOC colour map of the official PNGs
+from evaluate import atomic_save, davis_palette  # DAVIS / PASCAL VOC colour map of the official PNGs
 
 # -----------------------------------------------------------------------------
 # Dataset conventions
@@ -556,18 +555,12 @@ def save_image(array_or_image, path, format, **params):
     """Atomic image write: a temporary name that matches no bag / frame pattern, then rename.
     JPEGs are written without chroma subsampling (subsampling=0), which would smear the
     toy world's fine coloured textures."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     image = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
-    image.save(tmp, format=format, **params)
-    os.replace(tmp, path)
+    atomic_save(path, lambda tmp: image.save(tmp, format=format, **params))
 
 
 def save_bytes(data, path):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_save(path, lambda tmp: tmp.write_bytes(data))
 
 
 def palette_png(ids):

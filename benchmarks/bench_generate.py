@@ -13,7 +13,6 @@ Usage:
     python benchmarks/bench_generate.py --skip-real-size # only the tiny-model timing
 """
 import argparse
-import math
 import sys
 import tempfile
 import time

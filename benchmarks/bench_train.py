@@ -100,7 +100,7 @@ def main():
     for label in peak:
         print(f"measured {label} matmul (best of 1024^3, 2048^3, 4096^3): {peak[label] / 1e9:.1f} GFLOP/s")
 
-    print(f"\n| setting | Table 8 GFLOPs (fvcore) | train GFLOP/sample | precision | samples/s | achieved GFLOP/s | of matmul |")
+    print("\n| setting | Table 8 GFLOPs (fvcore) | train GFLOP/sample | precision | samples/s | achieved GFLOP/s | of matmul |")
     print("|---|---|---|---|---|---|---|")
     for setting in args.settings:
         n, r = SETTINGS[setting]
