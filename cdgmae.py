@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -822,6 +823,26 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
 # Training (Sec. 4, Table 6): AdamW, warmup + per-iteration cosine, torchrun DDP
 # -----------------------------------------------------------------------------
 
+def checked(kind, low=None, high=None, *, low_open=False, high_open=False):
+    """An argparse `type` that parses with `kind` (int or float) and holds the value to the range
+    [low, high] (an end is excluded with low_open / high_open; None means unbounded). A bad value
+    is one argparse error line naming the flag, e.g. "argument --topk: 0 is not >= 1"."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"{text} is not {'>' if low_open else '>='} {low}")
+        if high is not None and (value >= high if high_open else value > high):
+            raise argparse.ArgumentTypeError(f"{text} is not {'<' if high_open else '<='} {high}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(
         description="CDG-MAE pre-training on bags of views (defaults: the paper's single-anchor "
@@ -930,16 +951,50 @@ def setup_distributed():
     return rank, world_size, device
 
 
-def atomic_write(path, write):
-    """Call write(tmp) on a hidden temporary name beside `path` (".<name>.tmp": it matches no
-    bag, frame or checkpoint pattern), then rename it to `path`, so that a file under its final
-    name is always complete. An error removes the temporary file; a killed process leaves it
-    hidden, and the next write replaces it. Used for checkpoints, bags and CSVs."""
+def temporary_path(path):
+    """A hidden temporary name beside `path`, unique to this process on this host:
+    ".<name>.<host>-<pid>.tmp". It matches no bag, frame or checkpoint pattern, two processes
+    writing the same file never share it, and `remove_stale_temporaries` can tell a killed
+    writer's leftovers from a live one's."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    return path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
+
+
+TEMPORARY_NAME = re.compile(r"^\..+\.(?P<host>[^.]+)-(?P<pid>\d+)\.tmp$")
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporaries (see `temporary_path`) in `folder` whose writer is gone: this
+    host's processes that no longer run. Another host's temporaries are left alone (their
+    writer may be alive). Returns the number removed."""
+    removed, host = 0, socket.gethostname()
+    for entry in os.scandir(folder) if os.path.isdir(folder) else ():
+        match = TEMPORARY_NAME.match(entry.name)
+        if match and match["host"] == host and not _process_alive(int(match["pid"])):
+            Path(entry.path).unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def atomic_write(path, write):
+    """Call write(tmp) on a temporary name beside `path` (`temporary_path`), then rename it to
+    `path`, so that a file under its final name is always complete and two processes writing
+    the same file never clash. An error removes the temporary file; a killed process leaves
+    it, hidden, for `remove_stale_temporaries`. Used for checkpoints, bags and CSVs."""
+    tmp = temporary_path(path)
     try:
         write(tmp)
-    except Exception:
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)

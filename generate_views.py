@@ -573,8 +573,7 @@ def write_bag(bag_dir, real_path, views, quality=JPEG_QUALITY):
     therefore always complete, and a killed run never leaves a truncated file under a final name."""
     bag_dir = Path(bag_dir)
     bag_dir.mkdir(parents=True, exist_ok=True)
-    for stale in bag_dir.glob(".*.tmp"):   # left by a run killed while writing this bag
-        stale.unlink()
+    cdgmae.remove_stale_temporaries(bag_dir)   # left by a run killed while writing this bag
     for k, view in enumerate(views):
         cdgmae.atomic_write(bag_dir / f"view_{k:02d}.jpg", lambda tmp: view.save(tmp, format="JPEG", quality=quality))
     real_name = "real" + Path(real_path).suffix.lower()

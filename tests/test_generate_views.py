@@ -165,7 +165,7 @@ def test_a_run_killed_mid_bag_resumes_without_duplicates_or_truncated_files(tmp_
         run(backend, tmp_path / "images", tmp_path / "bags")
     monkeypatch.setattr(os, "replace", real_replace)
     half = tmp_path / "bags" / "n01" / "b"
-    assert sorted(os.listdir(half)) == [".view_01.jpg.tmp", "view_00.jpg"]
+    assert sorted(os.listdir(half)) == [cdgmae.temporary_path(half / "view_01.jpg").name, "view_00.jpg"]
     assert cdgmae.find_bags(tmp_path / "bags") == ["n01/a"]  # what the trainer sees is complete
 
     summary = run(backend, tmp_path / "images", tmp_path / "bags")
