@@ -201,6 +201,42 @@ class DecoderBlock(nn.Module):
         return self.norm3(x + self.drop(self.self_attn(x)))
 
 
+class CroCoDecoderBlock(nn.Module):
+    """CroCo's decoder block, "CrossBlock" (CroCo Sec. 3, Fig. 4), pre-norm:
+
+        x = x + SelfAttn(LN1(x))
+        x = x + CrossAttn(LN2(x), LN_m(memory))
+        x = x + MLP(LN3(x))
+
+    The memory (the other views' tokens) is normalised by the block's own LayerNorm and left
+    unchanged, so every block reads the same tokens. As in CroCo's decoder: MLP ratio 4 (GELU),
+    qkv biases, LayerNorm eps 1e-6, no dropout; the final norm is CDGMAE.decoder_norm.
+    """
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.self_attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm_memory = nn.LayerNorm(dim, eps=1e-6)
+        self.cross_attn = CrossAttention(dim, num_heads)
+        self.norm3 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def init_weights(self):
+        """CroCo's init: xavier-uniform Linears, zero biases, unit LayerNorms. CroCo projects
+        keys and values with two [D, D] Linears, so each half of the fused kv weight gets its
+        own draw (bound sqrt(6 / 2D), not the fused [2D, D]'s sqrt(6 / 3D))."""
+        self.apply(_init_linear_and_norm)
+        for half in self.cross_attn.kv.weight.data.chunk(2):
+            nn.init.xavier_uniform_(half)
+
+    def forward(self, x, memory):  # x [B, 1+L, Dd] target stream, memory [B, M, Dd] anchor tokens
+        x = x + self.self_attn(self.norm1(x))
+        x = x + self.cross_attn(self.norm2(x), self.norm_memory(memory))
+        return x + self.mlp(self.norm3(x))
+
+
 # -----------------------------------------------------------------------------
 # Masking (MAE's per-sample random permutation)
 # -----------------------------------------------------------------------------
@@ -345,16 +381,26 @@ class CDGMAE(VisionTransformer):
     anchor_mask_ratio=0.25), is a ViT-S/16 encoder, a 4-block decoder of width 256 and a
     target mask ratio of 0.9.
 
+    decoder_block="cdgmae" is the paper's (CropMAE's) post-norm block: cross-attention,
+    feed-forward, self-attention; the memory gets no position embedding. decoder_block="croco"
+    swaps in CroCo's pre-norm block (CroCoDecoderBlock: MLP ratio 4, no dropout, so
+    decoder_ffn_dim and decoder_dropout do not apply) and, as in CroCo, adds the decoder's
+    sin-cos position embedding to the memory too: each anchor's tokens get the embedding of
+    their own patch positions (zero in the cls slot).
+
     forward(target [B, 3, H, W], anchors [B, N, 3, H, W]) -> loss, pred [B, L, P*P*3], mask [B, L]
     """
 
     def __init__(self, num_anchors=1, anchor_mask_ratio=0.0, target_mask_ratio=0.9,
                  img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6,
                  decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8, decoder_ffn_dim=2048,
-                 decoder_dropout=0.1, norm_pix_loss=True):
+                 decoder_dropout=0.1, norm_pix_loss=True, decoder_block="cdgmae"):
         super().__init__(img_size, patch_size, embed_dim, depth, num_heads)
         if not 0 <= anchor_mask_ratio < 1 or not 0 < target_mask_ratio < 1:
             raise ValueError("mask ratios must lie in [0, 1) (anchors) and (0, 1) (target)")
+        if decoder_block not in ("cdgmae", "croco"):
+            raise ValueError(f"decoder_block {decoder_block!r}: must be 'cdgmae' or 'croco'")
+        self.decoder_block = decoder_block
         self.num_anchors = num_anchors
         self.anchor_mask_ratio = anchor_mask_ratio
         self.target_mask_ratio = target_mask_ratio
@@ -365,9 +411,12 @@ class CDGMAE(VisionTransformer):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, decoder_embed_dim),
                                               requires_grad=False)
-        self.decoder_blocks = nn.ModuleList([
-            DecoderBlock(decoder_embed_dim, decoder_num_heads, decoder_ffn_dim, decoder_dropout)
-            for _ in range(decoder_depth)])
+        if decoder_block == "croco":
+            blocks = [CroCoDecoderBlock(decoder_embed_dim, decoder_num_heads) for _ in range(decoder_depth)]
+        else:
+            blocks = [DecoderBlock(decoder_embed_dim, decoder_num_heads, decoder_ffn_dim, decoder_dropout)
+                      for _ in range(decoder_depth)]
+        self.decoder_blocks = nn.ModuleList(blocks)
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * 3)
 
@@ -376,6 +425,9 @@ class CDGMAE(VisionTransformer):
         nn.init.normal_(self.mask_token, std=0.02)
         for m in [self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred]:
             m.apply(_init_linear_and_norm)
+        if decoder_block == "croco":
+            for block in self.decoder_blocks:
+                block.init_weights()
 
     # -- pixels <-> patches ---------------------------------------------------
     def patchify(self, imgs):
@@ -410,6 +462,16 @@ class CDGMAE(VisionTransformer):
         x = self.decoder_pred(self.decoder_norm(x))
         return x[:, 1:]  # drop the cls row
 
+    def memory_pos_embed(self, ids_restore, num_kept):
+        """CroCo: the reference view's tokens get the decoder position embedding too.
+        ids_restore [B', L] of an anchor's masking (forward_masked) -> [B', 1 + num_kept, Dd]:
+        the cls slot's (zero) row, then the rows of the kept patches in kept order."""
+        # forward_masked keeps ids_shuffle[:, :K]; ids_restore is its inverse permutation.
+        ids_keep = torch.argsort(ids_restore, dim=1)[:, :num_kept]
+        pos = self.decoder_pos_embed.expand(ids_keep.shape[0], -1, -1)
+        kept = torch.gather(pos[:, 1:], 1, ids_keep.unsqueeze(-1).expand(-1, -1, pos.shape[2]))
+        return torch.cat([pos[:, :1], kept], dim=1)
+
     # -- Eq. (10) -------------------------------------------------------------
     def forward_loss(self, target, pred, mask):
         """Mean squared error over the masked target patches only (Eq. 10).
@@ -439,9 +501,13 @@ class CDGMAE(VisionTransformer):
         # the N anchors of a sample go through it as N rows of one batch.
         if anchor_noise is not None:
             anchor_noise = anchor_noise.flatten(0, 1)
-        anchor_latent, _, _ = self.forward_masked(anchors.flatten(0, 1), self.anchor_mask_ratio, anchor_noise)
+        anchor_latent, _, anchor_ids_restore = self.forward_masked(
+            anchors.flatten(0, 1), self.anchor_mask_ratio, anchor_noise)
         # Eq. (7): A'_v = [A'^1_v; ...; A'^N_v], cls tokens included, at the decoder width.
-        memory = self.decoder_embed(anchor_latent).reshape(B, N * anchor_latent.shape[1], -1)
+        memory = self.decoder_embed(anchor_latent)  # [B*N, 1+K_a, Dd]
+        if self.decoder_block == "croco":  # CroCo: position embedding on the memory as well
+            memory = memory + self.memory_pos_embed(anchor_ids_restore, memory.shape[1] - 1)
+        memory = memory.reshape(B, N * anchor_latent.shape[1], -1)
         pred = self.forward_decoder(target_latent, ids_restore, memory)
         return self.forward_loss(target, pred, mask), pred, mask
 
@@ -877,6 +943,10 @@ def get_args_parser():
     g.add_argument("--decoder-heads", type=int, default=8, help="decoder attention heads")
     g.add_argument("--decoder-ffn-dim", type=int, default=2048, help="decoder feed-forward width (CropMAE)")
     g.add_argument("--decoder-dropout", type=float, default=0.1, help="decoder dropout (CropMAE)")
+    g.add_argument("--decoder-block", choices=["cdgmae", "croco"], default="cdgmae",
+                   help="decoder block: the paper's (CropMAE's post-norm cross-attn, FFN, self-attn) or "
+                        "CroCo's pre-norm self-attn, cross-attn, MLP with memory position embeddings "
+                        "(MLP ratio 4, no dropout: --decoder-ffn-dim/--decoder-dropout do not apply)")
     g.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
                    help="regress per-patch normalised pixels")
 
@@ -914,7 +984,7 @@ def model_config(args):
                 num_heads=args.num_heads or num_heads, decoder_embed_dim=args.decoder_dim,
                 decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_heads,
                 decoder_ffn_dim=args.decoder_ffn_dim, decoder_dropout=args.decoder_dropout,
-                norm_pix_loss=args.norm_pix_loss)
+                norm_pix_loss=args.norm_pix_loss, decoder_block=args.decoder_block)
 
 
 def learning_rate(args, epoch_float):

@@ -14,11 +14,15 @@ views (the real image vs one of its generated views), k-NN image pairs (a query 
 k = 5 nearest neighbours by cls cosine similarity) and random image pairs; each a fixed number
 of pairs (500) drawn with a seed.
 
+The MIMIC overlap (MIMIC appendix Sec. 2.2; SIFT, RANSAC homography, uniquely matched 16 x 16
+patches) is a fourth, geometric column; it needs OpenCV, imported only when used.
+
 Usage:
     python metrics.py --checkpoint mae_pretrain_vit_base.pth --video DAVIS --bags bags/ \\
         --images imagenet/train --csv table1.csv
+    python metrics.py overlap A.jpg B.jpg                     # MIMIC overlap of two images
 Import:
-    from metrics import global_similarity, local_similarity, nearest_patch_similarity
+    from metrics import global_similarity, local_similarity, nearest_patch_similarity, mimic_overlap
 """
 import argparse
 import csv
@@ -71,6 +75,11 @@ def nearest_patch_similarity(patches_a, patches_b):
 def evaluation_tensor(img, size=224, center_crop=True):
     """PIL RGB -> ImageNet-normalised [3, size, size]: the shorter side resized to `size` (bicubic)
     then a centre crop, or (center_crop=False) the whole image resized to size x size."""
+    return cdgmae.image_to_tensor(evaluation_image(img, size, center_crop))
+
+
+def evaluation_image(img, size=224, center_crop=True):
+    """The PIL size x size image that evaluation_tensor normalises."""
     if center_crop:
         w, h = img.size
         scale = size / min(w, h)
@@ -80,7 +89,7 @@ def evaluation_tensor(img, size=224, center_crop=True):
         img = img.crop((left, top, left + size, top + size))
     else:
         img = img.resize((size, size), Image.BICUBIC)
-    return cdgmae.image_to_tensor(img)
+    return img
 
 
 @torch.no_grad()
@@ -203,22 +212,209 @@ def knn_pairs_from_features(cls, queries, k, rng):
 
 
 # -----------------------------------------------------------------------------
+# MIMIC overlap (MIMIC appendix, Sec. 2.2): a geometric overlap of two views, a fourth
+# column next to GS / LS / NPS. Settings as in MIMIC's released mining code: SIFT, brute-force
+# k = 2 matching with Lowe's ratio test at 0.7, more than 10 good matches, RANSAC homography
+# (reprojection threshold 5 px), 16 x 16 patches, 100 random pixels per patch.
+# -----------------------------------------------------------------------------
+
+MIMIC_KEEP_RANGE = (0.5, 0.7)  # MIMIC keeps pairs with overlap in [50%, 70%] (App. 2.1; 2.2 and its code: 75%)
+
+
+def import_cv2():
+    """OpenCV, imported only by the overlap code, so that GS / LS / NPS work without it."""
+    try:
+        import cv2
+    except ImportError:
+        raise ImportError("OpenCV is missing: the MIMIC overlap needs it "
+                          "(pip install opencv-python-headless==5.0.0.93)") from None
+    return cv2
+
+
+def gray_uint8(image):
+    """PIL image or array [H, W] / [H, W, 3] (RGB) -> uint8 grey array [H, W] (ITU-R 601 luma)."""
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    return np.asarray(image.convert("L"))
+
+
+def estimate_homography(gray_a, gray_b, ratio=0.7, min_matches=11, ransac_threshold=5.0):
+    """Steps 1-3: SIFT keypoints, brute-force matching, RANSAC homography from view a to view b.
+
+    Each descriptor of a is matched to its two nearest of b (L2) and kept when the nearest is
+    closer than `ratio` times the second (Lowe's ratio test; MIMIC's code uses 0.7). Returns
+    (H [3, 3] mapping a's pixel coordinates to b's, or None; {"matches", "inliers", "reason"}).
+    """
+    cv2 = import_cv2()
+    sift = cv2.SIFT_create()
+    kp_a, des_a = sift.detectAndCompute(gray_a, None)
+    kp_b, des_b = sift.detectAndCompute(gray_b, None)
+    info = {"matches": 0, "inliers": 0, "reason": None}
+    if des_a is None or des_b is None or len(kp_a) < 2 or len(kp_b) < 2:
+        info["reason"] = f"too few SIFT keypoints ({len(kp_a)} and {len(kp_b)})"
+        return None, info
+    pairs = cv2.BFMatcher(cv2.NORM_L2).knnMatch(des_a, des_b, k=2)
+    good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < ratio * p[1].distance]
+    info["matches"] = len(good)
+    if len(good) < min_matches:
+        info["reason"] = f"{len(good)} matches pass the ratio test, fewer than {min_matches}"
+        return None, info
+    src = np.float32([kp_a[m.queryIdx].pt for m in good]).reshape(-1, 1, 2)
+    dst = np.float32([kp_b[m.trainIdx].pt for m in good]).reshape(-1, 1, 2)
+    H, inliers = cv2.findHomography(src, dst, cv2.RANSAC, ransac_threshold)
+    if H is None or abs(np.linalg.det(H)) < 1e-12:
+        info["reason"] = f"RANSAC found no homography from {len(good)} matches"
+        return None, info
+    info["inliers"] = int(inliers.sum())
+    return H, info
+
+
+def matched_patches(H, shape_a, shape_b, patch_size=16, points_per_patch=100, rng=None):
+    """Steps 4-5: the patch of view b matched to each patch of view a, -1 for "outside".
+
+    For every patch of a (row-major over a's (H_a // P) x (W_a // P) grid), `points_per_patch`
+    random pixels of the patch (pixel centres, OpenCV's coordinates) are mapped by H; each lands
+    in a patch of b or outside it, and the most frequent landing (outside included) is the match.
+    shape_a, shape_b: (height, width). Returns int array [patches of a].
+    """
+    rng = np.random.default_rng(rng)
+    (rows_a, cols_a), (rows_b, cols_b) = [(h // patch_size, w // patch_size) for h, w in (shape_a, shape_b)]
+    num = rows_a * cols_a
+    offsets = rng.integers(0, patch_size, size=(num, points_per_patch, 2))   # (dx, dy) inside a patch
+    origin = np.stack(np.divmod(np.arange(num), cols_a)[::-1], axis=1) * patch_size  # (x, y) corners
+    xy = (origin[:, None, :] + offsets).reshape(-1, 2).astype(np.float64)
+    mapped = np.concatenate([xy, np.ones((len(xy), 1))], axis=1) @ np.asarray(H, np.float64).T
+    w = mapped[:, 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x, y = mapped[:, 0] / w, mapped[:, 1] / w
+    inside = (w > 0) & (x >= 0) & (y >= 0) & (x < cols_b * patch_size) & (y < rows_b * patch_size)
+    landing = np.full(len(xy), -1)
+    landing[inside] = (y[inside] // patch_size).astype(int) * cols_b + (x[inside] // patch_size).astype(int)
+    landing = landing.reshape(num, points_per_patch)
+    votes = np.apply_along_axis(np.bincount, 1, landing + 1, minlength=rows_b * cols_b + 1)
+    return votes.argmax(axis=1) - 1  # ties go to "outside", then to the lower patch index
+
+
+def unique_match_fraction(matches):
+    """Step 6: patches of view a whose match lies inside view b and was not taken by an earlier
+    patch (row-major order), over all patches of view a."""
+    taken = set()
+    for m in matches:
+        if m >= 0 and m not in taken:
+            taken.add(int(m))
+    return len(taken) / len(matches)
+
+
+def homography_overlap(H, shape_a, shape_b, patch_size=16, points_per_patch=100, seed=0):
+    """min(overlap(a -> b) by H, overlap(b -> a) by H^-1), MIMIC's overlap for a known homography.
+    Returns (overlap, a_to_b, b_to_a)."""
+    rng = np.random.default_rng(seed)
+    a_to_b = unique_match_fraction(matched_patches(H, shape_a, shape_b, patch_size, points_per_patch, rng))
+    b_to_a = unique_match_fraction(matched_patches(np.linalg.inv(H), shape_b, shape_a, patch_size,
+                                                   points_per_patch, rng))
+    return min(a_to_b, b_to_a), a_to_b, b_to_a
+
+
+def mimic_overlap_report(image_a, image_b, patch_size=16, points_per_patch=100, seed=0, ratio=0.7,
+                         min_matches=11, ransac_threshold=5.0):
+    """MIMIC's overlap of two views with its parts: {"overlap", "a_to_b", "b_to_a", "matches",
+    "inliers", "reason"}; reason is None, or why no homography was found (overlap 0 then)."""
+    gray_a, gray_b = gray_uint8(image_a), gray_uint8(image_b)
+    for gray in (gray_a, gray_b):
+        if min(gray.shape) < patch_size:
+            raise ValueError(f"image of {gray.shape[1]}x{gray.shape[0]} pixels is smaller than one "
+                             f"{patch_size}x{patch_size} patch")
+    H, info = estimate_homography(gray_a, gray_b, ratio, min_matches, ransac_threshold)
+    if H is None:
+        return {"overlap": 0.0, "a_to_b": 0.0, "b_to_a": 0.0, **info}
+    overlap, a_to_b, b_to_a = homography_overlap(H, gray_a.shape, gray_b.shape, patch_size,
+                                                 points_per_patch, seed)
+    return {"overlap": overlap, "a_to_b": a_to_b, "b_to_a": b_to_a, **info}
+
+
+def mimic_overlap(image_a, image_b, patch_size=16, points_per_patch=100, seed=0, **kwargs):
+    """MIMIC's overlap (appendix Sec. 2.2) of two views, in [0, 1]; 0 when no homography is found
+    (mimic_overlap_report says why). image_a, image_b: PIL images or uint8 arrays."""
+    return mimic_overlap_report(image_a, image_b, patch_size, points_per_patch, seed, **kwargs)["overlap"]
+
+
+def in_mimic_keep_range(overlap, keep_range=MIMIC_KEEP_RANGE):
+    """Whether MIMIC would keep a pair of this overlap (True / False; works on arrays too)."""
+    return (np.asarray(overlap) >= keep_range[0]) & (np.asarray(overlap) <= keep_range[1])
+
+
+def pair_overlaps(pairs, size=224, center_crop=True, seed=0, desc="overlap"):
+    """MIMIC overlap of each pair of image paths, on the same evaluation crops the ViT sees
+    (evaluation_image), so that its 16 x 16 patches are the ViT's patches. Returns [P] tensor."""
+    values = []
+    for i, (path_a, path_b) in enumerate(tqdm(pairs, desc=desc, unit="pair", leave=False, disable=None)):
+        a, b = (evaluation_image(cdgmae.load_rgb(p), size, center_crop) for p in (path_a, path_b))
+        values.append(mimic_overlap(a, b, seed=seed + i))
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def overlap_main(argv):
+    """`python metrics.py overlap A B`: print the MIMIC overlap of two images."""
+    p = argparse.ArgumentParser(prog="metrics.py overlap", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="MIMIC's overlap of two views (MIMIC appendix Sec. 2.2): SIFT, "
+                                            "ratio-test matching, RANSAC homography, uniquely matched 16x16 "
+                                            "patches, the minimum of both directions. Prints the overlap.")
+    p.add_argument("image_a")
+    p.add_argument("image_b")
+    p.add_argument("--size", type=cdgmae.checked(int, 0), default=224,
+                   help="resize both images to size x size first, as MIMIC does (0: keep their sizes)")
+    p.add_argument("--patch-size", type=cdgmae.checked(int, 1), default=16)
+    p.add_argument("--points", type=cdgmae.checked(int, 1), default=100, help="random points per patch")
+    p.add_argument("--seed", type=int, default=0, help="seeds the random points")
+    args = p.parse_args(argv)
+    try:
+        import_cv2()
+    except ImportError as e:
+        raise SystemExit(f"metrics.py overlap: {e}") from None
+    images = []
+    for path in (args.image_a, args.image_b):
+        if not Path(path).is_file():
+            raise SystemExit(f"{path}: file not found (give two image files)")
+        try:
+            img = cdgmae.load_rgb(path)
+        except RuntimeError as e:
+            raise SystemExit(f"{e} (give two image files)") from None
+        images.append(img.resize((args.size, args.size), Image.BILINEAR) if args.size else img)
+    try:
+        report = mimic_overlap_report(*images, args.patch_size, args.points, args.seed)
+    except ValueError as e:
+        raise SystemExit(f"{args.image_a}, {args.image_b}: {e}") from None
+    print(f"{report['overlap']:.4f}")
+    detail = (f"no homography: {report['reason']}" if report["reason"] else
+              f"a->b {report['a_to_b']:.4f}, b->a {report['b_to_a']:.4f}; {report['matches']} matches, "
+              f"{report['inliers']} RANSAC inliers")
+    keep = "yes" if in_mimic_keep_range(report["overlap"]) else "no"
+    print(f"{detail}; in MIMIC's keep range [{MIMIC_KEEP_RANGE[0]}, {MIMIC_KEEP_RANGE[1]}]: {keep}", file=sys.stderr)
+    return report
+
+
+# -----------------------------------------------------------------------------
 # Command line
 # -----------------------------------------------------------------------------
 
 def format_table(rows):
-    """Rows {"pairs", "num_pairs", "gs", "ls", "nps", ...} in the form of Table 1."""
+    """Rows {"pairs", "num_pairs", "gs", "ls", "nps", ...} in the form of Table 1 (plus the MIMIC
+    overlap column when the rows have "overlap")."""
+    overlap = all("overlap" in r for r in rows)
     lines = [f"{'Views':<22}{'Global Sim. (up)':>18}{'Local Sim. (down)':>19}{'Nearest Patch Sim. (up)':>25}"
-             f"{'pairs':>7}{'paper GS/LS/NPS':>22}"]
+             + (f"{'MIMIC overlap':>15}" if overlap else "") + f"{'pairs':>7}{'paper GS/LS/NPS':>22}"]
     for r in rows:
         paper = PAPER_TABLE1.get(r["pairs"])
         ref = "/".join(f"{v:.3f}" for v in paper) if paper else "-"
-        lines.append(f"{r['pairs']:<22}{r['gs']:>18.3f}{r['ls']:>19.3f}{r['nps']:>25.3f}{r['num_pairs']:>7}{ref:>22}")
+        lines.append(f"{r['pairs']:<22}{r['gs']:>18.3f}{r['ls']:>19.3f}{r['nps']:>25.3f}"
+                     + (f"{r['overlap']:>15.3f}" if overlap else "") + f"{r['num_pairs']:>7}{ref:>22}")
     return "\n".join(lines)
 
 
 def write_csv(rows, path):
     fields = ["pairs", "num_pairs", "gs", "gs_std", "ls", "ls_std", "nps", "nps_std"]
+    if all("overlap" in r for r in rows):
+        fields += ["overlap", "overlap_std", "in_mimic_range"]
 
     def write(tmp):
         with open(tmp, "w", newline="") as f:
@@ -240,6 +436,7 @@ def get_args_parser():
     p = argparse.ArgumentParser(
         description="GS / LS / NPS (CDG-MAE Eq. 1-3) of pair sets, printed as in Table 1 and written to a CSV. "
                     "Give any of --video, --bags, --images (the last gives the k-NN and random rows).",
+        epilog="python metrics.py overlap A B: MIMIC's overlap of two images (see its --help).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="ViT checkpoint for f_* and f_i (paper: MAE ViT-B/16)")
     p.add_argument("--video", default=None, help="DAVIS-layout folder (JPEGImages/480p/<seq>/*.jpg): frame pairs")
@@ -259,11 +456,22 @@ def get_args_parser():
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--device", default=None, help="torch device; unset: cuda if available, else cpu")
     p.add_argument("--csv", default="view_metrics.csv", help="where to write the table")
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
+                   help="add MIMIC's geometric overlap (SIFT + RANSAC homography, on the same crops) as a "
+                        "column, and the fraction of pairs in MIMIC's keep range [0.5, 0.7] to the CSV")
     return p
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["overlap"]:  # python metrics.py overlap A B
+        return overlap_main(argv[1:])
     args = get_args_parser().parse_args(argv)
+    if args.overlap:
+        try:
+            import_cv2()
+        except ImportError as e:
+            raise SystemExit(f"--overlap: {e}, or pass --no-overlap") from None
     if not (args.video or args.bags or args.images):
         raise SystemExit("nothing to evaluate: give --video, --bags and/or --images")
     names = args.bag_names or (["Diffusion (S-LDM)"] if len(args.bags) == 1 else
@@ -297,7 +505,11 @@ def main(argv=None):
             pool, queries, knn_rng = pairs
             cls = cls_features(vit, pool, **common)
             pairs = [(pool[i], pool[j]) for i, j in knn_pairs_from_features(cls, queries, args.knn, knn_rng)]
-        rows.append(summarize(name, evaluate_pairs(vit, pairs, desc=name, **common)))
+        scores = evaluate_pairs(vit, pairs, desc=name, **common)
+        if args.overlap:  # MIMIC appendix 2.2, on the crops the ViT saw
+            scores["overlap"] = pair_overlaps(pairs, args.input_size, args.center_crop, args.seed, desc=name)
+            scores["in_mimic_range"] = torch.from_numpy(in_mimic_keep_range(scores["overlap"].numpy()) * 1.0)
+        rows.append(summarize(name, scores))
     print(format_table(rows))
     write_csv(rows, args.csv)
     print(f"wrote {args.csv}", file=sys.stderr)
