@@ -482,7 +482,7 @@ def check_image_variation(folder, guidance=PAPER_GUIDANCE):
     missing = [name for name in IMAGE_VARIATION_FILES if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder}: not a StableDiffusionImageVariationPipeline folder, missing {missing} "
-                                f"(download one, e.g. `huggingface-cli download lambdalabs/sd-image-variations-diffusers "
+                                f"(download one, e.g. `hf download lambdalabs/sd-image-variations-diffusers --revision v2.0 "
                                 f"--local-dir {folder}`, or write one with pipe.save_pretrained)")
     pipeline_class = json.loads((folder / "model_index.json").read_text()).get("_class_name")
     if pipeline_class != "StableDiffusionImageVariationPipeline":

@@ -234,3 +234,13 @@ def test_without_transformers_the_command_says_how_to_install_it(tmp_path, image
     assert message.startswith(f"{pipeline_folder}: ") and "transformers" in message
     assert "pip install -r requirements.txt" in message
     assert not (tmp_path / "o").exists()
+
+
+def test_views_the_safety_checker_blacks_out_are_counted_and_reported(tmp_path, images, pipeline_folder, capsys):
+    backend = gv.ImageVariationBackend(pipeline_folder, "cpu", torch.float32, steps=1, guidance=6.0)
+    # A folder that ships a safety checker (the Lambda Labs one does) flags views; here the first of each image.
+    backend.pipe.run_safety_checker = lambda image, device, dtype: (image, [k % VIEWS == 0 for k in range(len(image))])
+    gv.generate_bags(backend, images, gv.list_images(images), tmp_path / "bags", VIEWS, batch_size=2, workers=0,
+                     progress=False)
+    assert backend.flagged_views == 3
+    assert "safety checker blacked out 2 of 4 views" in capsys.readouterr().err
