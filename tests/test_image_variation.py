@@ -12,8 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-torch.set_num_threads(2)
-
 import cdgmae  # noqa: E402
 import generate_views as gv  # noqa: E402
 from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionImageVariationPipeline,  # noqa: E402
@@ -23,6 +21,15 @@ from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWi
 VIEWS = 2
 STEPS = 2
 VIEW_SIZE = 16   # UNet latents 8x8, the VAE's two levels upsample by 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models here are tiny: one thread is as fast as two and does not stall on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_pipeline():
