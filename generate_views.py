@@ -482,12 +482,16 @@ def check_image_variation(folder, guidance=PAPER_GUIDANCE):
     missing = [name for name in IMAGE_VARIATION_FILES if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder}: not a StableDiffusionImageVariationPipeline folder, missing {missing} "
-                                f"(download one, e.g. `hf download lambdalabs/sd-image-variations-diffusers --revision v2.0 "
-                                f"--local-dir {folder}`, or write one with pipe.save_pretrained)")
-    pipeline_class = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+                                f"(download one, e.g. `hf download lambdalabs/sd-image-variations-diffusers "
+                                f"--revision v2.0 --local-dir {folder}`, or write one with pipe.save_pretrained)")
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except ValueError as e:
+        raise ValueError(f"{folder}/model_index.json: not JSON ({e})") from None
+    pipeline_class = index.get("_class_name") if isinstance(index, dict) else None
     if pipeline_class != "StableDiffusionImageVariationPipeline":
         raise ValueError(f"{folder}/model_index.json: a {pipeline_class}, not a StableDiffusionImageVariationPipeline "
-                         f"(use --backend sldm for an S-LDM folder)")
+                         f"(this backend runs only that pipeline; --backend sldm runs S-LDM folders)")
     if guidance < 1:
         # The pipeline guides only for w > 1 and samples conditionally for every w <= 1, where the
         # S-LDM backend's eps_u + w (eps_c - eps_u) would move toward the unconditional prediction.

@@ -4,6 +4,8 @@ through the same command line as the S-LDM backend (layout, resumability, shards
 steps, and the one-line errors for a missing piece)."""
 import functools
 import hashlib
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -231,6 +233,21 @@ def test_a_folder_without_its_image_encoder_is_refused_in_one_line(tmp_path, ima
                                 "--backend", "sd-image-variation"])
         assert message.startswith(f"{model}: ") and "image_encoder/config.json" in message
         assert "download" in message
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_folder_of_another_pipeline_is_refused_in_one_line(tmp_path, images, pipeline_folder):
+    other = tmp_path / "other"
+    shutil.copytree(pipeline_folder, other)
+    index = json.loads((other / "model_index.json").read_text())
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionPipeline"}))
+    message = exit_message(["--images", str(images), "--model", str(other), "--output", str(tmp_path / "o"),
+                            "--backend", "sd-image-variation"])
+    assert message.startswith(f"{other}/model_index.json: a StableDiffusionPipeline, not a ")
+    (other / "model_index.json").write_text("{not json")
+    message = exit_message(["--images", str(images), "--model", str(other), "--output", str(tmp_path / "o"),
+                            "--backend", "sd-image-variation"])
+    assert message.startswith(f"{other}/model_index.json: not JSON")
     assert not (tmp_path / "o").exists()
 
 
