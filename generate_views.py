@@ -456,26 +456,75 @@ class SLDMBackend:
         return [[Image.fromarray(images[b * M + k]) for k in range(M)] for b in range(B)]
 
 
+# -----------------------------------------------------------------------------
+# The public image-variation model (not the paper's S-LDM): diffusers'
+# StableDiffusionImageVariationPipeline folder, e.g. lambdalabs/sd-image-variations-diffusers:
+#   MODEL/model_index.json, unet/, vae/ (AutoencoderKL), scheduler/ (any; replaced by DDIM below),
+#   image_encoder/ (transformers CLIPVisionModelWithProjection), feature_extractor/ (CLIPImageProcessor),
+#   safety_checker/ (optional)
+# -----------------------------------------------------------------------------
+
+IMAGE_VARIATION_FILES = ["model_index.json", "unet/config.json", "vae/config.json", "scheduler/scheduler_config.json",
+                         "image_encoder/config.json", "feature_extractor/preprocessor_config.json"]
+# The CompVis DDIM discretisation of LDM_DDIM on the model's own noise schedule. A DDIMScheduler made
+# from another scheduler's config (PNDM for the Lambda Labs weights) would otherwise take DDIM's
+# default clip_sample=True and clip the predicted latents to [-1, 1].
+IMAGE_VARIATION_DDIM = {k: LDM_DDIM[k] for k in ("clip_sample", "set_alpha_to_one", "steps_offset", "timestep_spacing")}
+
+
+def check_image_variation(folder, guidance=PAPER_GUIDANCE):
+    """Raise, naming the folder (or the flag) and the way out, unless `folder` can be loaded as a
+    StableDiffusionImageVariationPipeline and `guidance` means what --guidance says. Reads no weights."""
+    folder = Path(folder)
+    if importlib.util.find_spec("transformers") is None:
+        raise RuntimeError(f"{folder}: the sd-image-variation backend needs the transformers package for its CLIP "
+                           f"image encoder (pip install -r requirements.txt)")
+    missing = [name for name in IMAGE_VARIATION_FILES if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: not a StableDiffusionImageVariationPipeline folder, missing {missing} "
+                                f"(download one, e.g. `hf download lambdalabs/sd-image-variations-diffusers "
+                                f"--revision v2.0 --local-dir {folder}`, or write one with pipe.save_pretrained)")
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except ValueError as e:
+        raise ValueError(f"{folder}/model_index.json: not JSON ({e})") from None
+    pipeline_class = index.get("_class_name") if isinstance(index, dict) else None
+    if pipeline_class != "StableDiffusionImageVariationPipeline":
+        raise ValueError(f"{folder}/model_index.json: a {pipeline_class}, not a StableDiffusionImageVariationPipeline "
+                         f"(this backend runs only that pipeline; --backend sldm runs S-LDM folders)")
+    if guidance < 1:
+        # The pipeline guides only for w > 1 and samples conditionally for every w <= 1, where the
+        # S-LDM backend's eps_u + w (eps_c - eps_u) would move toward the unconditional prediction.
+        raise ValueError(f"--guidance {guidance}: the image-variation pipeline samples conditionally for any "
+                         f"w <= 1 (pass --guidance 1 for that, or w > 1 for guidance)")
+
+
+def clip_pixels(feature_extractor, img):
+    """PIL RGB -> [3, S, S]: the pipeline's CLIPImageProcessor (resize, centre crop, CLIP normalisation)."""
+    return feature_extractor(images=img, return_tensors="pt").pixel_values[0]
+
+
 class ImageVariationBackend:
-    """Views from a local `StableDiffusionImageVariationPipeline` folder (CLIP image embedding as the
-    [B, 1, 768] context; needs `transformers`), sampled with the same DDIM settings and guidance rule."""
+    """Views from a local StableDiffusionImageVariationPipeline folder (needs transformers). Context:
+    the CLIP image embedding, [B, 1, 768] for the Lambda Labs weights; unconditional context: zeros.
+    Sampling: DDIM (eta = 0, IMAGE_VARIATION_DDIM) and the pipeline's guidance, which is
+    eps_u + w (eps_c - eps_u) for w > 1 and the conditional prediction alone (one branch) for w = 1.
+    If the folder ships a safety checker, the pipeline blacks out the views it flags (counted in
+    `flagged_views`). `prepare` (the CLIP preprocessing) runs in the data-loading workers."""
 
     def __init__(self, folder, device, dtype, steps=PAPER_STEPS, guidance=PAPER_GUIDANCE):
-        if importlib.util.find_spec("transformers") is None:
-            raise RuntimeError("the sd-image-variation backend needs the `transformers` package "
-                               "(pip install transformers); the default S-LDM backend does not")
+        check_image_variation(folder, guidance)
         from diffusers import DDIMScheduler, StableDiffusionImageVariationPipeline
 
-        if not (Path(folder) / "model_index.json").is_file():
-            raise FileNotFoundError(f"{folder}: no model_index.json, not a diffusers pipeline folder")
-        self.pipe = StableDiffusionImageVariationPipeline.from_pretrained(folder, torch_dtype=dtype,
-                                                                          low_cpu_mem_usage=False).to(device)
-        self.pipe.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        # Local folder only: nothing is fetched from the hub; no accelerate: low_cpu_mem_usage=False.
+        self.pipe = StableDiffusionImageVariationPipeline.from_pretrained(
+            Path(folder), dtype=dtype, low_cpu_mem_usage=False, local_files_only=True).to(device)
+        self.pipe.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config, **IMAGE_VARIATION_DDIM)
         self.pipe.set_progress_bar_config(disable=True)
-        self.steps, self.guidance, self.device, self.dtype = steps, guidance, device, dtype
-        self.unet_calls = 0
+        self.steps, self.guidance, self.device, self.dtype = steps, guidance, torch.device(device), dtype
+        self.unet_calls = self.flagged_views = 0
         self.pipe.unet.register_forward_pre_hook(self._count_call)
-        self.prepare = None  # the pipeline's own CLIP preprocessing takes PIL images
+        self.prepare = partial(clip_pixels, self.pipe.feature_extractor)
 
     def _count_call(self, module, inputs):
         self.unet_calls += 1
@@ -486,10 +535,17 @@ class ImageVariationBackend:
 
     @torch.no_grad()
     def generate(self, prepared, noise):
+        """prepared: B CLIP pixel tensors [3, S, S]; noise [B, M, C, h, w] -> B lists of M PIL images.
+        The pipeline repeats each embedding M times image-major, the order of noise.flatten(0, 1)."""
         B, M = noise.shape[:2]
-        out = self.pipe(image=list(prepared), num_images_per_prompt=M, guidance_scale=self.guidance,
+        out = self.pipe(image=torch.stack(prepared), num_images_per_prompt=M, guidance_scale=self.guidance,
                         num_inference_steps=self.steps, eta=0.0,
                         latents=noise.flatten(0, 1).to(self.device, self.dtype), output_type="pil")
+        flagged = sum(out.nsfw_content_detected or [])
+        if flagged:
+            self.flagged_views += flagged
+            tqdm.write(f"warning: the pipeline's safety checker blacked out {flagged} of {B * M} views in this "
+                       f"batch ({self.flagged_views} so far)", file=sys.stderr)
         return [out.images[b * M:(b + 1) * M] for b in range(B)]
 
 
@@ -738,6 +794,10 @@ def main(argv=None):
     if args.backend == "sldm":
         backend = SLDMBackend(load_sldm(args.model, device, dtype), args.steps, args.guidance)
     else:
+        try:  # the folder, transformers and --guidance, before any weight is read
+            check_image_variation(args.model, args.guidance)
+        except (FileNotFoundError, ValueError, RuntimeError) as e:
+            raise SystemExit(str(e)) from None
         backend = ImageVariationBackend(args.model, device, dtype, args.steps, args.guidance)
     print(f"shard {index}/{count}: {len(mine)} of {len(rel_paths)} images, M = {args.views} views, "
           f"{args.steps} DDIM steps, guidance {args.guidance}, {device} {dtype}", file=sys.stderr)
