@@ -456,7 +456,8 @@ class CDGMAE(VisionTransformer):
         patches = torch.cat([x[:, 1:], mask_tokens], dim=1)
         patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
         x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
-        # Eq. (9): self-attention over T_a, cross-attention to the anchors A'_v.
+        # Eq. (9): T_r = d_psi(T_a, A'_v). Each block of the paper's decoder (Sec. 4) runs
+        # cross-attention to the anchors A'_v, then the feed-forward, then self-attention over T_a.
         for block in self.decoder_blocks:
             x = block(x, memory)
         x = self.decoder_pred(self.decoder_norm(x))
