@@ -214,7 +214,7 @@ def read_joints_mat(path, num_frames=None, what="joint file"):
         mat = sio.loadmat(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: {what} not found (check the folder)") from None
-    except (OSError, ValueError, TypeError, NotImplementedError) as e:  # scipy's errors for a bad .mat
+    except Exception as e:  # noqa: BLE001 -- scipy's parser raises many types (IndexError, ...) on a bad file
         raise InputError(f"{path}: cannot read .mat ({e}) (replace the file)") from None
     if "pos_img" not in mat:
         raise InputError(f"{path}: no 'pos_img' array (a JHMDB joint_positions.mat holds pos_img 2x15xT)")
@@ -402,20 +402,24 @@ def jhmdb_video(data_root, name):
 def check_segmentation_video(dataset, frames, annotations):
     """Check a DAVIS / VIP video before any work and return (first ids [H, W] uint8, number of
     objects K (DAVIS) or None, frame (width, height)): every frame opens and has the first
-    frame's size; every annotation (None = absent) is a 'P' / 'L' PNG of that size; the first
-    annotation's ids are valid (DAVIS: 0..K, davis_object_count; VIP: classes 0..19)."""
+    frame's size; every annotation (None = absent) is a 'P' / 'L' PNG of that size that
+    decodes; the first annotation's ids are valid (DAVIS: 0..K, davis_object_count; VIP:
+    classes 0..19) and so are the others' (DAVIS: 0..K and 255; VIP: 0..19)."""
     size = image_size(frames[0], "frame")
-    for frame, annotation in zip(frames, annotations):
-        if image_size(frame, "frame") != size:
-            raise InputError(f"{frame}: frame is {'x'.join(map(str, image_size(frame)))} but {frames[0].name} is "
-                             f"{size[0]}x{size[1]} (a video's frames must share one size)")
-        if annotation is not None:
-            check_label_header(annotation, size)
     first = read_label_png(annotations[0], size)
-    if dataset == "davis":
-        return first, davis_object_count(annotations[0], first), size
-    vip_ids_check(annotations[0], first)
-    return first, None, size
+    num_objects = davis_object_count(annotations[0], first) if dataset == "davis" else None
+    for frame, annotation in zip(frames, annotations):
+        if (found := image_size(frame, "frame")) != size:
+            raise InputError(f"{frame}: frame is {found[0]}x{found[1]} but {frames[0].name} is "
+                             f"{size[0]}x{size[1]} (a video's frames must share one size)")
+        if annotation is None:
+            continue
+        ids = read_label_png(annotation, size)
+        if dataset == "davis":
+            davis_ids_check(annotation, ids, num_objects)
+        else:
+            vip_ids_check(annotation, ids)
+    return first, num_objects, size
 
 
 def davis_ids_check(path, ids, num_objects, what="annotation"):
@@ -570,11 +574,7 @@ def evaluate_davis(data_root, predictions, videos, resolution="480p", exclude_vo
     for seq in _progress(videos, progress, "davis"):
         frames, annotations = davis_video(data_root, seq, resolution, require_all=True)
         first, num_objects, size = check_segmentation_video("davis", frames, annotations)
-        gt = [first]
-        for annotation in annotations[1:]:
-            gt.append(read_label_png(annotation, size))
-            davis_ids_check(annotation, gt[-1], num_objects)
-        gt = np.stack(gt)
+        gt = np.stack([first] + [read_label_png(a, size) for a in annotations[1:]])  # checked above
         void = gt == DAVIS_VOID
         gt[void] = 0
         scored = list(range(1, len(frames) - 1))  # the first and the last frame are not scored
@@ -627,8 +627,7 @@ def evaluate_vip(data_root, predictions, videos, progress=True):
         _, _, size = check_segmentation_video("vip", frames, annotations)
         confusion = np.zeros_like(total)
         for annotation in annotations:
-            gt = read_label_png(annotation, size)
-            vip_ids_check(annotation, gt)
+            gt = read_label_png(annotation, size)  # checked by check_segmentation_video
             pred = read_vip_prediction(Path(predictions) / video / f"{annotation.stem}.png", size)
             confusion += confusion_matrix(gt, pred)
         total += confusion

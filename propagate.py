@@ -411,10 +411,10 @@ def prepare_videos(dataset, data_root, videos, settings, patch_size):
             _, _, (width, height) = ev.check_segmentation_video(dataset, frames, extra)
         size = input_size_for(height, width, settings["input_size"], settings["size_multiple"])
         if min(size) <= 0 or size[0] % patch_size or size[1] % patch_size:
-            raise ev.InputError(f"{frames[0]}: input size {size} (from frame {width}x{height}, --input-size "
-                                f"{' '.join(map(str, settings['input_size']))} and --size-multiple "
-                                f"{settings['size_multiple']}) is not a positive multiple of the patch size "
-                                f"{patch_size} (choose --input-size / --size-multiple multiples of {patch_size})")
+            flags = f"--input-size {' '.join(map(str, settings['input_size']))}" + (
+                f" and --size-multiple {settings['size_multiple']}" if len(settings["input_size"]) == 1 else "")
+            raise ev.InputError(f"{frames[0]}: input size {size} (from frame {width}x{height} and {flags}) is not a "
+                                f"positive multiple of the patch size {patch_size} (choose multiples of {patch_size})")
         keys = (1 + settings["queue_length"]) * (size[0] // patch_size) * (size[1] // patch_size)
         if settings["topk"] > keys:
             raise ev.InputError(f"--topk {settings['topk']}: more than the {keys} context keys of {frames[0].parent} "
@@ -552,7 +552,9 @@ def load_checkpoint_encoder(checkpoint, num_heads=None):
     try:
         return load_encoder(checkpoint, num_heads), fingerprint
     except (RuntimeError, ValueError) as e:  # cdgmae: "path: cannot read checkpoint (...)", bad layout
-        raise ev.InputError(f"{ev.one_line(e)} (give a CDG-MAE, MAE, CropMAE or DINO ViT checkpoint)") from None
+        text = ev.one_line(e)
+        text = text if len(text) <= 240 else text[:237] + "..."
+        raise ev.InputError(f"{text} (give a CDG-MAE, MAE, CropMAE or DINO ViT checkpoint)") from None
 
 
 def check_settings(settings):
@@ -627,7 +629,8 @@ def propagate_dataset(dataset, data_root, encoder, output, *, topk=None, queue_l
     output.mkdir(parents=True, exist_ok=True)
     for folder in [output, output / "visualize"] + [output / name for name in names if dataset == "jhmdb"]:
         remove_stale_writes(folder)
-    ev.atomic_save(record, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
+    if not record.exists():  # a resume keeps the first run's record (same protocol, checked above)
+        ev.atomic_save(record, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
 
     written, skipped = [], []
     for name, frames, extra, size in tqdm(prepared, desc=f"{dataset} videos", disable=not progress):
