@@ -20,8 +20,8 @@ from the public code, written anew) and says where each one comes from:
       sequence (object-weighted); J&F-Mean = their average.
   VIP (CRW's eval_vip.py): 20 classes (background included); one confusion matrix over every
     frame of every video, the first frame included; predictions of another size are resized
-    to the annotation with PIL's nearest neighbour; ground-truth values outside 0..19 are
-    ignored; mIoU = mean IoU over the classes whose union is not empty.
+    to the annotation with PIL's nearest neighbour; mIoU = mean IoU over the classes whose
+    union is not empty.
   JHMDB (CRW's eval_pck.py): the first frame is not scored; a joint counts in a frame when
     its PREDICTION is visible (the propagated heat map was not all zero); the normaliser of
     a frame is 0.6 x the diagonal of the box around the ground-truth joints that count in
@@ -30,6 +30,20 @@ from the public code, written anew) and says where each one comes from:
 
 Scores of the summaries are percentages (the paper's tables); the metric functions return
 fractions in [0, 1].
+
+Inputs are checked before they are scored, and a file that the official scripts would score
+silently but wrongly is an error naming it (InputError or FileNotFoundError; the command
+line prints one line `path: what is wrong (what to do)` and exits 1):
+  * labels must be indexed ('P') or 8-bit single-channel ('L') PNGs of their frame's size;
+  * DAVIS: the first frame's ids, void (255) aside, must be 0..K or 1..K with every object
+    present and K <= DAVIS_MAX_OBJECTS (grey levels such as {0, 38, 75, 113} fail; the
+    official scorer would count 113 objects); later annotations hold only 0..K and 255 (the
+    official scorer ignores other ids), predictions only 0..K (the official scorer stops on
+    a higher one, 255 included, with exit status 0);
+  * VIP: annotations and predictions hold only the classes 0..19 (VIP defines no void
+    value; CRW's fast_hist drops other ground-truth values without a word);
+  * JHMDB: pos_img is 2x15xT with T = the number of frames (annotation, finite) or of the
+    annotation (prediction; NaN = not visible).
 
 Usage:
     python evaluate.py --dataset davis --data-root DAVIS --predictions runs/davis
@@ -423,11 +437,14 @@ def check_segmentation_video(dataset, frames, annotations):
 
 
 def davis_ids_check(path, ids, num_objects, what="annotation"):
-    """A DAVIS annotation or prediction after the first frame holds only 0..K and 255 (void)."""
-    silent = "the official evaluator would silently ignore them" if what == "annotation" else \
-        "the official evaluator would count them as background"
-    check_ids(path, ids, {*range(num_objects + 1), DAVIS_VOID}, what,
-              f"the sequence's first frame has objects 1..{num_objects} ({silent}; fix the file)")
+    """A DAVIS annotation after the first frame holds only 0..K and 255 (void); a prediction
+    only 0..K (the official scorer stops on a higher id, void included)."""
+    if what == "annotation":
+        allowed, silent = {*range(num_objects + 1), DAVIS_VOID}, "the official evaluator would silently ignore them"
+    else:
+        allowed, silent = set(range(num_objects + 1)), ("the official evaluator stops on them with exit status 0, "
+                                                        "printing 'an index higher than the number of objects'")
+    check_ids(path, ids, allowed, what, f"the sequence's first frame has objects 1..{num_objects} ({silent}; fix the file)")
 
 
 # -----------------------------------------------------------------------------

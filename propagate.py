@@ -19,8 +19,9 @@ propagation. Every step below was checked against that public code (read, not co
             (cdgmae.interpolate_pos_embed).
   Labels    DAVIS / VIP: the first annotation is resized to the input size by nearest
             neighbour (OpenCV's INTER_NEAREST: source index floor(x * (1 / (out / in))) in
-            double precision), split into one channel per id present in it (background and
-            DAVIS void 255 included, as CRW does), and each channel
+            double precision), DAVIS void (255) set to background (as the official
+            scorer counts it; a propagated 255 would stop that scorer), split into one
+            channel per id present in it (background included), and each channel
             is resized to the feature grid bilinearly (no antialiasing), so labels are soft.
             JHMDB: pos_img - 1 (0-based pixels) is mapped to the grid by x * w / W, y * h / H;
             each joint becomes a Gaussian of sigma 0.5 cells (peak 1, drawn in a 4x4 window
@@ -43,6 +44,13 @@ propagation. Every step below was checked against that public code (read, not co
 
 Table 7 (per dataset, every one can be overridden): top-k 7 / 10 / 7 (DAVIS / VIP /
 JHMDB), queue 20, neighbourhood radius 20, temperature 0.7 (CropMAE's default).
+
+Before any work every flag is range-checked when parsed, and every video is checked with
+evaluate.py's rules (label formats and sizes, DAVIS ids 0..K, VIP classes 0..19, JHMDB
+pos_img 2x15xT): a bad input is one line `path: what is wrong (what to do)`. The output
+folder records the settings and the sha256 of the checkpoint file in propagation.json; a
+rerun resumes only with the same settings and checkpoint contents, and removes what killed
+runs left (hidden temporaries and partial video folders of dead processes).
 
 Usage:
     python propagate.py --dataset davis --data-root DAVIS --checkpoint ckpt.pth --output runs/davis
@@ -448,7 +456,10 @@ def propagate_video(dataset, encoder, frames, extra, size, final, settings, devi
             on_grid = joints0 * np.array([grid[1] / width, grid[0] / height])
             first = joint_heatmaps(on_grid, grid)
         else:
-            values, first = segmentation_labels(ev.read_label_png(extra[0]), size, grid)
+            first_ids = ev.read_label_png(extra[0])
+            if dataset == "davis":
+                first_ids[first_ids == ev.DAVIS_VOID] = 0  # void is background to the official scorer
+            values, first = segmentation_labels(first_ids, size, grid)
         bar.update(1)
         soft = label_propagation(features, first.to(device), topk=settings["topk"],
                                  queue_length=settings["queue_length"], radius=settings["radius"],

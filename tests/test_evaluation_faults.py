@@ -22,6 +22,7 @@ from PIL import Image
 
 import evaluate as ev
 import propagate as pr
+import cdgmae
 from cdgmae import VisionTransformer
 
 torch.set_num_threads(2)
@@ -181,13 +182,18 @@ def test_davis_ids_that_are_not_0_to_K_are_refused(tmp_path, capsys, checkpoint)
         path = root / f"Annotations/480p/seq/{frame:05d}.png"
         ev.write_palette_png(path, ids)
         check_both_tools("davis", root, checkpoint, tmp_path, capsys, path, words)
-    # void (255) is allowed, in the first frame too; a propagated void region scores as background
+    # void (255) is allowed in annotations, the first one too, where it is propagated as background
+    # (a predicted 255 would stop the official scorer, so predictions holding it are refused)
     root = make_davis(tmp_path / "void")
     with_void = bands()
     with_void[0:2] = 255
     ev.write_palette_png(root / "Annotations/480p/seq/00000.png", with_void)
-    assert run(pr, propagate_argv("davis", root, checkpoint, tmp_path / "void_out"), capsys)[0] == 0
-    assert run(ev, evaluate_argv("davis", root, tmp_path / "void_out"), capsys)[0] == 0
+    out = tmp_path / "void_out"
+    assert run(pr, propagate_argv("davis", root, checkpoint, out), capsys)[0] == 0
+    assert ev.read_label_png(out / "seq/00001.png").max() == 2
+    assert run(ev, evaluate_argv("davis", root, out), capsys)[0] == 0
+    ev.write_palette_png(out / "seq/00001.png", with_void)
+    assert_refused(*run(ev, evaluate_argv("davis", root, out), capsys), out / "seq/00001.png", "ids {255}")
 
 
 def test_labels_of_another_size_than_their_frame_are_refused(tmp_path, capsys, checkpoint):
@@ -397,7 +403,8 @@ def dead_pid():
 def test_temporaries_are_per_process_and_killed_writers_leftovers_are_removed(tmp_path, capsys, checkpoint):
     names = []
     ev.atomic_save(tmp_path / "a.png", lambda tmp: (names.append(tmp.name), tmp.write_bytes(b"x")))
-    assert names == [f".a.png.{socket.gethostname()}-{os.getpid()}.tmp"]  # cdgmae.temporary_path's pattern
+    assert names == [cdgmae.temporary_path(tmp_path / "a.png").name]  # one pattern, one sweep for both sides
+    assert names == [f".a.png.{socket.gethostname()}-{os.getpid()}.tmp"]
     root = make_davis(tmp_path / "DAVIS")
     out = tmp_path / "out"
     host, dead, alive = socket.gethostname(), dead_pid(), os.getpid()
