@@ -186,7 +186,7 @@ def davis_object_count(path, ids):
     """K, the number of objects of a DAVIS first-frame annotation [H, W], after checking its ids:
     apart from void (255) they must be 0..K or 1..K, every one present, K <= DAVIS_MAX_OBJECTS.
     Grey levels or colour values saved instead of palette indices ({0, 38, 75, 113}) fail."""
-    present = [int(v) for v in np.unique(ids) if v != DAVIS_VOID]
+    present = [v for v in ids_present(ids) if v != DAVIS_VOID]
     k = max(present, default=0)
     if k == 0:
         raise InputError(f"{path}: first-frame annotation has no object (ids 1..K mark the objects to "
@@ -199,12 +199,17 @@ def davis_object_count(path, ids):
     return k
 
 
+def ids_present(ids):
+    """Sorted values (ints) of a uint8 id map."""
+    return np.flatnonzero(np.bincount(np.asarray(ids, np.uint8).ravel(), minlength=256)).tolist()
+
+
 def check_ids(path, ids, allowed, what, rule):
-    """Every value of the id map `ids` lies in the set `allowed`, else an InputError naming the
-    file, the unexpected values and `rule` (what the values must be)."""
-    bad = np.setdiff1d(np.unique(ids), np.asarray(sorted(allowed)))
-    if bad.size:
-        shown = ", ".join(map(str, bad[:8].tolist())) + (", ..." if bad.size > 8 else "")
+    """Every value of the uint8 id map `ids` lies in the set `allowed`, else an InputError naming
+    the file, the unexpected values and `rule` (what the values must be)."""
+    bad = [v for v in ids_present(ids) if v not in allowed]
+    if bad:
+        shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
         raise InputError(f"{path}: {what} holds ids {{{shown}}}; {rule}")
 
 
