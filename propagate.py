@@ -474,7 +474,7 @@ def propagate_video(dataset, encoder, frames, extra, size, final, settings, devi
         try:
             write_segmentation_pngs(dataset, soft, values, size, frames, extra, tmp, on_frame=bar.update)
             os.replace(tmp, final)
-        except OSError as e:
+        except OSError:
             if not final.is_dir():
                 raise
             # another process finished this video first (the rename found its folder): keep that one
@@ -616,11 +616,11 @@ def propagate_dataset(dataset, data_root, encoder, output, *, topk=None, queue_l
     if dataset not in PROTOCOL:
         raise ev.InputError(f"unknown dataset {dataset!r} (expected one of {', '.join(ev.DATASETS)})")
     defaults = PROTOCOL[dataset]
-    pick = lambda value, key: defaults[key] if value is None else value  # noqa: E731 -- 0 is a value, not "unset"
-    settings = dict(dataset=dataset, checkpoint=None, checkpoint_sha256=None, topk=pick(topk, "topk"),
-                    queue_length=pick(queue_length, "queue_length"), radius=pick(radius, "radius"),
-                    temperature=pick(temperature, "temperature"), input_size=list(pick(input_size, "input_size")),
+    given = dict(topk=topk, queue_length=queue_length, radius=radius, temperature=temperature, input_size=input_size)
+    settings = dict(dataset=dataset, checkpoint=None, checkpoint_sha256=None,
+                    **{k: defaults[k] if v is None else v for k, v in given.items()},  # 0 is a value, not "unset"
                     size_multiple=size_multiple, resolution=resolution, batch_size=batch_size)
+    settings["input_size"] = list(settings["input_size"])
     check_settings(settings)
     names = videos or ev.list_videos(dataset, data_root, list_file, subset)
     if isinstance(encoder, (str, Path)):

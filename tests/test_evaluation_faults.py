@@ -297,7 +297,8 @@ def test_bad_flags_are_one_argparse_error_naming_the_flag(tmp_path, capsys, chec
         status, err = run(ev, evaluate_argv("jhmdb", root, out, "--alphas", "0.1", value), capsys)
         assert status == 2 and "argument --alphas: " in err and "Traceback" not in err, (value, err)
     # values valid alone but not for this model or data: named before any work
-    for extra, words in [(["--input-size", "30", "48"], "--input-size"), (["--topk", "1000", "--queue-length", "0"], "--topk 1000")]:
+    for extra, words in [(["--input-size", "30", "48"], "--input-size"),
+                         (["--topk", "1000", "--queue-length", "0"], "--topk 1000")]:
         status, err = run(pr, propagate_argv("davis", root, checkpoint, out) + extra, capsys)
         assert_refused(status, err, words, folder=out, before=None)
     # 0 is a value, not "use the default": the library refuses it instead of running with 7 / 0.7
@@ -418,3 +419,18 @@ def test_temporaries_are_per_process_and_killed_writers_leftovers_are_removed(tm
     assert not any(p.exists() for p in leftovers) and not (out / f".seq.{host}-{dead}.partial").exists()
     assert all(p.exists() for p in kept)  # a live writer's, another host's
     assert (out / "seq/00003.png").exists() and (out / "visualize/seq.png").exists()
+
+
+def test_a_video_finished_meanwhile_by_another_process_is_kept(tmp_path, capsys, checkpoint, monkeypatch):
+    root = make_davis(tmp_path / "DAVIS")
+    out = tmp_path / "out"
+    write = pr.write_segmentation_pngs
+
+    def and_another_process_finishes(dataset, soft, values, size, frames, annotations, folder, on_frame=None):
+        write(dataset, soft, values, size, frames, annotations, folder, on_frame)
+        (out / "seq").mkdir()  # the other writer renames its complete folder into place first
+        (out / "seq/theirs").write_bytes(b"")
+    monkeypatch.setattr(pr, "write_segmentation_pngs", and_another_process_finishes)
+    assert run(pr, propagate_argv("davis", root, checkpoint, out), capsys)[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["propagation.json", "seq"]
+    assert os.listdir(out / "seq") == ["theirs"]  # theirs kept whole, ours dropped, no partial folder left
