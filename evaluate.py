@@ -424,13 +424,10 @@ def check_segmentation_video(dataset, frames, annotations):
     frame's size; every annotation (None = absent) is a 'P' / 'L' PNG of that size that
     decodes; the first annotation's ids are valid (DAVIS: 0..K, davis_object_count; VIP:
     classes 0..19) and so are the others' (DAVIS: 0..K and 255; VIP: 0..19)."""
-    size = image_size(frames[0], "frame")
+    size = frame_size(frames)
     first = read_label_png(annotations[0], size)
     num_objects = davis_object_count(annotations[0], first) if dataset == "davis" else None
-    for frame, annotation in zip(frames, annotations):
-        if (found := image_size(frame, "frame")) != size:
-            raise InputError(f"{frame}: frame is {found[0]}x{found[1]} but {frames[0].name} is "
-                             f"{size[0]}x{size[1]} (a video's frames must share one size)")
+    for annotation in annotations:
         if annotation is None:
             continue
         ids = read_label_png(annotation, size)
@@ -439,6 +436,16 @@ def check_segmentation_video(dataset, frames, annotations):
         else:
             vip_ids_check(annotation, ids)
     return first, num_objects, size
+
+
+def frame_size(frames):
+    """(width, height) shared by every frame of a video (headers only), else an InputError."""
+    size = image_size(frames[0], "frame")
+    for frame in frames[1:]:
+        if (found := image_size(frame, "frame")) != size:
+            raise InputError(f"{frame}: frame is {found[0]}x{found[1]} but {frames[0].name} is "
+                             f"{size[0]}x{size[1]} (a video's frames must share one size)")
+    return size
 
 
 def davis_ids_check(path, ids, num_objects, what="annotation"):

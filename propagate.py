@@ -410,7 +410,7 @@ def prepare_videos(dataset, data_root, videos, settings, patch_size):
     for name in videos:
         if dataset == "jhmdb":
             frames, _, extra = ev.jhmdb_video(data_root, name)
-            width, height = ev.image_size(frames[0], "frame")
+            width, height = ev.frame_size(frames)
         else:
             if dataset == "davis":
                 frames, extra = ev.davis_video(data_root, name, settings["resolution"])

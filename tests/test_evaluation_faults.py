@@ -245,6 +245,11 @@ def test_jhmdb_joint_files_of_the_wrong_shape_are_refused(tmp_path, capsys, chec
         path = root / "joint_positions/clap/v1/joint_positions.mat"
         write(path)
         check_both_tools("jhmdb", root, checkpoint, tmp_path, capsys, path, words)
+    root = make_jhmdb(tmp_path / "frame_size")  # frames of one video differ in size
+    frame = root / "Rename_Images/clap/v1/00002.png"
+    Image.open(frame).resize((90, 64)).save(frame)
+    out = tmp_path / "frame_size_out"
+    assert_refused(*run(pr, propagate_argv("jhmdb", root, checkpoint, out), capsys), frame, "90x64", folder=out)
     # predictions: the same shape rules (NaN allowed: "not visible"), blamed on the prediction
     root = make_jhmdb(tmp_path / "pred")
     out = tmp_path / "pred_out"
