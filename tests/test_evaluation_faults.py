@@ -439,3 +439,16 @@ def test_a_video_finished_meanwhile_by_another_process_is_kept(tmp_path, capsys,
     assert run(pr, propagate_argv("davis", root, checkpoint, out), capsys)[0] == 0
     assert sorted(p.name for p in out.iterdir()) == ["propagation.json", "seq"]
     assert os.listdir(out / "seq") == ["theirs"]  # theirs kept whole, ours dropped, no partial folder left
+
+
+def test_modules_passed_from_python_are_fingerprinted_by_their_weights(tmp_path):
+    root = make_davis(tmp_path / "DAVIS")
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=1).eval()
+    vit.register_buffer("steps", torch.tensor(3))  # a 0-d buffer, as BatchNorm's counter
+    kwargs = dict(input_size=(H, W), device="cpu", progress=False)
+    assert pr.propagate_dataset("davis", root, vit, tmp_path / "out", **kwargs)["written"] == ["seq"]
+    assert pr.propagate_dataset("davis", root, vit, tmp_path / "out", **kwargs)["skipped"] == ["seq"]
+    vit.steps += 1
+    with pytest.raises(ev.InputError, match="checkpoint_sha256"):
+        pr.propagate_dataset("davis", root, vit, tmp_path / "out", **kwargs)
