@@ -789,6 +789,18 @@ def get_args_parser():
     return parser
 
 
+# OSError numbers that are the user's to fix (disk full, quota, permission, read-only disk).
+EXPECTED_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def one_line(error):
+    """An expected error as one line `path: what is wrong (what to do)`."""
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.filename}: {error.strerror} (check the path and its permissions and free space)"
+    text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    return " ".join(text.split())
+
+
 def main(argv=None):
     """Score, print the tables and write the CSV. An expected failure (a bad or missing file, a
     full disk) exits with one line `path: what is wrong (what to do)`, no traceback."""
@@ -817,18 +829,6 @@ def main(argv=None):
         raise SystemExit(one_line(e)) from None
     print(f"\nwrote {csv_path}")
     return summary
-
-
-# OSError numbers that are the user's to fix (disk full, quota, permission, read-only disk).
-EXPECTED_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
-
-
-def one_line(error):
-    """An expected error as one line `path: what is wrong (what to do)`."""
-    if isinstance(error, OSError) and error.filename is not None:
-        return f"{error.filename}: {error.strerror} (check the path and its permissions and free space)"
-    text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-    return " ".join(text.split())
 
 
 if __name__ == "__main__":
