@@ -20,8 +20,8 @@ from the public code, written anew) and says where each one comes from:
       sequence (object-weighted); J&F-Mean = their average.
   VIP (CRW's eval_vip.py): 20 classes (background included); one confusion matrix over every
     frame of every video, the first frame included; predictions of another size are resized
-    to the annotation with PIL's nearest neighbour; ground-truth values outside 0..19 are
-    ignored; mIoU = mean IoU over the classes whose union is not empty.
+    to the annotation with PIL's nearest neighbour; mIoU = mean IoU over the classes whose
+    union is not empty.
   JHMDB (CRW's eval_pck.py): the first frame is not scored; a joint counts in a frame when
     its PREDICTION is visible (the propagated heat map was not all zero); the normaliser of
     a frame is 0.6 x the diagonal of the box around the ground-truth joints that count in
@@ -30,6 +30,20 @@ from the public code, written anew) and says where each one comes from:
 
 Scores of the summaries are percentages (the paper's tables); the metric functions return
 fractions in [0, 1].
+
+Inputs are checked before they are scored, and a file that the official scripts would score
+silently but wrongly is an error naming it (InputError or FileNotFoundError; the command
+line prints one line `path: what is wrong (what to do)` and exits 1):
+  * labels must be indexed ('P') or 8-bit single-channel ('L') PNGs of their frame's size;
+  * DAVIS: the first frame's ids, void (255) aside, must be 0..K or 1..K with every object
+    present and K <= DAVIS_MAX_OBJECTS (grey levels such as {0, 38, 75, 113} fail; the
+    official scorer would count 113 objects); later annotations hold only 0..K and 255 (the
+    official scorer ignores other ids), predictions only 0..K (the official scorer stops on
+    a higher one, 255 included, with exit status 0);
+  * VIP: annotations and predictions hold only the classes 0..19 (VIP defines no void
+    value; CRW's fast_hist drops other ground-truth values without a word);
+  * JHMDB: pos_img is 2x15xT with T = the number of frames (annotation, finite) or of the
+    annotation (prediction; NaN = not visible).
 
 Usage:
     python evaluate.py --dataset davis --data-root DAVIS --predictions runs/davis
@@ -42,8 +56,10 @@ Import:
 """
 import argparse
 import csv
+import errno
 import math
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -61,6 +77,13 @@ JHMDB_JOINTS = ["neck", "belly", "face", "right shoulder", "left shoulder", "rig
                 "right elbow", "left elbow", "right knee", "left knee", "right wrist", "left wrist",
                 "right ankle", "left ankle"]
 DAVIS_VOID = 255
+DAVIS_MAX_OBJECTS = 100  # more first-frame ids than this is not an object annotation (DAVIS-2017: <= 10)
+LABEL_MODES = ("P", "L")  # indexed or 8-bit single-channel PNG: the stored value is the id
+
+
+class InputError(ValueError):
+    """A dataset, prediction or checkpoint file that cannot be used, or a bad setting. The
+    message reads `path: what is wrong (what to do)`; the command lines print it as one line."""
 
 
 # -----------------------------------------------------------------------------
@@ -82,19 +105,25 @@ def davis_palette():
 
 
 def atomic_save(path, save):
-    """Run save(tmp_path) on a temporary name in the same folder, then rename it to path,
-    so a file with the final name is always complete. (cdgmae.atomic_write does the same on
-    the training side; this file keeps its own so that it imports no torch and can be copied
-    alone, like the official evaluators.)"""
+    """Run save(tmp_path) on a temporary name beside `path`, then rename it to `path`, so a
+    file with the final name is always complete. The temporary name ".<name>.<host>-<pid>.tmp"
+    is unique per process and is the one cdgmae.temporary_path makes, so
+    cdgmae.remove_stale_temporaries sweeps what a killed writer left. (This file keeps its own
+    copy so that it imports no torch and can be copied alone, like the official evaluators.)
+    A full disk raises OSError with the message `path: no space left on device (...)`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
     try:
         save(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise OSError(e.errno, f"{path}: no space left on device (free some space and rerun; "
+                               f"finished files are kept)") from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def write_palette_png(path, ids):
@@ -111,39 +140,116 @@ def write_class_png(path, ids):
     atomic_save(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
-def read_label_png(path):
-    """An id map [H, W] uint8 from a palette ('P') or grayscale ('L') PNG: the stored index or
-    value, never a colour."""
+def image_size(path, what="image"):
+    """(width, height) from an image's header; a missing or unreadable file is an InputError."""
     try:
         with Image.open(path) as image:
-            if image.mode not in ("P", "L"):
-                raise ValueError(f"mode {image.mode!r}, expected an indexed ('P') or grayscale ('L') PNG")
-            return np.array(image, dtype=np.uint8)
+            return image.size
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: annotation file not found") from None
-    except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
-        raise ValueError(f"{path}: cannot read label PNG ({e})") from e
+        raise FileNotFoundError(f"{path}: {what} not found (check --data-root and the video list)") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a file it cannot parse
+        raise InputError(f"{path}: cannot read {what} ({e}) (replace the file)") from None
 
 
-def read_joints_mat(path):
-    """JHMDB joint_positions.mat -> [T, J, 2] float (x, y) pixel coordinates, 0-based.
+def check_label_header(path, size=None, what="annotation"):
+    """Header check of a label PNG: it opens, it is an indexed ('P') or 8-bit single-channel
+    ('L') image, and its (width, height) equals `size` when given (the frame's)."""
+    try:
+        with Image.open(path) as image:
+            mode, found = image.mode, image.size
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {what} not found (check the folder)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"{path}: cannot read {what} ({e}) (replace the file)") from None
+    if mode not in LABEL_MODES:
+        raise InputError(f"{path}: {what} is a {mode!r} image; ids must be stored as an indexed ('P') "
+                         f"or single-channel ('L') PNG (save the id map itself, not its colours)")
+    if size is not None and found != tuple(size):
+        raise InputError(f"{path}: {what} is {found[0]}x{found[1]} but its frame is {size[0]}x{size[1]} "
+                         f"(labels must have their frame's size; the official evaluators would "
+                         f"stretch or misalign them silently)")
+    return found
 
-    The file holds pos_img [2, J, T] in MATLAB's 1-based pixel coordinates (J = 15); CRW's
-    loader subtracts 1. NaN marks a joint that a prediction file gives as not visible.
-    """
+
+def read_label_png(path, size=None, what="annotation"):
+    """An id map [H, W] uint8 from a palette ('P') or grayscale ('L') PNG: the stored index or
+    value, never a colour. size: the (width, height) it must have (its frame's)."""
+    check_label_header(path, size, what)
+    try:
+        with Image.open(path) as image:
+            return np.array(image, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"{path}: cannot decode {what} ({e}) (replace the file)") from None
+
+
+def davis_object_count(path, ids):
+    """K, the number of objects of a DAVIS first-frame annotation [H, W], after checking its ids:
+    apart from void (255) they must be 0..K or 1..K, every one present, K <= DAVIS_MAX_OBJECTS.
+    Grey levels or colour values saved instead of palette indices ({0, 38, 75, 113}) fail."""
+    present = [v for v in ids_present(ids) if v != DAVIS_VOID]
+    k = max(present, default=0)
+    if k == 0:
+        raise InputError(f"{path}: first-frame annotation has no object (ids 1..K mark the objects to "
+                         f"propagate; check that this is the right file)")
+    if k > DAVIS_MAX_OBJECTS or set(present) - {0} != set(range(1, k + 1)):
+        shown = ", ".join(map(str, present[:8])) + (", ..." if len(present) > 8 else "")
+        raise InputError(f"{path}: first-frame ids {{{shown}}} are not object ids 0..K (void 255 aside); they "
+                         f"look like grey levels or colours (save palette indices 0, 1, 2, ...; the official "
+                         f"evaluator would silently score ids 1..{k} as {k} objects)")
+    return k
+
+
+def ids_present(ids):
+    """Sorted values (ints) of a uint8 id map."""
+    return np.flatnonzero(np.bincount(np.asarray(ids, np.uint8).ravel(), minlength=256)).tolist()
+
+
+def check_ids(path, ids, allowed, what, rule):
+    """Every value of the uint8 id map `ids` lies in the set `allowed`, else an InputError naming
+    the file, the unexpected values and `rule` (what the values must be)."""
+    bad = [v for v in ids_present(ids) if v not in allowed]
+    if bad:
+        shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
+        raise InputError(f"{path}: {what} holds ids {{{shown}}}; {rule}")
+
+
+def vip_ids_check(path, ids, what="annotation"):
+    """VIP ids must be the 20 classes 0..19: the dataset defines no void value. CRW's eval_vip.py
+    silently ignores other ground-truth values (and a first frame's would be propagated as
+    extra classes), so they are an error here."""
+    silent = ("CRW's eval_vip.py would silently ignore these pixels" if what == "annotation"
+              else "CRW's eval_vip.py would silently miscount them")
+    check_ids(path, ids, range(VIP_NUM_CLASSES), what,
+              f"VIP has {VIP_NUM_CLASSES} classes 0..{VIP_NUM_CLASSES - 1} ({silent}; fix the file)")
+
+
+def read_joints_mat(path, num_frames=None, what="joint file"):
+    """JHMDB joint_positions.mat -> [T, 15, 2] float (x, y) pixel coordinates, 0-based.
+
+    The file holds pos_img [2, 15, T] in MATLAB's 1-based pixel coordinates; CRW's loader
+    subtracts 1. NaN marks a joint that a prediction file gives as not visible (ground truth
+    must be finite: pass what="annotation"). num_frames: the T the file must have."""
     try:
         mat = sio.loadmat(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: joint_positions.mat not found") from None
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{path}: cannot read .mat ({e})") from e
+        raise FileNotFoundError(f"{path}: {what} not found (check the folder)") from None
+    except Exception as e:  # noqa: BLE001 -- scipy's parser raises many types (IndexError, ...) on a bad file
+        raise InputError(f"{path}: cannot read .mat ({e}) (replace the file)") from None
     if "pos_img" not in mat:
-        raise ValueError(f"{path}: no 'pos_img' array")
-    pos = np.asarray(mat["pos_img"], dtype=np.float64)
+        raise InputError(f"{path}: no 'pos_img' array (a JHMDB joint_positions.mat holds pos_img 2x15xT)")
+    pos = np.asarray(mat["pos_img"])
     if pos.ndim == 2:  # a one-frame video loses its last axis in MATLAB
         pos = pos[:, :, None]
-    if pos.ndim != 3 or pos.shape[0] != 2:
-        raise ValueError(f"{path}: pos_img has shape {pos.shape}, expected [2, joints, frames]")
+    if pos.ndim != 3 or pos.shape[:2] != (2, len(JHMDB_JOINTS)) or not np.issubdtype(pos.dtype, np.number):
+        raise InputError(f"{path}: pos_img is {'x'.join(map(str, pos.shape))} {pos.dtype}, expected numbers "
+                         f"2x{len(JHMDB_JOINTS)}xT (x/y, the 15 JHMDB joints, frames; CRW's eval_pck.py would "
+                         f"score the joints it finds)")
+    if num_frames is not None and pos.shape[2] != num_frames:
+        raise InputError(f"{path}: pos_img has {pos.shape[2]} frames but the video has {num_frames} "
+                         f"(joints must be given for every frame; CRW would pair them with the wrong frames)")
+    pos = pos.astype(np.float64)
+    if what == "annotation" and not np.isfinite(pos).all():
+        raise InputError(f"{path}: pos_img holds NaN or infinite coordinates (ground truth must be finite)")
     return pos.transpose(2, 1, 0) - 1.0
 
 
@@ -165,12 +271,12 @@ def write_joints_mat(path, xy):
 #          splits/<class>_test_split1.txt ("<video>.avi 1|2", 2 = test)
 # -----------------------------------------------------------------------------
 
-def sorted_frames(folder, suffixes):
+def sorted_frames(folder, suffixes, what="frames folder"):
     """Files of `folder` with one of `suffixes`, in frame order: by number when every stem is
     a number (00000, 00001, ...), else by name."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: folder not found")
+        raise FileNotFoundError(f"{folder}: {what} not found (check --data-root and the video list)")
     files = [p for p in folder.iterdir() if p.suffix.lower() in suffixes and not p.name.startswith(".")]
     if all(p.stem.isdigit() for p in files):
         return sorted(files, key=lambda p: int(p.stem))
@@ -181,8 +287,14 @@ def read_video_list(path, dataset):
     """Video names from a list file: one per line, or CropMAE's two-column lists
     (`<frames folder> <annotation folder>` for DAVIS / VIP, `<joint_positions.mat>
     <Rename_Images folder>` for JHMDB). JHMDB names are "<class>/<video>"."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: video list not found (check --list / --data-root)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read the video list ({e}) (give a text file, one video a line)") from None
     names = []
-    for line in Path(path).read_text().splitlines():
+    for line in text.splitlines():
         if not line.strip():
             continue
         entry = Path(line.split()[0])
@@ -193,7 +305,7 @@ def read_video_list(path, dataset):
         else:
             names.append(entry.name)
     if not names:
-        raise ValueError(f"{path}: empty video list")
+        raise InputError(f"{path}: empty video list (one video name a line)")
     return names
 
 
@@ -205,37 +317,49 @@ def list_videos(dataset, data_root, list_file=None, subset="val"):
     present, else every video of joint_positions/. A list_file overrides these.
     """
     root = Path(data_root)
+    if dataset not in DATASETS:
+        raise InputError(f"unknown dataset {dataset!r} (expected one of {', '.join(DATASETS)})")
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: dataset folder not found (check --data-root)")
     if list_file is not None:
         return read_video_list(list_file, dataset)
     if dataset == "davis":
         path = root / "ImageSets" / "2017" / f"{subset}.txt"
         if not path.exists():
-            raise FileNotFoundError(f"{path}: DAVIS video list not found (or pass a list file)")
+            raise FileNotFoundError(f"{path}: DAVIS video list not found (check --data-root, or pass --list)")
         return read_video_list(path, dataset)
     if dataset == "vip":
         path = root / "lists" / f"{subset}_videos.txt"
         if path.exists():
             return read_video_list(path, dataset)
         if not (root / "Images").is_dir():
-            raise FileNotFoundError(f"{root / 'Images'}: VIP frames folder not found")
-        return sorted(p.name for p in (root / "Images").iterdir() if p.is_dir())
-    if dataset == "jhmdb":
-        splits = sorted((root / "splits").glob("*_test_split1.txt"))
-        if splits:
-            names = []
-            for split in splits:
-                action = split.name[:-len("_test_split1.txt")]
-                for line in split.read_text().splitlines():
-                    parts = line.split()
-                    if len(parts) == 2 and parts[1] == "2":
-                        names.append(f"{action}/{Path(parts[0]).stem}")
-            return names
-        joints = root / "joint_positions"
-        if not joints.is_dir():
-            raise FileNotFoundError(f"{joints}: JHMDB joint_positions folder not found")
-        return sorted(f"{c.name}/{v.name}" for c in joints.iterdir() if c.is_dir()
-                      for v in c.iterdir() if (v / "joint_positions.mat").exists())
-    raise ValueError(f"unknown dataset {dataset!r}, expected one of {DATASETS}")
+            raise FileNotFoundError(f"{root / 'Images'}: VIP frames folder not found (check --data-root)")
+        names = sorted(p.name for p in (root / "Images").iterdir() if p.is_dir())
+    else:
+        names = jhmdb_test_videos(root)
+    if not names:
+        raise InputError(f"{root}: no videos found (check --data-root, or pass --list)")
+    return names
+
+
+def jhmdb_test_videos(root):
+    """JHMDB's split-1 test videos (label 2 in splits/*_test_split1.txt), else every video of
+    joint_positions/."""
+    splits = sorted((root / "splits").glob("*_test_split1.txt"))
+    if splits:
+        names = []
+        for split in splits:
+            action = split.name[:-len("_test_split1.txt")]
+            for line in split.read_text().splitlines():
+                parts = line.split()
+                if len(parts) == 2 and parts[1] == "2":
+                    names.append(f"{action}/{Path(parts[0]).stem}")
+        return names
+    joints = root / "joint_positions"
+    if not joints.is_dir():
+        raise FileNotFoundError(f"{joints}: JHMDB joint_positions folder not found (check --data-root)")
+    return sorted(f"{c.name}/{v.name}" for c in joints.iterdir() if c.is_dir()
+                  for v in c.iterdir() if (v / "joint_positions.mat").exists())
 
 
 def davis_video(data_root, name, resolution="480p", require_all=False):
@@ -245,15 +369,15 @@ def davis_video(data_root, name, resolution="480p", require_all=False):
     frames must have one, as scoring needs)."""
     frames = sorted_frames(Path(data_root) / "JPEGImages" / resolution / name, (".jpg", ".jpeg", ".png"))
     if not frames:
-        raise FileNotFoundError(f"{Path(data_root) / 'JPEGImages' / resolution / name}: no frames")
+        raise FileNotFoundError(f"{Path(data_root) / 'JPEGImages' / resolution / name}: no frames (.jpg/.png)")
     ann_dir = Path(data_root) / "Annotations" / resolution / name
     annotations = [ann_dir / f"{f.stem}.png" for f in frames]
     if not annotations[0].exists():
         raise FileNotFoundError(f"{annotations[0]}: first-frame annotation not found")
-    present = {p.stem for p in sorted_frames(ann_dir, (".png",))}
+    present = {p.stem for p in sorted_frames(ann_dir, (".png",), "annotation folder")}
     extra = sorted(present - {f.stem for f in frames})
     if extra:
-        raise ValueError(f"{ann_dir / (extra[0] + '.png')}: annotation without a frame "
+        raise InputError(f"{ann_dir / (extra[0] + '.png')}: annotation without a frame "
                          f"({len(present)} annotations, {len(frames)} frames)")
     if require_all or len(present) > 1:
         for frame, ann in zip(frames, annotations):
@@ -268,34 +392,71 @@ def vip_video(data_root, name):
     loader pairs the two sorted lists one to one)."""
     frames = sorted_frames(Path(data_root) / "Images" / name, (".jpg", ".jpeg", ".png"))
     if not frames:
-        raise FileNotFoundError(f"{Path(data_root) / 'Images' / name}: no frames")
+        raise FileNotFoundError(f"{Path(data_root) / 'Images' / name}: no frames (.jpg/.png)")
     ann_dir = Path(data_root) / "Annotations" / "Category_ids" / name
     annotations = [ann_dir / f"{f.stem}.png" for f in frames]
-    present = {p.stem for p in sorted_frames(ann_dir, (".png",))}
+    present = {p.stem for p in sorted_frames(ann_dir, (".png",), "annotation folder")}
     for frame, ann in zip(frames, annotations):
         if ann.stem not in present:
             raise FileNotFoundError(f"{ann}: annotation missing for frame {frame.name} "
                                     f"({len(present)} annotations, {len(frames)} frames)")
     if len(present) != len(frames):
         extra = sorted(present - {f.stem for f in frames})[0]
-        raise ValueError(f"{ann_dir / (extra + '.png')}: annotation without a frame "
+        raise InputError(f"{ann_dir / (extra + '.png')}: annotation without a frame "
                          f"({len(present)} annotations, {len(frames)} frames)")
     return frames, annotations
 
 
 def jhmdb_video(data_root, name):
     """(frames, joints path, ground-truth joints [T, 15, 2] 0-based) of a JHMDB video
-    "<class>/<video>". The .mat may have fewer frames than the folder (CRW propagates over
-    every frame and scores the annotated ones), never more."""
+    "<class>/<video>"; pos_img must be 2x15xT with T = the number of frames."""
     frames = sorted_frames(Path(data_root) / "Rename_Images" / name, (".png", ".jpg", ".jpeg"))
     if not frames:
-        raise FileNotFoundError(f"{Path(data_root) / 'Rename_Images' / name}: no frames")
+        raise FileNotFoundError(f"{Path(data_root) / 'Rename_Images' / name}: no frames (.png/.jpg)")
     mat = Path(data_root) / "joint_positions" / name / "joint_positions.mat"
-    joints = read_joints_mat(mat)
-    if len(joints) > len(frames):
-        raise ValueError(f"{mat}: pos_img has {len(joints)} frames but "
-                         f"{Path(data_root) / 'Rename_Images' / name} has {len(frames)}")
+    joints = read_joints_mat(mat, len(frames), what="annotation")
     return frames, mat, joints
+
+
+def check_segmentation_video(dataset, frames, annotations):
+    """Check a DAVIS / VIP video before any work and return (first ids [H, W] uint8, number of
+    objects K (DAVIS) or None, frame (width, height)): every frame opens and has the first
+    frame's size; every annotation (None = absent) is a 'P' / 'L' PNG of that size that
+    decodes; the first annotation's ids are valid (DAVIS: 0..K, davis_object_count; VIP:
+    classes 0..19) and so are the others' (DAVIS: 0..K and 255; VIP: 0..19)."""
+    size = frame_size(frames)
+    first = read_label_png(annotations[0], size)
+    num_objects = davis_object_count(annotations[0], first) if dataset == "davis" else None
+    for annotation in annotations:
+        if annotation is None:
+            continue
+        ids = read_label_png(annotation, size)
+        if dataset == "davis":
+            davis_ids_check(annotation, ids, num_objects)
+        else:
+            vip_ids_check(annotation, ids)
+    return first, num_objects, size
+
+
+def frame_size(frames):
+    """(width, height) shared by every frame of a video (headers only), else an InputError."""
+    size = image_size(frames[0], "frame")
+    for frame in frames[1:]:
+        if (found := image_size(frame, "frame")) != size:
+            raise InputError(f"{frame}: frame is {found[0]}x{found[1]} but {frames[0].name} is "
+                             f"{size[0]}x{size[1]} (a video's frames must share one size)")
+    return size
+
+
+def davis_ids_check(path, ids, num_objects, what="annotation"):
+    """A DAVIS annotation after the first frame holds only 0..K and 255 (void); a prediction
+    only 0..K (the official scorer stops on a higher id, void included)."""
+    if what == "annotation":
+        allowed, silent = {*range(num_objects + 1), DAVIS_VOID}, "the official evaluator would silently ignore them"
+    else:
+        allowed, silent = set(range(num_objects + 1)), ("the official evaluator stops on them with exit status 0, "
+                                                        "printing 'an index higher than the number of objects'")
+    check_ids(path, ids, allowed, what, f"the sequence's first frame has objects 1..{num_objects} ({silent}; fix the file)")
 
 
 # -----------------------------------------------------------------------------
@@ -441,24 +602,19 @@ def evaluate_davis(data_root, predictions, videos, resolution="480p", exclude_vo
     rows = []
     for seq in _progress(videos, progress, "davis"):
         frames, annotations = davis_video(data_root, seq, resolution, require_all=True)
-        gt = np.stack([read_label_png(a) for a in annotations])
+        first, num_objects, size = check_segmentation_video("davis", frames, annotations)
+        gt = np.stack([first] + [read_label_png(a, size) for a in annotations[1:]])  # checked above
         void = gt == DAVIS_VOID
         gt[void] = 0
-        num_objects = int(gt[0].max())
         scored = list(range(1, len(frames) - 1))  # the first and the last frame are not scored
         pred = []
         for t in scored:
             path = Path(predictions) / seq / f"{annotations[t].stem}.png"
             if not path.exists():
-                raise FileNotFoundError(f"{path}: prediction missing")
-            ids = read_label_png(path)
-            if ids.shape != gt[t].shape:
-                raise ValueError(f"{path}: prediction {ids.shape} but annotation {gt[t].shape}")
-            pred.append(ids)
+                raise FileNotFoundError(f"{path}: prediction missing (run propagate.py, or check --predictions)")
+            pred.append(read_label_png(path, size, "prediction"))
+            davis_ids_check(path, pred[-1], num_objects, "prediction")
         pred = np.stack(pred) if pred else np.zeros((0,) + gt.shape[1:], np.uint8)
-        if pred.size and int(pred.max()) > num_objects:
-            raise ValueError(f"{Path(predictions) / seq}: prediction holds id {int(pred.max())}, "
-                             f"the sequence has {num_objects} objects")
         for obj in range(1, num_objects + 1):
             v = void[scored] if exclude_void else None
             j = region_similarity(gt[scored] == obj, pred == obj, v)
@@ -472,6 +628,23 @@ def evaluate_davis(data_root, predictions, videos, resolution="480p", exclude_vo
     return {"J&F_m": (j_m + f_m) / 2, "J_m": j_m, "F_m": f_m, "objects": len(rows)}, rows
 
 
+def read_vip_prediction(path, size):
+    """A VIP prediction [H, W] uint8 at the annotation's size (width, height): another size is
+    resized with PIL's nearest neighbour, as CRW's eval_vip.py does; ids must be 0..19."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: prediction missing (run propagate.py, or check --predictions)")
+    check_label_header(path, what="prediction")
+    try:
+        with Image.open(path) as image:
+            if image.size != tuple(size):
+                image = image.resize(tuple(size), Image.NEAREST)
+            pred = np.array(image, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"{path}: cannot decode prediction ({e}) (replace the file)") from None
+    vip_ids_check(path, pred, "prediction")
+    return pred
+
+
 def evaluate_vip(data_root, predictions, videos, progress=True):
     """VIP mIoU over 20 classes from one confusion matrix over all frames of all videos.
     Predictions: <predictions>/<video>/<frame>.png class ids. Returns (summary {"mIoU"} in %,
@@ -480,22 +653,12 @@ def evaluate_vip(data_root, predictions, videos, progress=True):
     rows = []
     for video in _progress(videos, progress, "vip"):
         frames, annotations = vip_video(data_root, video)
+        _, _, size = check_segmentation_video("vip", frames, annotations)
         confusion = np.zeros_like(total)
-        for ann in annotations:
-            gt = read_label_png(ann)
-            path = Path(predictions) / video / f"{ann.stem}.png"
-            if not path.exists():
-                raise FileNotFoundError(f"{path}: prediction missing")
-            with Image.open(path) as image:
-                if image.mode not in ("P", "L"):
-                    raise ValueError(f"{path}: mode {image.mode!r}, expected a class-id PNG")
-                if image.size != (gt.shape[1], gt.shape[0]):  # CRW's eval_vip: PIL nearest
-                    image = image.resize((gt.shape[1], gt.shape[0]), Image.NEAREST)
-                pred = np.array(image, dtype=np.uint8)
-            try:
-                confusion += confusion_matrix(gt, pred)
-            except ValueError as e:
-                raise ValueError(f"{path}: {e}") from None
+        for annotation in annotations:
+            gt = read_label_png(annotation, size)  # checked by check_segmentation_video
+            pred = read_vip_prediction(Path(predictions) / video / f"{annotation.stem}.png", size)
+            confusion += confusion_matrix(gt, pred)
         total += confusion
         rows.append({"video": video, "frames": len(frames), "mIoU": 100 * mean_iou(confusion)[0]})
     miou, per_class = mean_iou(total)
@@ -513,12 +676,9 @@ def evaluate_jhmdb(data_root, predictions, videos, alphas=(0.1, 0.2), progress=T
         _, _, gt = jhmdb_video(data_root, video)
         path = Path(predictions) / video / "joint_positions.mat"
         if not path.exists():
-            raise FileNotFoundError(f"{path}: prediction missing")
-        pred = read_joints_mat(path)
-        if len(pred) < len(gt) or pred.shape[1] != gt.shape[1]:
-            raise ValueError(f"{path}: prediction {pred.shape[:2]} (frames, joints) does not "
-                             f"cover the annotation {gt.shape[:2]}")
-        pred, gt = pred[1:len(gt)], gt[1:]  # the first frame is given, not scored
+            raise FileNotFoundError(f"{path}: prediction missing (run propagate.py, or check --predictions)")
+        pred = read_joints_mat(path, len(gt), what="prediction")
+        pred, gt = pred[1:], gt[1:]  # the first frame is given, not scored
         all_pred.append(pred)
         all_gt.append(gt)
         scores = pck(pred, gt, alphas)
@@ -528,19 +688,22 @@ def evaluate_jhmdb(data_root, predictions, videos, alphas=(0.1, 0.2), progress=T
 
 
 def evaluate_dataset(dataset, data_root, predictions, list_file=None, videos=None,
-                     resolution="480p", subset="val", exclude_void=False, progress=True):
+                     resolution="480p", subset="val", exclude_void=False, progress=True, alphas=(0.1, 0.2)):
     """Score the predictions of one benchmark. Returns the summary dict (percentages) with
-    the per-sequence rows under "rows"."""
+    the per-sequence rows under "rows". A file that cannot be scored raises InputError or
+    FileNotFoundError naming it; no partial score is returned."""
     if videos is None:
         videos = list_videos(dataset, data_root, list_file, subset)
+    if not Path(predictions).is_dir():
+        raise FileNotFoundError(f"{predictions}: predictions folder not found (run propagate.py, or check --predictions)")
     if dataset == "davis":
         summary, rows = evaluate_davis(data_root, predictions, videos, resolution, exclude_void, progress)
     elif dataset == "vip":
         summary, rows = evaluate_vip(data_root, predictions, videos, progress)
     elif dataset == "jhmdb":
-        summary, rows = evaluate_jhmdb(data_root, predictions, videos, progress=progress)
+        summary, rows = evaluate_jhmdb(data_root, predictions, videos, alphas, progress=progress)
     else:
-        raise ValueError(f"unknown dataset {dataset!r}, expected one of {DATASETS}")
+        raise InputError(f"unknown dataset {dataset!r} (expected one of {', '.join(DATASETS)})")
     return {"dataset": dataset, **summary, "rows": rows}
 
 
@@ -555,7 +718,9 @@ def _progress(items, enabled, desc):
 # Command line
 # -----------------------------------------------------------------------------
 
-SUMMARY_COLUMNS = {"davis": ["J&F_m", "J_m", "F_m"], "vip": ["mIoU"], "jhmdb": ["PCK@0.1", "PCK@0.2"]}
+def summary_columns(dataset, alphas=(0.1, 0.2)):
+    """The paper's columns for a dataset's summary."""
+    return {"davis": ["J&F_m", "J_m", "F_m"], "vip": ["mIoU"]}.get(dataset, [f"PCK@{a}" for a in alphas])
 
 
 def format_table(rows):
@@ -587,6 +752,17 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def pck_threshold(text):
+    """argparse type of --alphas: a number in (0, 1] (a fraction of 0.6 x the box diagonal)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
+    return value
+
+
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--dataset", required=True, choices=DATASETS)
@@ -605,29 +781,52 @@ def get_args_parser():
     parser.add_argument("--exclude-void", action=argparse.BooleanOptionalAction, default=False,
                         help="DAVIS: leave void (255) pixels out of J and F; the official semi-supervised "
                              "scorer does not (it counts them as background)")
+    parser.add_argument("--alphas", type=pck_threshold, nargs="+", default=[0.1, 0.2],
+                        help="JHMDB: PCK thresholds, each in (0, 1]")
     parser.add_argument("--csv", type=Path, default=None,
                         help="where to write the table (default: <predictions>/<dataset>_scores.csv)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     return parser
 
 
+# OSError numbers that are the user's to fix (disk full, quota, permission, read-only disk).
+EXPECTED_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def one_line(error):
+    """An expected error as one line `path: what is wrong (what to do)`."""
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.filename}: {error.strerror} (check the path and its permissions and free space)"
+    text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    return " ".join(text.split())
+
+
 def main(argv=None):
+    """Score, print the tables and write the CSV. An expected failure (a bad or missing file, a
+    full disk) exits with one line `path: what is wrong (what to do)`, no traceback."""
     args = get_args_parser().parse_args(argv)
-    summary = evaluate_dataset(args.dataset, args.data_root, args.predictions, args.list_file, args.videos,
-                               args.resolution, args.subset, args.exclude_void, args.progress)
-    rows = summary["rows"]
-    print(format_table(rows))
-    columns = SUMMARY_COLUMNS[args.dataset]
-    print()
-    print(format_table([{c: summary[c] for c in columns}]))
-    name_key = "sequence" if args.dataset == "davis" else "video"
-    summary_row = {name_key: "ALL"}
-    if args.dataset == "davis":
-        summary_row.update({"J&F": summary["J&F_m"], "J": summary["J_m"], "F": summary["F_m"]})
-    else:
-        summary_row.update({c: summary[c] for c in columns})
-    csv_path = args.csv or Path(args.predictions) / f"{args.dataset}_scores.csv"
-    write_csv(csv_path, rows, summary_row)
+    try:
+        summary = evaluate_dataset(args.dataset, args.data_root, args.predictions, args.list_file, args.videos,
+                                   args.resolution, args.subset, args.exclude_void, args.progress, tuple(args.alphas))
+        rows = summary["rows"]
+        columns = summary_columns(args.dataset, args.alphas)
+        print(format_table(rows))
+        print()
+        print(format_table([{c: summary[c] for c in columns}]))
+        name_key = "sequence" if args.dataset == "davis" else "video"
+        summary_row = {name_key: "ALL"}
+        if args.dataset == "davis":
+            summary_row.update({"J&F": summary["J&F_m"], "J": summary["J_m"], "F": summary["F_m"]})
+        else:
+            summary_row.update({c: summary[c] for c in columns})
+        csv_path = args.csv or Path(args.predictions) / f"{args.dataset}_scores.csv"
+        write_csv(csv_path, rows, summary_row)
+    except (InputError, FileNotFoundError) as e:
+        raise SystemExit(one_line(e)) from None
+    except OSError as e:
+        if e.errno not in EXPECTED_OS_ERRORS:
+            raise
+        raise SystemExit(one_line(e)) from None
     print(f"\nwrote {csv_path}")
     return summary
 

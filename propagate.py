@@ -18,8 +18,10 @@ propagation. Every step below was checked against that public code (read, not co
             scale_factor (g + 0.1) / g0 rather than an output size
             (cdgmae.interpolate_pos_embed).
   Labels    DAVIS / VIP: the first annotation is resized to the input size by nearest
-            neighbour (OpenCV's INTER_NEAREST: source index floor(x * in / out)), split
-            into one channel per id present in it (background included), and each channel
+            neighbour (OpenCV's INTER_NEAREST: source index floor(x * (1 / (out / in))) in
+            double precision), DAVIS void (255) set to background (as the official
+            scorer counts it; a propagated 255 would stop that scorer), split into one
+            channel per id present in it (background included), and each channel
             is resized to the feature grid bilinearly (no antialiasing), so labels are soft.
             JHMDB: pos_img - 1 (0-based pixels) is mapped to the grid by x * w / W, y * h / H;
             each joint becomes a Gaussian of sigma 0.5 cells (peak 1, drawn in a 4x4 window
@@ -43,6 +45,13 @@ propagation. Every step below was checked against that public code (read, not co
 Table 7 (per dataset, every one can be overridden): top-k 7 / 10 / 7 (DAVIS / VIP /
 JHMDB), queue 20, neighbourhood radius 20, temperature 0.7 (CropMAE's default).
 
+Before any work every flag is range-checked when parsed, and every video is checked with
+evaluate.py's rules (label formats and sizes, DAVIS ids 0..K, VIP classes 0..19, JHMDB
+pos_img 2x15xT): a bad input is one line `path: what is wrong (what to do)`. The output
+folder records the settings and the sha256 of the checkpoint file in propagation.json; a
+rerun resumes only with the same settings and checkpoint contents, and removes what killed
+runs left (hidden temporaries and partial video folders of dead processes).
+
 Usage:
     python propagate.py --dataset davis --data-root DAVIS --checkpoint ckpt.pth --output runs/davis
     python propagate.py --dataset vip --data-root VIP_Fine --checkpoint ckpt.pth --output runs/vip --visualize
@@ -54,9 +63,12 @@ Import:
     labels = label_propagation(features, first_labels, topk=7, queue_length=20, radius=20, temperature=0.7)
 """
 import argparse
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -67,7 +79,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import evaluate as ev
-from cdgmae import encoder_from_checkpoint, image_to_tensor, load_rgb
+from cdgmae import _process_alive, checked, encoder_from_checkpoint, image_to_tensor, load_rgb, remove_stale_temporaries
 
 # Table 7 and CropMAE's input sizes. input_size: (height, width), or (long side,).
 PROTOCOL = {
@@ -196,7 +208,11 @@ def input_size_for(height, width, input_size, multiple=64):
 
 def load_frame(path, size):
     """One frame -> [3, H, W] ImageNet-normalised at `size` (bilinear, no antialiasing)."""
-    x = image_to_tensor(load_rgb(path))
+    try:
+        image = load_rgb(path)
+    except RuntimeError as e:  # cdgmae.load_rgb: "path: cannot decode image (...)"
+        raise ev.InputError(f"{ev.one_line(e)} (replace the frame; finished videos are kept)") from None
+    x = image_to_tensor(image)
     if tuple(x.shape[-2:]) != tuple(size):
         # Bilinear is affine per channel, so normalising first changes nothing.
         x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=False)[0]
@@ -222,11 +238,22 @@ def video_features(encoder, frames, size, batch_size=8, device="cpu", on_frame=N
     return torch.cat(chunks)
 
 
+def nearest_source_index(n_in, n_out):
+    """[n_out] int64: the source index of each output along an axis of n_in, as OpenCV's
+    INTER_NEAREST computes it: floor(x * (1 / (n_out / n_in))) in double precision, clipped
+    to n_in - 1. (torch's float32 mode='nearest' picks another index for about 10% of size
+    pairs, e.g. 720 -> 448.)"""
+    scale = 1.0 / (n_out / n_in)
+    return np.minimum(np.floor(np.arange(n_out, dtype=np.float64) * scale).astype(np.int64), n_in - 1)
+
+
 def resize_nearest(ids, size):
-    """[H, W] integer map -> [h, w] by OpenCV's INTER_NEAREST rule, source index
-    floor(x * in / out) (torch's mode='nearest' implements the same rule)."""
-    x = torch.as_tensor(np.asarray(ids), dtype=torch.float32)[None, None]
-    return F.interpolate(x, size=size, mode="nearest")[0, 0].round().to(torch.uint8).numpy()
+    """[H, W] id map -> [h, w] (same dtype) by OpenCV's INTER_NEAREST rule (nearest_source_index
+    along each axis); tests/test_propagate.py compares it with the formula and cv2.resize."""
+    ids = np.asarray(ids)
+    rows = nearest_source_index(ids.shape[0], int(size[0]))
+    cols = nearest_source_index(ids.shape[1], int(size[1]))
+    return ids[rows[:, None], cols[None, :]]
 
 
 def segmentation_labels(first_ids, input_size, grid):
@@ -373,28 +400,33 @@ def visualize_video(dataset, frames, prediction, path, ground_truth=None, num_pa
 # Datasets
 # -----------------------------------------------------------------------------
 
-def prepare_videos(dataset, data_root, videos, input_size, size_multiple, patch_size, resolution="480p"):
-    """Check every video before any long work: its files exist and its input size is valid.
-    Returns [(name, frames, annotation paths or joints, input (H, W))]."""
+def prepare_videos(dataset, data_root, videos, settings, patch_size):
+    """Check every video before any long work and return [(name, frames, annotation paths or
+    joints, input (H, W))]: its files exist and are valid (evaluate.check_segmentation_video:
+    frames readable and of one size, annotations 'P' / 'L' PNGs of their frame's size, first
+    ids 0..K (DAVIS) or classes 0..19 (VIP); JHMDB: pos_img 2x15xT with T = frames), its input
+    size is a positive multiple of the patch size and --topk does not exceed the context keys."""
     prepared = []
     for name in videos:
-        if dataset == "davis":
-            frames, annotations = ev.davis_video(data_root, name, resolution)
-            extra = annotations
-        elif dataset == "vip":
-            frames, annotations = ev.vip_video(data_root, name)
-            extra = annotations
-        elif dataset == "jhmdb":
-            frames, mat, joints = ev.jhmdb_video(data_root, name)
-            extra = joints
+        if dataset == "jhmdb":
+            frames, _, extra = ev.jhmdb_video(data_root, name)
+            width, height = ev.frame_size(frames)
         else:
-            raise ValueError(f"unknown dataset {dataset!r}, expected one of {ev.DATASETS}")
-        with Image.open(frames[0]) as im:
-            width, height = im.size
-        size = input_size_for(height, width, input_size, size_multiple)
+            if dataset == "davis":
+                frames, extra = ev.davis_video(data_root, name, settings["resolution"])
+            else:
+                frames, extra = ev.vip_video(data_root, name)
+            _, _, (width, height) = ev.check_segmentation_video(dataset, frames, extra)
+        size = input_size_for(height, width, settings["input_size"], settings["size_multiple"])
         if min(size) <= 0 or size[0] % patch_size or size[1] % patch_size:
-            raise ValueError(f"{frames[0]}: input size {size} (from frame {width}x{height} and "
-                             f"--input-size {list(input_size)}) is not a positive multiple of the patch size {patch_size}")
+            flags = f"--input-size {' '.join(map(str, settings['input_size']))}" + (
+                f" and --size-multiple {settings['size_multiple']}" if len(settings["input_size"]) == 1 else "")
+            raise ev.InputError(f"{frames[0]}: input size {size} (from frame {width}x{height} and {flags}) is not a "
+                                f"positive multiple of the patch size {patch_size} (choose multiples of {patch_size})")
+        keys = (1 + settings["queue_length"]) * (size[0] // patch_size) * (size[1] // patch_size)
+        if settings["topk"] > keys:
+            raise ev.InputError(f"--topk {settings['topk']}: more than the {keys} context keys of {frames[0].parent} "
+                                f"(lower --topk or raise --queue-length / --input-size)")
         prepared.append((name, frames, extra, size))
     return prepared
 
@@ -424,7 +456,10 @@ def propagate_video(dataset, encoder, frames, extra, size, final, settings, devi
             on_grid = joints0 * np.array([grid[1] / width, grid[0] / height])
             first = joint_heatmaps(on_grid, grid)
         else:
-            values, first = segmentation_labels(ev.read_label_png(extra[0]), size, grid)
+            first_ids = ev.read_label_png(extra[0])
+            if dataset == "davis":
+                first_ids[first_ids == ev.DAVIS_VOID] = 0  # void is background to the official scorer
+            values, first = segmentation_labels(first_ids, size, grid)
         bar.update(1)
         soft = label_propagation(features, first.to(device), topk=settings["topk"],
                                  queue_length=settings["queue_length"], radius=settings["radius"],
@@ -434,32 +469,134 @@ def propagate_video(dataset, encoder, frames, extra, size, final, settings, devi
             ev.write_joints_mat(final, xy)
             bar.update(T)
             return
-        tmp = final.with_name(f".{final.name}.partial")
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        tmp = partial_path(final)
         tmp.mkdir(parents=True)
-        if dataset == "davis":
-            with Image.open(extra[0]) as im:
-                out_w, out_h = im.size
-        for t in range(T):
-            ids = labels_to_ids(soft[t], values, size)
-            if dataset == "davis":  # CRW's convert_davis.py: OpenCV nearest to the annotation size
-                ev.write_palette_png(tmp / f"{Path(frames[t]).stem}.png", resize_nearest(ids, (out_h, out_w)))
-            else:  # CRW's eval_vip.py: PIL nearest to each annotation's size
-                with Image.open(extra[t]) as im:
-                    target = im.size
-                image = Image.fromarray(ids, mode="L")
-                if image.size != target:
-                    image = image.resize(target, Image.NEAREST)
-                ev.write_class_png(tmp / f"{Path(frames[t]).stem}.png", np.array(image))
-            bar.update(1)
-        os.replace(tmp, final)
+        try:
+            write_segmentation_pngs(dataset, soft, values, size, frames, extra, tmp, on_frame=bar.update)
+            os.replace(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            # another process finished this video first (the rename found its folder): keep that one
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     finally:
         bar.close()
 
 
-PROTOCOL_KEYS = ("dataset", "checkpoint", "topk", "queue_length", "radius", "temperature", "input_size",
-                 "size_multiple", "resolution")
+def write_segmentation_pngs(dataset, soft, values, size, frames, annotations, folder, on_frame=None):
+    """Soft labels [T, K, h, w] -> one PNG per frame in `folder`, at the annotation's size:
+    DAVIS palette PNGs (OpenCV nearest, as CRW's convert_davis.py), VIP class-id PNGs (PIL
+    nearest, as CRW's eval_vip.py)."""
+    with Image.open(annotations[0]) as im:
+        out_w, out_h = im.size  # every annotation has its frame's size, and frames share one
+    for t in range(len(frames)):
+        ids = labels_to_ids(soft[t], values, size)
+        if dataset == "davis":
+            ev.write_palette_png(folder / f"{Path(frames[t]).stem}.png", resize_nearest(ids, (out_h, out_w)))
+        else:
+            image = Image.fromarray(ids, mode="L")
+            if image.size != (out_w, out_h):
+                image = image.resize((out_w, out_h), Image.NEAREST)
+            ev.write_class_png(folder / f"{Path(frames[t]).stem}.png", np.array(image))
+        if on_frame is not None:
+            on_frame(1)
+
+
+PARTIAL_NAME = re.compile(r"^\..+\.(?P<host>[^.]+)-(?P<pid>\d+)\.partial$")
+LEGACY_TEMPORARY = re.compile(r"^\..+\.tmp(?P<pid>\d+)$")  # evaluate.atomic_save's names before host-pid
+
+
+def partial_path(final):
+    """The hidden folder a video's PNGs are written in before it is renamed to `final`:
+    ".<video>.<host>-<pid>.partial", unique per process like cdgmae.temporary_path."""
+    return final.with_name(f".{final.name}.{socket.gethostname()}-{os.getpid()}.partial")
+
+
+def remove_stale_writes(folder):
+    """Remove what killed writers on this host left in `folder`: temporaries
+    (cdgmae.remove_stale_temporaries), partial video folders (partial_path) and the
+    ".<name>.tmp<pid>" files of earlier versions. Live writers' files are kept."""
+    host = socket.gethostname()
+    for entry in os.scandir(folder) if os.path.isdir(folder) else ():
+        partial, legacy = PARTIAL_NAME.match(entry.name), LEGACY_TEMPORARY.match(entry.name)
+        if partial and partial["host"] == host and not _process_alive(int(partial["pid"])):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        elif legacy and entry.is_file() and not _process_alive(int(legacy["pid"])):
+            os.unlink(entry.path)
+    remove_stale_temporaries(folder)
+
+
+# Settings that change the predictions: a rerun into a folder made with others is refused.
+PROTOCOL_KEYS = ("dataset", "checkpoint_sha256", "encoder", "topk", "queue_length", "radius", "temperature",
+                 "input_size", "size_multiple", "resolution")
+
+
+def file_sha256(path, chunk=1 << 20):
+    """Hex sha256 of a file's contents, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while (block := f.read(chunk)):
+                digest.update(block)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: checkpoint not found (check --checkpoint)") from None
+    except IsADirectoryError:
+        raise ev.InputError(f"{path}: is a folder, not a checkpoint file (check --checkpoint)") from None
+    return digest.hexdigest()
+
+
+def weights_sha256(module):
+    """Hex sha256 of a module's state dict (names, dtypes, shapes and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        flat = tensor.detach().cpu().contiguous().reshape(-1)  # a 0-d tensor cannot be viewed as bytes
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_checkpoint_encoder(checkpoint, num_heads=None):
+    """(encoder, sha256 of the file): a checkpoint that cannot be read or is no ViT raises
+    InputError / FileNotFoundError naming it, on one line."""
+    fingerprint = file_sha256(checkpoint)
+    try:
+        return load_encoder(checkpoint, num_heads), fingerprint
+    except (RuntimeError, ValueError) as e:  # cdgmae: "path: cannot read checkpoint (...)", bad layout
+        text = ev.one_line(e)
+        text = text if len(text) <= 240 else text[:237] + "..."
+        raise ev.InputError(f"{text} (give a CDG-MAE, MAE, CropMAE or DINO ViT checkpoint)") from None
+
+
+def check_settings(settings):
+    """Range checks of the protocol settings (the command line checks them when parsing)."""
+    rules = [("topk", settings["topk"] >= 1, ">= 1"), ("queue_length", settings["queue_length"] >= 0, ">= 0"),
+             ("radius", settings["radius"] > 0, "> 0"), ("temperature", settings["temperature"] > 0, "> 0"),
+             ("input_size", len(settings["input_size"]) in (1, 2) and min(settings["input_size"]) >= 1,
+              "(height, width) or (long side,), each >= 1"),
+             ("size_multiple", settings["size_multiple"] >= 1, ">= 1"), ("batch_size", settings["batch_size"] >= 1, ">= 1")]
+    for key, ok, rule in rules:
+        if not ok:
+            raise ev.InputError(f"--{key.replace('_', '-')} {settings[key]}: must be {rule}")
+
+
+def check_record(record, settings):
+    """Refuse (InputError, one line) an output folder whose propagation.json records settings
+    that differ from `settings` in a key of PROTOCOL_KEYS."""
+    if not record.exists():
+        return
+    try:
+        previous = json.loads(record.read_text())
+    except (OSError, ValueError) as e:
+        raise ev.InputError(f"{record}: cannot read the recorded settings ({e}) (use another --output)") from None
+
+    def show(key, value):
+        return "not recorded" if value is None else value[:12] if key == "checkpoint_sha256" else value
+    changed = [f"{k}: {show(k, previous.get(k))} -> {show(k, settings.get(k))}"
+               for k in PROTOCOL_KEYS if previous.get(k) != settings.get(k)]
+    if changed:
+        raise ev.InputError(f"{record}: predictions in this folder were made with other settings "
+                            f"({'; '.join(changed)}); use another --output, or the same settings to resume")
 
 
 def propagate_dataset(dataset, data_root, encoder, output, *, topk=None, queue_length=None, radius=None,
@@ -470,46 +607,41 @@ def propagate_dataset(dataset, data_root, encoder, output, *, topk=None, queue_l
     under `output` in the formats evaluate.py (and the official evaluators) read.
 
     encoder: a VisionTransformer or a checkpoint path. Settings left None take the paper's
-    values for the dataset (PROTOCOL). Finished videos are skipped, so a rerun resumes; the
-    settings are recorded in output/propagation.json and a rerun with other settings into the
-    same folder is an error. Returns {"settings", "written", "skipped"}.
+    values for the dataset (PROTOCOL). Every video is checked first (prepare_videos). Finished
+    videos are skipped, so a rerun resumes; the settings and a sha256 of the checkpoint file
+    (of the weights for a module) are recorded in output/propagation.json, and a rerun into
+    the same folder with other settings or another checkpoint content is refused. Leftovers
+    of killed runs are removed. Returns {"settings", "written", "skipped"}.
     """
     if dataset not in PROTOCOL:
-        raise ValueError(f"unknown dataset {dataset!r}, expected one of {ev.DATASETS}")
+        raise ev.InputError(f"unknown dataset {dataset!r} (expected one of {', '.join(ev.DATASETS)})")
     defaults = PROTOCOL[dataset]
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    checkpoint = None
-    if isinstance(encoder, (str, Path)):
-        checkpoint = str(Path(encoder).resolve())
-        encoder = load_encoder(encoder, num_heads)
-    encoder = encoder.to(device).eval()
-    settings = dict(
-        dataset=dataset, checkpoint=checkpoint,
-        topk=topk or defaults["topk"],
-        queue_length=defaults["queue_length"] if queue_length is None else queue_length,
-        radius=defaults["radius"] if radius is None else radius,
-        temperature=temperature or defaults["temperature"],
-        input_size=list(input_size or defaults["input_size"]), size_multiple=size_multiple,
-        resolution=resolution, batch_size=batch_size,
-        encoder=dict(embed_dim=encoder.embed_dim, depth=encoder.depth, num_heads=encoder.num_heads,
-                     patch_size=encoder.patch_size))
-    if len(settings["input_size"]) not in (1, 2):
-        raise ValueError(f"input_size must be (height, width) or (long side,), got {settings['input_size']}")
+    given = dict(topk=topk, queue_length=queue_length, radius=radius, temperature=temperature, input_size=input_size)
+    settings = dict(dataset=dataset, checkpoint=None, checkpoint_sha256=None,
+                    **{k: defaults[k] if v is None else v for k, v in given.items()},  # 0 is a value, not "unset"
+                    size_multiple=size_multiple, resolution=resolution, batch_size=batch_size)
+    settings["input_size"] = list(settings["input_size"])
+    check_settings(settings)
     names = videos or ev.list_videos(dataset, data_root, list_file, subset)
-    prepared = prepare_videos(dataset, data_root, names, settings["input_size"], size_multiple,
-                              encoder.patch_size, resolution)
-
+    if isinstance(encoder, (str, Path)):
+        settings["checkpoint"] = str(Path(encoder).resolve())
+        encoder, settings["checkpoint_sha256"] = load_checkpoint_encoder(encoder, num_heads)
+    else:
+        settings["checkpoint_sha256"] = weights_sha256(encoder)
+    settings["encoder"] = dict(embed_dim=encoder.embed_dim, depth=encoder.depth, num_heads=encoder.num_heads,
+                               patch_size=encoder.patch_size)
+    prepared = prepare_videos(dataset, data_root, names, settings, encoder.patch_size)
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
     record = output / "propagation.json"
-    if record.exists():
-        previous = json.loads(record.read_text())
-        changed = [k for k in PROTOCOL_KEYS if previous.get(k) != settings.get(k)]
-        if changed:
-            raise ValueError(f"{record}: predictions in this folder were made with other settings "
-                             f"({', '.join(f'{k}: {previous.get(k)} -> {settings.get(k)}' for k in changed)}); "
-                             f"use another --output")
-    ev.atomic_save(record, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
+    check_record(record, settings)
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    encoder = encoder.to(device).eval()
+    output.mkdir(parents=True, exist_ok=True)
+    for folder in [output, output / "visualize"] + [output / name for name in names if dataset == "jhmdb"]:
+        remove_stale_writes(folder)
+    if not record.exists():  # a resume keeps the first run's record (same protocol, checked above)
+        ev.atomic_save(record, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
 
     written, skipped = [], []
     for name, frames, extra, size in tqdm(prepared, desc=f"{dataset} videos", disable=not progress):
@@ -558,41 +690,59 @@ def get_args_parser():
     p.add_argument("--subset", default="val", help="DAVIS / VIP list name")
     p.add_argument("--resolution", default="480p", help="DAVIS resolution folder")
     g = p.add_argument_group("protocol (default: the dataset's value)")
-    g.add_argument("--topk", type=int, default=None, help="neighbours whose labels are averaged (7 / 10 / 7)")
-    g.add_argument("--queue-length", type=int, default=None, help="previous frames in the context (20)")
-    g.add_argument("--radius", type=float, default=None,
-                   help="queue keys must lie strictly within this many feature cells of the query (20)")
-    g.add_argument("--temperature", type=float, default=None, help="softmax temperature over the top-k (0.7)")
-    g.add_argument("--input-size", type=int, nargs="+", default=None,
-                   help="H W, or one number L: long side L, short side scaled and floored to --size-multiple "
-                        "(480 880 / 880 / 320 320)")
-    g.add_argument("--size-multiple", type=int, default=64, help="short-side rounding for a one-number --input-size")
+    g.add_argument("--topk", type=checked(int, 1), default=None,
+                   help="neighbours whose labels are averaged, >= 1 (7 / 10 / 7)")
+    g.add_argument("--queue-length", type=checked(int, 0), default=None,
+                   help="previous frames in the context, >= 0 (0: frame 0 only) (20)")
+    g.add_argument("--radius", type=checked(float, 0, low_open=True), default=None,
+                   help="queue keys must lie strictly within this many feature cells of the query, > 0 (20)")
+    g.add_argument("--temperature", type=checked(float, 0, low_open=True), default=None,
+                   help="softmax temperature over the top-k, > 0 (0.7)")
+    g.add_argument("--input-size", type=checked(int, 1), nargs="+", default=None,
+                   help="H W, or one number L: long side L, short side scaled and floored to --size-multiple; "
+                        "multiples of the patch size (480 880 / 880 / 320 320)")
+    g.add_argument("--size-multiple", type=checked(int, 1), default=64,
+                   help="short-side rounding for a one-number --input-size (a multiple of the patch size)")
     g = p.add_argument_group("encoder and machine")
-    g.add_argument("--num-heads", type=int, default=None,
+    g.add_argument("--num-heads", type=checked(int, 1), default=None,
                    help="attention heads (default: the checkpoint's args, else width / 64)")
-    g.add_argument("--batch-size", type=int, default=8, help="frames per feature-extraction batch")
+    g.add_argument("--batch-size", type=checked(int, 1), default=8, help="frames per feature-extraction batch")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    g.add_argument("--threads", type=checked(int, 1), default=None, help="torch CPU threads (default: torch's)")
     g = p.add_argument_group("extras")
     g.add_argument("--visualize", action=argparse.BooleanOptionalAction, default=False,
                    help="write output/visualize/<video>.png: frames with the propagated masks or joints")
-    g.add_argument("--visualize-frames", type=int, default=6, help="frames per strip")
+    g.add_argument("--visualize-frames", type=checked(int, 1), default=6, help="frames per strip")
     g.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=False,
                    help="score the predictions with evaluate.py afterwards")
     return p
 
 
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+    """Propagate (and with --evaluate score). An expected failure (bad flag, bad or missing file,
+    unreadable checkpoint, settings that differ from the output folder's, full disk) exits
+    with one line `path: what is wrong (what to do)` before any work where it can be found
+    before, and never with a traceback."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.input_size is not None and len(args.input_size) not in (1, 2):
+        parser.error(f"argument --input-size: give H W or one long side, not {len(args.input_size)} numbers")
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = propagate_dataset(
-        args.dataset, args.data_root, args.checkpoint, args.output, topk=args.topk,
-        queue_length=args.queue_length, radius=args.radius, temperature=args.temperature,
-        input_size=args.input_size, size_multiple=args.size_multiple, list_file=args.list_file,
-        videos=args.videos, subset=args.subset, resolution=args.resolution, batch_size=args.batch_size,
-        device=args.device, num_heads=args.num_heads,
-        visualize=args.visualize, visualize_frames=args.visualize_frames)
+    try:
+        result = propagate_dataset(
+            args.dataset, args.data_root, args.checkpoint, args.output, topk=args.topk,
+            queue_length=args.queue_length, radius=args.radius, temperature=args.temperature,
+            input_size=args.input_size, size_multiple=args.size_multiple, list_file=args.list_file,
+            videos=args.videos, subset=args.subset, resolution=args.resolution, batch_size=args.batch_size,
+            device=args.device, num_heads=args.num_heads,
+            visualize=args.visualize, visualize_frames=args.visualize_frames)
+    except (ev.InputError, FileNotFoundError) as e:
+        raise SystemExit(ev.one_line(e)) from None
+    except OSError as e:
+        if e.errno not in ev.EXPECTED_OS_ERRORS:
+            raise
+        raise SystemExit(ev.one_line(e)) from None
     print(f"{len(result['written'])} videos propagated, {len(result['skipped'])} already done -> {args.output}")
     if args.evaluate:
         ev.main(["--dataset", args.dataset, "--data-root", str(args.data_root), "--predictions", str(args.output),

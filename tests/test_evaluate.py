@@ -110,6 +110,15 @@ def test_boundary_tolerance_is_ceil_of_0008_times_the_diagonal():
         assert ev.contour_accuracy(gt, pred) == expected
 
 
+def test_boundary_dilation_is_the_disk_x2_plus_y2_at_most_r2():
+    # dilate_disk's docstring: skimage's disk(radius), i.e. offsets with x^2 + y^2 <= r^2
+    for radius in (1, 2, 3, 5):
+        point = np.zeros((15, 15), bool)
+        point[7, 7] = True
+        y, x = np.mgrid[-7:8, -7:8]
+        assert np.array_equal(ev.dilate_disk(point, radius), x ** 2 + y ** 2 <= radius ** 2)
+
+
 def test_f_of_a_partly_matching_boundary():
     # 20x20, tolerance ceil(0.226) = 1. Ground truth: columns 0..9, boundary = column 9 (20 px).
     # Prediction: the same in rows 0..9, columns 0..13 in rows 10..19; its boundary is column 9
@@ -247,7 +256,7 @@ def test_davis_void_can_be_left_out(tmp_path):
 def test_davis_prediction_with_an_unknown_object_is_an_error(tmp_path):
     davis_fixture(tmp_path)
     ev.write_palette_png(tmp_path / "pred/a/00001.png", square((20, 20)).astype(np.uint8) * 3)
-    with pytest.raises(ValueError, match="id 3, the sequence has 1 objects"):
+    with pytest.raises(ValueError, match=r"pred/a/00001.png: prediction holds ids \{3\}; .* objects 1..1"):
         ev.evaluate_dataset("davis", tmp_path, tmp_path / "pred", progress=False)
 
 

@@ -172,6 +172,52 @@ def test_nearest_resize_uses_opencv_source_index():
     assert pr.resize_nearest(np.array([[5, 9]], np.uint8), (1, 5)).tolist() == [[5, 5, 5, 9, 9]]  # floor(x * 2 / 5)
 
 
+def opencv_nearest_index(n_in, n_out):
+    """OpenCV's resizeNN, written out one output at a time in Python floats (IEEE doubles):
+    ifx = 1. / (dsize / ssize); sx = floor(x * ifx); min(sx, ssize - 1)."""
+    ifx = 1.0 / (n_out / n_in)
+    return [min(math.floor(x * ifx), n_in - 1) for x in range(n_out)]
+
+
+def test_nearest_resize_follows_opencvs_double_precision_rule_for_every_size_pair():
+    rng = np.random.default_rng(0)
+    pairs = [(a, b) for a in range(1, 65) for b in range(1, 65)]                      # 4096 small pairs
+    pairs += [tuple(int(v) for v in rng.integers(64, 2049, 2)) for _ in range(1000)]  # 1000 large ones
+    pairs += [(720, 448), (1024, 880), (480, 880), (854, 880), (576, 448), (1280, 880)]
+    mismatches = [(a, b) for a, b in pairs if pr.nearest_source_index(a, b).tolist() != opencv_nearest_index(a, b)]
+    assert mismatches == []
+    # the float32 rule the function replaced picks another row for 720 -> 448 (CropMAE's VIP frames)
+    float32_rule = torch.floor(torch.arange(448, dtype=torch.float32) * torch.tensor(720 / 448, dtype=torch.float32))
+    assert float32_rule.long().tolist() != opencv_nearest_index(720, 448)
+    ids = rng.integers(0, 20, (37, 23)).astype(np.uint8)
+    rows, cols = opencv_nearest_index(37, 52), opencv_nearest_index(23, 11)
+    assert pr.resize_nearest(ids, (52, 11)).tolist() == [[int(ids[r, c]) for c in cols] for r in rows]
+
+
+def test_nearest_resize_equals_cv2_inter_nearest():
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        (h, w), (oh, ow) = rng.integers(1, 1100, 2), rng.integers(1, 1100, 2)
+        ids = rng.integers(0, 256, (h, w), dtype=np.uint8)
+        expected = cv2.resize(ids, (int(ow), int(oh)), interpolation=cv2.INTER_NEAREST)
+        assert np.array_equal(pr.resize_nearest(ids, (int(oh), int(ow))), expected), ((h, w), (oh, ow))
+
+
+def test_frame_resize_is_opencvs_inter_linear_without_antialiasing(tmp_path):
+    # the module docstring's claim: bilinear, half-pixel centres, edges clamped, as cv2 INTER_LINEAR on
+    # CRW's float32 frames; equal up to float32 rounding (a 720x1280 -> 448x880-like downscale, an upscale)
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(2)
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    for (h, w), (oh, ow) in [((72, 128), (44, 88)), ((30, 40), (48, 88))]:
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "frame.png")
+        expected = (cv2.resize(pixels.astype(np.float32) / 255, (ow, oh), interpolation=cv2.INTER_LINEAR) - mean) / std
+        got = pr.load_frame(tmp_path / "frame.png", (oh, ow)).permute(1, 2, 0).numpy()
+        assert np.abs(got - expected).max() < 1e-4  # antialiasing or corner alignment would be ~0.1 off
+
+
 def test_first_labels_are_bilinear_point_samples_of_the_one_hot_masks():
     # 16x16 input, 8-pixel cells: a cell samples between pixels 3 and 4 (no antialiasing)
     ids = np.zeros((16, 16), np.uint8)
@@ -386,7 +432,7 @@ def test_command_line_writes_strips_and_a_rerun_skips_finished_videos(tmp_path, 
     again = pr.main(argv)
     assert again["written"] == [] and again["skipped"] == ["seq"]
     assert (tmp_path / "pred/seq/00001.png").stat().st_mtime_ns == stamp
-    with pytest.raises(ValueError, match="topk: 7 -> 5"):
+    with pytest.raises(SystemExit, match="topk: 7 -> 5"):  # the command line: one line, no traceback
         pr.main(argv + ["--topk", "5"])
 
 
