@@ -8,6 +8,8 @@ views*, written offline in the layout that `cdgmae.py` trains on:
     BAGS/<relative folder of the real image>/<image stem>/
         view_00.jpg ... view_{M-1}.jpg    the generated views (JPEG, quality 95)
         real.<original suffix, lowercased> the real image, its original bytes
+    BAGS/generation.json                   the settings and model fingerprint the bags were made with
+    BAGS/unreadable-shard*.txt             input images that could not be decoded (skipped)
 
 Sampling follows the paper (Sec. 4, after Gen-SIS): 50 DDIM steps (eta = 0) and
 classifier-free guidance of weight 6, the unconditional branch being the projection of a
@@ -184,7 +186,7 @@ SLDM_FILES = ["sldm.json", "unet/config.json", "unet/diffusion_pytorch_model.saf
 def one_line(error):
     """An expected error's message on one line: `path: what is wrong (what to do)`."""
     if isinstance(error, OSError) and error.filename is not None and error.strerror:
-        return f"{error.filename}: {error.strerror}"
+        return f"{error.filename}: {error.strerror} (check the path, its permissions and the free disk space)"
     return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
 
 
@@ -975,8 +977,9 @@ def main(argv=None):
     print(f"shard {index}/{count}: {summary['generated']} bags generated ({rate:.2f} images/s), "
           f"{summary['complete_before']} already complete, {len(summary['unreadable'])} unreadable images skipped",
           file=sys.stderr)
+    report = Path(args.output) / f"unreadable-shard{index:03d}-of-{count:03d}.txt"
+    report.unlink(missing_ok=True)  # a previous run's list, of images that may have been replaced since
     if summary["unreadable"]:
-        report = Path(args.output) / f"unreadable-shard{index:03d}-of-{count:03d}.txt"
         text = "".join(f"{path}\t{reason}\n" for path, reason in summary["unreadable"])
         cdgmae.atomic_write(report, lambda tmp: tmp.write_text(text))
         print(f"unreadable images listed in {report}", file=sys.stderr)

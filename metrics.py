@@ -16,7 +16,7 @@ of pairs (500) drawn with a seed.
 
 Usage:
     python metrics.py --checkpoint mae_pretrain_vit_base.pth --video DAVIS --bags bags/ \\
-        --images imagenet/train --csv table1.csv
+        --images imagenet/train --csv table1.csv      # an existing table1.csv: refused unless --overwrite
 Import:
     from metrics import global_similarity, local_similarity, nearest_patch_similarity
 """
@@ -143,7 +143,7 @@ def bag_pairs(root, num_pairs, rng):
         if views:
             bags.append((real, views))
     if not bags:
-        raise ValueError(f"{root}: no bag with a real.* image and generated views")
+        raise ValueError(f"{root}: no bag with a real.* image and generated views (give a generate_views.py output)")
     if len(bags) >= num_pairs:
         chosen = rng.choice(len(bags), num_pairs, replace=False)
         return [(bags[i][0], bags[i][1][rng.integers(len(bags[i][1]))]) for i in chosen]
@@ -157,7 +157,7 @@ def video_pairs(root, num_pairs, frame_gap, rng):
     root = Path(root)
     frames_root = root / "JPEGImages" / "480p" if (root / "JPEGImages" / "480p").is_dir() else root
     if not frames_root.is_dir():
-        raise FileNotFoundError(f"{root}: video folder not found")
+        raise FileNotFoundError(f"{root}: video folder not found (give a DAVIS-layout folder)")
     if frame_gap < 1:
         raise ValueError(f"--frame-gap {frame_gap}: must be at least 1")
     candidates = []
@@ -165,18 +165,19 @@ def video_pairs(root, num_pairs, frame_gap, rng):
         frames = sorted(f for f in seq.iterdir() if f.suffix.lower() in cdgmae.IMAGE_SUFFIXES)
         candidates += [(frames[t], frames[t + frame_gap]) for t in range(len(frames) - frame_gap)]
     if not candidates:
-        raise ValueError(f"{frames_root}: no sequence has more than {frame_gap} frames")
+        raise ValueError(f"{frames_root}: no sequence has more than {frame_gap} frames (lower --frame-gap or give "
+                         f"a folder of sequence folders)")
     return [candidates[i] for i in rng.choice(len(candidates), min(num_pairs, len(candidates)), replace=False)]
 
 
 def list_image_files(root):
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: image folder not found")
+        raise FileNotFoundError(f"{root}: image folder not found (give a folder of images)")
     paths = sorted(Path(d) / f for d, _, files in os.walk(root) for f in files
                    if not f.startswith(".") and f.lower().endswith(cdgmae.IMAGE_SUFFIXES))
     if len(paths) < 2:
-        raise ValueError(f"{root}: needs at least two images, found {len(paths)}")
+        raise ValueError(f"{root}: needs at least two images, found {len(paths)} (give a folder of images)")
     return paths
 
 
@@ -352,7 +353,7 @@ def draw_pair_sets(args, names):
 def one_line(error):
     """An expected error's message on one line: `path: what is wrong (what to do)`."""
     if isinstance(error, OSError) and error.filename is not None and error.strerror:
-        return f"{error.filename}: {error.strerror}"
+        return f"{error.filename}: {error.strerror} (check the path, its permissions and the free disk space)"
     return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
