@@ -903,18 +903,22 @@ def check_model_folder(folder, backend):
     if backend == "sldm":
         read_sldm_meta(folder)
         return
-    if importlib.util.find_spec("transformers") is None:
-        raise ValueError(f"{folder}: the sd-image-variation backend needs the `transformers` package "
-                         f"(pip install transformers)")
     index = Path(folder) / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{folder}: no model_index.json, not a diffusers pipeline folder (give one)")
     try:
         pieces = json.loads(index.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{index}: cannot read ({one_line(e)}) (give a diffusers pipeline folder)") from e
-    missing = [name for name, value in pieces.items() if isinstance(value, list) and value[0] is not None
+    if not isinstance(pieces, dict):
+        raise ValueError(f"{index}: not a pipeline index (give a diffusers pipeline folder)")
+    missing = [name for name, value in pieces.items() if isinstance(value, list) and value[:1] != [None]
                and not (Path(folder) / name).is_dir()]
     if missing:
         raise FileNotFoundError(f"{folder}: pipeline pieces {missing} are missing (give a complete pipeline folder)")
+    if importlib.util.find_spec("transformers") is None:
+        raise ValueError(f"{folder}: the sd-image-variation backend needs the `transformers` package "
+                         f"(pip install transformers)")
 
 
 def prepare_generation(args):

@@ -174,11 +174,15 @@ def list_image_files(root):
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: image folder not found (give a folder of images)")
-    paths = sorted(Path(d) / f for d, _, files in os.walk(root) for f in files
+    paths = sorted(Path(d) / f for d, _, files in os.walk(root, onerror=raise_error) for f in files
                    if not f.startswith(".") and f.lower().endswith(cdgmae.IMAGE_SUFFIXES))
     if len(paths) < 2:
         raise ValueError(f"{root}: needs at least two images, found {len(paths)} (give a folder of images)")
     return paths
+
+
+def raise_error(error):  # os.walk's onerror: an unreadable folder is an error, never silently skipped
+    raise error
 
 
 def random_pairs(paths, num_pairs, rng):

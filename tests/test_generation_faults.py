@@ -190,17 +190,23 @@ def truncate(path):
     path.write_bytes(path.read_bytes()[:100])
 
 
-MODEL_FAULTS = {
-    "no folder": (lambda m: shutil.rmtree(m), ""),
-    "no unet": (lambda m: shutil.rmtree(m / "unet"), "unet/config.json"),
-    "no vae": (lambda m: shutil.rmtree(m / "vae"), "vae/config.json"),
-    "no scheduler": (lambda m: shutil.rmtree(m / "scheduler"), "scheduler/scheduler_config.json"),
-    "no conditioner": (lambda m: (m / "conditioner" / "projection.pth").unlink(), "conditioner/projection.pth"),
-    "truncated unet weights": (lambda m: truncate(m / "unet" / "diffusion_pytorch_model.safetensors"), "unet"),
-    "broken vae config": (lambda m: (m / "vae" / "config.json").write_text("{"), "vae"),
-    "broken sldm.json": (lambda m: (m / "sldm.json").write_text("[1, 2"), "sldm.json"),
-    "truncated vit": (lambda m: truncate(m / "conditioner" / "vit.pth"), "conditioner/vit.pth"),
-    "truncated projection": (lambda m: truncate(m / "conditioner" / "projection.pth"), "projection.pth"),
+SD_INDEX = '{"_class_name": "StableDiffusionImageVariationPipeline", "unet": ["diffusers", "UNet2DConditionModel"], ' \
+           '"image_encoder": ["transformers", "CLIPVisionModelWithProjection"], "safety_checker": [null, null]}'
+MODEL_FAULTS = {  # fault: (damage, what the message must name, --backend)
+    "no folder": (lambda m: shutil.rmtree(m), "", "sldm"),
+    "no unet": (lambda m: shutil.rmtree(m / "unet"), "unet/config.json", "sldm"),
+    "no vae": (lambda m: shutil.rmtree(m / "vae"), "vae/config.json", "sldm"),
+    "no scheduler": (lambda m: shutil.rmtree(m / "scheduler"), "scheduler/scheduler_config.json", "sldm"),
+    "no conditioner": (lambda m: (m / "conditioner" / "projection.pth").unlink(), "conditioner/projection.pth",
+                       "sldm"),
+    "truncated unet weights": (lambda m: truncate(m / "unet" / "diffusion_pytorch_model.safetensors"), "unet", "sldm"),
+    "broken vae config": (lambda m: (m / "vae" / "config.json").write_text("{"), "vae", "sldm"),
+    "broken sldm.json": (lambda m: (m / "sldm.json").write_text("[1, 2"), "sldm.json", "sldm"),
+    "truncated vit": (lambda m: truncate(m / "conditioner" / "vit.pth"), "conditioner/vit.pth", "sldm"),
+    "truncated projection": (lambda m: truncate(m / "conditioner" / "projection.pth"), "projection.pth", "sldm"),
+    "no pipeline index": (lambda m: None, "model_index.json", "sd-image-variation"),
+    "pipeline piece missing": (lambda m: (m / "model_index.json").write_text(SD_INDEX), "image_encoder",
+                               "sd-image-variation"),
 }
 
 
@@ -208,11 +214,11 @@ MODEL_FAULTS = {
 def test_a_missing_or_broken_model_piece_is_one_line_naming_it(tmp_path, capsys, made, model, fault):
     broken = tmp_path / "model"
     shutil.copytree(model, broken)
-    damage, piece = MODEL_FAULTS[fault]
+    damage, piece, backend = MODEL_FAULTS[fault]
     damage(broken)
     out = tmp_path / "bags"
-    status, err, message = cli(gv.main, ["--images", made / "images", "--model", broken, "--output", out, *GENERATE],
-                               capsys)
+    status, err, message = cli(gv.main, ["--images", made / "images", "--model", broken, "--output", out, *GENERATE,
+                                         "--backend", backend], capsys)
     assert status == 1 and "Traceback" not in err
     assert_one_line_naming(message, broken, piece)
     assert not out.exists()  # no record of a model that does not load
