@@ -724,8 +724,8 @@ def generate_bags(backend, images_root, rel_paths, output, num_views=PAPER_VIEWS
 # run (a resume, another shard, another torchrun node) adds bags only with the same
 # settings, so one bag root never mixes two models, seeds or guidance weights. Not
 # recorded: what only selects images or schedules work (--images, --file-list, --shard,
-# --batch-size, --workers, --device); the device and the batch size change pixels only at
-# the rounding level of the arithmetic.
+# --batch-size, --workers, --device); the device, the batch size and the CPU thread count
+# change pixels only at the rounding level of float sums.
 
 RECORD_NAME = "generation.json"
 NOT_COMPARED = ("model",)   # where the model folder lies; its contents are compared by model_sha256

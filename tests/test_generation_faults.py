@@ -300,14 +300,27 @@ def test_a_full_disk_stops_with_one_line_and_a_rerun_completes_the_same_bags(tmp
 
 
 def test_two_processes_on_one_output_both_finish_with_the_bags_of_one_run(tmp_path, made, model):
-    command = [sys.executable, "generate_views.py", "--images", str(made / "images"), "--model", str(model),
-               "--output", str(tmp_path / "bags"), *GENERATE]
+    shutil.copytree(made / "images", tmp_path / "images")
+    rng = np.random.default_rng(1)
+    for i in range(9):  # 12 images, so that the two runs overlap while writing
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "images" / f"x{i}.png")
+    # 8 steps, one image per batch: each run writes for a few seconds, so the two runs' writes interleave
+    argv = ["--images", str(tmp_path / "images"), "--model", str(model), *GENERATE, "--steps", "8", "--batch-size", "1"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the subprocesses: the thread count changes float sums, hence rounding
+    try:
+        gv.main(argv + ["--output", str(tmp_path / "one-run")])
+    finally:
+        torch.set_num_threads(threads)
+    command = [sys.executable, "generate_views.py", *argv, "--output", str(tmp_path / "bags")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    errs = [p.communicate(timeout=120)[1] for p in procs]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    print(*[e.strip().splitlines()[-1] for e in errs], sep="\n")  # how many bags each run wrote
     assert [p.returncode for p in procs] == [0, 0], errs
     assert all("Traceback" not in e for e in errs)
-    assert tree_bytes(tmp_path / "bags") == tree_bytes(made / "bags")  # no temporary left, every bag complete
+    # every bag complete, no temporary left, each file byte for byte that of one run
+    assert tree_bytes(tmp_path / "bags") == tree_bytes(tmp_path / "one-run")
 
 
 def test_convert_refuses_an_existing_folder_and_unreadable_inputs(tmp_path, capsys, model):
