@@ -763,8 +763,10 @@ def check_output(output, settings):
     but no record. A fresh or missing folder, or a record equal to `settings`, passes."""
     output = Path(output)
     record = output / RECORD_NAME
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"{output}: exists and is not a folder (give another --output)")
+    existing = next(p for p in [output, *output.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{existing}: {'not a writable folder' if existing.is_dir() else 'not a folder'} "
+                         f"(give another --output)")
     if not record.exists():
         if output.is_dir() and any(not e.name.startswith(".") for e in os.scandir(output)):
             raise ValueError(f"{output}: holds files but no {RECORD_NAME}, so the settings of its bags are unknown "
@@ -888,8 +890,8 @@ def pick_device_and_dtype(device, precision):
         device = torch.device(device)
     except RuntimeError as e:
         raise ValueError(f"--device {device}: not a torch device ({one_line(e)})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available here (give --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: {torch.cuda.device_count()} CUDA devices here (give --device cpu)")
     if precision == "auto":
         if device.type == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"

@@ -372,6 +372,8 @@ def main(argv=None):
     try:  # every expected failure before any feature is computed, as one line
         check_csv(args.csv, args.overwrite)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: {torch.cuda.device_count()} CUDA devices here (give --device cpu)")
         vit = load_vit(args.checkpoint, args.input_size).to(device).eval()
     except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: cdgmae.load_checkpoint, torch.device
         raise SystemExit(one_line(e)) from None
