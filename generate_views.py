@@ -8,6 +8,8 @@ views*, written offline in the layout that `cdgmae.py` trains on:
     BAGS/<relative folder of the real image>/<image stem>/
         view_00.jpg ... view_{M-1}.jpg    the generated views (JPEG, quality 95)
         real.<original suffix, lowercased> the real image, its original bytes
+    BAGS/generation.json                   the settings and model fingerprint the bags were made with
+    BAGS/unreadable-shard*.txt             input images that could not be decoded (skipped)
 
 Sampling follows the paper (Sec. 4, after Gen-SIS): 50 DDIM steps (eta = 0) and
 classifier-free guidance of weight 6, the unconditional branch being the projection of a
@@ -143,12 +145,18 @@ class SLDM:
         return (self.unet.config.in_channels, *size)
 
 
+def check_new_folder(folder):
+    """Refuse to write a model into an existing file or non-empty folder (nothing is overwritten)."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise FileExistsError(f"{folder}: output folder exists and is not empty (give a new --output folder)")
+
+
 def save_sldm(folder, sldm, extra=None):
     """Write an S-LDM to `folder` in the layout above (written to a temporary sibling folder,
     then renamed, so a half-written model folder never exists under the final name)."""
     folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()):
-        raise FileExistsError(f"{folder}: output folder exists and is not empty")
+    check_new_folder(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     sldm.unet.save_pretrained(tmp / "unet")
@@ -170,32 +178,72 @@ def save_sldm(folder, sldm, extra=None):
     os.replace(tmp, folder)
 
 
+SLDM_FILES = ["sldm.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+              "vae/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json", "conditioner/vit.pth",
+              "conditioner/projection.pth"]
+
+
+def one_line(error):
+    """An expected error's message on one line: `path: what is wrong (what to do)`."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror} (check the path, its permissions and the free disk space)"
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
+def read_sldm_meta(folder):
+    """sldm.json of an S-LDM folder, checked: every piece present, the keys load_sldm reads."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: model folder not found (give the folder made by `generate_views.py convert`)")
+    missing = [n for n in SLDM_FILES if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: not an S-LDM folder, missing {missing} "
+                                f"(make one with `python generate_views.py convert ...`)")
+    try:
+        meta = json.loads((folder / "sldm.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder}/sldm.json: cannot read ({one_line(e)}) (re-create the folder with convert)") from e
+    if not isinstance(meta, dict) or meta.get("format") != SLDM_FORMAT:
+        format_ = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{folder}/sldm.json: format is {format_!r}, expected {SLDM_FORMAT!r}")
+    cond_keys = {"embed_dim", "context_dim", "normalize", "image_size"}
+    if not isinstance(meta.get("conditioner"), dict) or not cond_keys <= set(meta["conditioner"]):
+        raise ValueError(f"{folder}/sldm.json: 'conditioner' must hold {sorted(cond_keys)} "
+                         f"(re-create the folder with convert)")
+    if meta.get("vae_class") not in ("VQModel", "AutoencoderKL"):
+        raise ValueError(f"{folder}/sldm.json: vae_class {meta.get('vae_class')!r} is not VQModel or AutoencoderKL")
+    return meta
+
+
+def load_piece(path, load):
+    """load() of one piece of a model folder; a file that does not load is a ValueError naming it."""
+    try:
+        return load()
+    except (OSError, ValueError, RuntimeError) as e:  # diffusers: OSError / ValueError; torch: RuntimeError
+        raise ValueError(f"{path}: cannot load ({one_line(e)}) (re-create the model folder)") from e
+
+
 def load_sldm(folder, device="cpu", dtype=torch.float32):
     """Read an S-LDM folder. The UNet runs in `dtype`; the VAE and the conditioner stay in float32."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, VQModel
 
     folder = Path(folder)
-    needed = ["sldm.json", "unet/config.json", "vae/config.json", "scheduler/scheduler_config.json",
-              "conditioner/vit.pth", "conditioner/projection.pth"]
-    missing = [n for n in needed if not (folder / n).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{folder}: not an S-LDM folder, missing {missing} "
-                                f"(make one with `python generate_views.py convert ...`)")
-    meta = json.loads((folder / "sldm.json").read_text())
-    if meta.get("format") != SLDM_FORMAT:
-        raise ValueError(f"{folder}/sldm.json: format is {meta.get('format')!r}, expected {SLDM_FORMAT!r}")
-    vae_classes = {"VQModel": VQModel, "AutoencoderKL": AutoencoderKL}
-    if meta["vae_class"] not in vae_classes:
-        raise ValueError(f"{folder}/sldm.json: vae_class {meta['vae_class']!r} is not one of {sorted(vae_classes)}")
+    meta = read_sldm_meta(folder)
+    vae_class = {"VQModel": VQModel, "AutoencoderKL": AutoencoderKL}[meta["vae_class"]]
     # No accelerate here: low_cpu_mem_usage=False makes diffusers build the modules normally.
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, low_cpu_mem_usage=False)
-    vae = vae_classes[meta["vae_class"]].from_pretrained(folder / "vae", low_cpu_mem_usage=False)
-    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+    # use_safetensors: never fall back to unpickling a .bin.
+    unet = load_piece(folder / "unet", lambda: UNet2DConditionModel.from_pretrained(
+        folder / "unet", torch_dtype=dtype, low_cpu_mem_usage=False, use_safetensors=True))
+    vae = load_piece(folder / "vae", lambda: vae_class.from_pretrained(
+        folder / "vae", low_cpu_mem_usage=False, use_safetensors=True))
+    scheduler = load_piece(folder / "scheduler", lambda: DDIMScheduler.from_pretrained(folder / "scheduler"))
     cond = meta["conditioner"]
-    vit = cdgmae.encoder_from_checkpoint(str(folder / "conditioner" / "vit.pth"), img_size=cond["image_size"])
+    vit = load_piece(folder / "conditioner" / "vit.pth", lambda: cdgmae.encoder_from_checkpoint(
+        str(folder / "conditioner" / "vit.pth"), img_size=cond["image_size"]))
     conditioner = Conditioner(vit, cond["context_dim"], cond["normalize"], cond["image_size"])
-    projection = torch.load(folder / "conditioner" / "projection.pth", map_location="cpu", weights_only=True)
-    conditioner.projection.load_state_dict(projection, strict=True)
+    projection_path = folder / "conditioner" / "projection.pth"
+    load_piece(projection_path, lambda: conditioner.projection.load_state_dict(
+        cdgmae.load_checkpoint(projection_path), strict=True))
     if unet.config.cross_attention_dim != cond["context_dim"]:
         raise ValueError(f"{folder}: UNet cross_attention_dim {unet.config.cross_attention_dim} != "
                          f"projection width {cond['context_dim']}")
@@ -217,7 +265,7 @@ def read_ldm_checkpoint(path, trust=False):
     except Exception as e:  # noqa: BLE001 -- re-raised with the file's name and the way out
         hint = "" if trust else (" -- if the file holds pickled Python objects and you trust it, "
                                  "pass --trust-checkpoint")
-        raise RuntimeError(f"{path}: cannot read checkpoint ({e}){hint}") from e
+        raise ValueError(f"{path}: cannot read checkpoint ({one_line(e)}){hint}") from e
     while isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
         ckpt = ckpt["state_dict"]
     if not isinstance(ckpt, dict) or not any(k.startswith("model.diffusion_model.") for k in ckpt):
@@ -357,16 +405,29 @@ def ldm_scheduler(original_config):
 def convert_ldm(ldm_checkpoint, ldm_config, dino_checkpoint, output, cond_image_size=224,
                 extract_ema=False, trust_checkpoint=False):
     """CompVis-LDM checkpoint + its yaml + the conditioning ViT's checkpoint -> S-LDM folder."""
-    with open(ldm_config) as f:
-        original_config = yaml.safe_load(f)
-    if not isinstance(original_config, dict) or "unet_config" not in original_config.get("model", {}).get("params", {}):
+    check_new_folder(output)
+    try:
+        with open(ldm_config) as f:
+            original_config = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{ldm_config}: cannot read the LDM config ({one_line(e)}) (give the checkpoint's yaml)") from e
+    params = original_config.get("model") if isinstance(original_config, dict) else None
+    if not isinstance(params, dict) or "unet_config" not in (params.get("params") or {}):
         raise ValueError(f"{ldm_config}: not a CompVis LDM config (model.params.unet_config missing)")
     state = read_ldm_checkpoint(ldm_checkpoint, trust=trust_checkpoint)
     name = str(ldm_checkpoint)
-    unet = convert_ldm_unet(state, original_config, extract_ema, name)
-    vae = convert_ldm_first_stage(state, original_config, name)
-    weight, bias, normalize = convert_ldm_projection(state, original_config, name)
-    vit = cdgmae.encoder_from_checkpoint(str(dino_checkpoint), img_size=cond_image_size)
+    try:
+        unet = convert_ldm_unet(state, original_config, extract_ema, name)
+        vae = convert_ldm_first_stage(state, original_config, name)
+        weight, bias, normalize = convert_ldm_projection(state, original_config, name)
+    except KeyError as e:  # an entry the conversion needs is not in the yaml
+        raise ValueError(f"{ldm_config}: missing entry {e} in this config or in {ldm_checkpoint} "
+                         f"(give the yaml the checkpoint was trained with)") from e
+    vit = load_piece(dino_checkpoint, lambda: cdgmae.encoder_from_checkpoint(str(dino_checkpoint),
+                                                                             img_size=cond_image_size))
+    if cond_image_size % vit.patch_size:
+        raise ValueError(f"--cond-image-size {cond_image_size}: not a multiple of the patch size {vit.patch_size} "
+                         f"of {dino_checkpoint}")
     if weight.shape != (unet.config.cross_attention_dim, vit.embed_dim):
         raise ValueError(f"projection {tuple(weight.shape)} in {ldm_checkpoint} does not map the {vit.embed_dim}-d "
                          f"embedding of {dino_checkpoint} to the UNet's {unet.config.cross_attention_dim}-d context")
@@ -398,6 +459,8 @@ def guided_noise_prediction(unet, latents, t, context, uncond_context, guidance)
 def sample_latents(unet, scheduler, noise, context, uncond_context, guidance=PAPER_GUIDANCE, steps=PAPER_STEPS):
     """DDIM (eta = 0) from `noise` [N, C, h, w] with contexts [N, 1, D] -> latents [N, C, h, w].
     One UNet call per step: N samples x 2 guidance branches."""
+    if steps < 1:  # zero steps would return the initial noise as if it were a sample
+        raise ValueError(f"steps {steps}: DDIM needs at least one step")
     scheduler.set_timesteps(steps, device=noise.device)
     latents = noise * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
@@ -477,7 +540,7 @@ def check_image_variation(folder, guidance=PAPER_GUIDANCE):
     StableDiffusionImageVariationPipeline and `guidance` means what --guidance says. Reads no weights."""
     folder = Path(folder)
     if importlib.util.find_spec("transformers") is None:
-        raise RuntimeError(f"{folder}: the sd-image-variation backend needs the transformers package for its CLIP "
+        raise ValueError(f"{folder}: the sd-image-variation backend needs the transformers package for its CLIP "
                            f"image encoder (pip install -r requirements.txt)")
     missing = [name for name in IMAGE_VARIATION_FILES if not (folder / name).is_file()]
     if missing:
@@ -558,9 +621,9 @@ def list_images(root, file_list=None):
     `file_list` (one path relative to root per line). Raises before any work on bad input."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: image folder not found")
+        raise FileNotFoundError(f"{root}: image folder not found (give the root of the real images)")
     if file_list is not None:
-        lines = [line.strip() for line in Path(file_list).read_text().splitlines()]
+        lines = [line.strip() for line in read_file_list(file_list)]
         rel_paths = sorted({Path(os.path.normpath(line)).as_posix() for line in lines
                             if line and not line.startswith("#")})
         outside = [p for p in rel_paths if p.startswith(("/", "../"))]
@@ -575,14 +638,15 @@ def list_images(root, file_list=None):
             raise ValueError(f"{file_list}: not image files ({cdgmae.IMAGE_SUFFIXES}): {wrong[:5]}")
     else:
         rel_paths = []
-        for dirpath, dirnames, filenames in os.walk(root):
+        for dirpath, dirnames, filenames in os.walk(root, onerror=raise_error):  # never skip a folder silently
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             rel_dir = Path(dirpath).relative_to(root)
             rel_paths += [(rel_dir / f).as_posix() for f in filenames
                           if not f.startswith(".") and f.lower().endswith(cdgmae.IMAGE_SUFFIXES)]
         rel_paths.sort()
     if not rel_paths:
-        raise ValueError(f"{root}: no images ({', '.join(cdgmae.IMAGE_SUFFIXES)}) found")
+        raise ValueError(f"{root}: no images ({', '.join(cdgmae.IMAGE_SUFFIXES)}) found (give the folder "
+                         f"that holds the real images)")
     bags = {}
     for p in rel_paths:
         bags.setdefault(bag_name(p), []).append(p)
@@ -590,6 +654,20 @@ def list_images(root, file_list=None):
     if clashes:
         raise ValueError(f"{root}: images that would share a bag folder (same folder and stem): {clashes[:5]}")
     return rel_paths
+
+
+def read_file_list(path):
+    """Lines of a --file-list; a missing, unreadable or non-text file is an error naming it."""
+    try:
+        return Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "not a text file"
+        raise ValueError(f"{path}: cannot read the file list ({reason}) "
+                         f"(give a text file of image paths relative to --images, one a line)") from e
+
+
+def raise_error(error):
+    raise error
 
 
 def bag_name(rel_path):
@@ -695,6 +773,99 @@ def generate_bags(backend, images_root, rel_paths, output, num_views=PAPER_VIEWS
 
 
 # -----------------------------------------------------------------------------
+# The output's settings record: OUTPUT/generation.json
+# -----------------------------------------------------------------------------
+#
+# Every setting that changes a bag's pixels is recorded with the first bag, and a later
+# run (a resume, another shard, another torchrun node) adds bags only with the same
+# settings, so one bag root never mixes two models, seeds or guidance weights. Not
+# recorded: what only selects images or schedules work (--images, --file-list, --shard,
+# --batch-size, --workers, --device); the device, the batch size and the CPU thread count
+# change pixels only at the rounding level of float sums.
+
+RECORD_NAME = "generation.json"
+NOT_COMPARED = ("model",)   # where the model folder lies; its contents are compared by model_sha256
+MODEL_FILE_SUFFIXES = (".json", ".yaml", ".yml", ".safetensors", ".bin", ".pth", ".pt", ".ckpt")
+PRECISION_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def model_fingerprint(folder, chunk_size=1 << 24):
+    """sha256 over the relative names and bytes of the model folder's weight and config files
+    (MODEL_FILE_SUFFIXES, hidden files excluded), read in chunks: equal for two copies of a model,
+    different as soon as one weight differs."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in MODEL_FILE_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no weight or config files (give a model folder)")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with open(path, "rb") as f:
+            while block := f.read(chunk_size):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def generation_settings(args, model_sha256, dtype):
+    """What a run's bags depend on, as recorded in OUTPUT/generation.json."""
+    return {"backend": args.backend, "model": str(Path(args.model).resolve()), "model_sha256": model_sha256,
+            "views": args.views, "steps": args.steps, "guidance": float(args.guidance), "seed": args.seed,
+            "jpeg_quality": args.jpeg_quality, "precision": PRECISION_NAMES[dtype]}
+
+
+def check_output(output, settings):
+    """Raise ValueError (one line) if `output` holds bags made with other settings, or files
+    but no record. A fresh or missing folder, or a record equal to `settings`, passes."""
+    output = Path(output)
+    record = output / RECORD_NAME
+    existing = next(p for p in [output, *output.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{existing}: {'not a writable folder' if existing.is_dir() else 'not a folder'} "
+                         f"(give another --output)")
+    if not record.exists():
+        if output.is_dir() and any(not e.name.startswith(".") for e in os.scandir(output)):
+            raise ValueError(f"{output}: holds files but no {RECORD_NAME}, so the settings of its bags are unknown "
+                             f"(give another --output, or an empty one)")
+        return
+    try:
+        recorded = json.loads(record.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{record}: cannot read the settings record ({one_line(e)}) (give another --output)") from e
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{record}: not a settings record (give another --output)")
+    keys = [k for k in dict.fromkeys([*settings, *recorded]) if k not in NOT_COMPARED]
+    differences = [f"{k} {short(recorded.get(k))} (now {short(settings.get(k))})"
+                   for k in keys if recorded.get(k) != settings.get(k)]
+    if differences:
+        raise ValueError(f"{record}: the bags here were made with other settings: {', '.join(differences)} "
+                         f"(give another --output, or rerun with the recorded settings)")
+
+
+def short(value):
+    return f"{value[:12]}..." if isinstance(value, str) and len(value) == 64 else repr(value)
+
+
+def claim_output(output, settings):
+    """Create `output` and its settings record, or check the one there. The record appears
+    complete and only once (written to a temporary name, then hard-linked, which fails if the
+    name exists), and every process compares after writing: of two processes that start on a
+    fresh folder with different settings, the second one stops."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    record = output / RECORD_NAME
+    tmp = cdgmae.temporary_path(record)
+    try:
+        tmp.write_text(json.dumps(settings, indent=2) + "\n")
+        os.link(tmp, record)
+    except FileExistsError:
+        pass  # another process's record: compared below
+    finally:
+        tmp.unlink(missing_ok=True)
+    check_output(output, settings)
+
+
+# -----------------------------------------------------------------------------
 # Command line
 # -----------------------------------------------------------------------------
 
@@ -702,9 +873,9 @@ def parse_shard(text):
     try:
         index, count = (int(x) for x in text.split("/"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected i/n, e.g. 3/16") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not i/n, e.g. 3/16") from None
     if not 0 <= index < count:
-        raise argparse.ArgumentTypeError(f"--shard {text!r}: need 0 <= i < n")
+        raise argparse.ArgumentTypeError(f"{text!r}: needs 0 <= i < n")
     return index, count
 
 
@@ -724,16 +895,22 @@ def get_args_parser():
                    help="sldm: the folder made by `convert`; sd-image-variation: "
                         "StableDiffusionImageVariationPipeline (needs transformers)")
     p.add_argument("--output", required=True, help="bag root to write")
-    p.add_argument("--views", type=int, default=PAPER_VIEWS, help="M generated views per real image")
-    p.add_argument("--steps", type=int, default=PAPER_STEPS, help="DDIM steps (eta = 0)")
-    p.add_argument("--guidance", type=float, default=PAPER_GUIDANCE,
-                   help="classifier-free guidance w in eps_u + w (eps_c - eps_u): 1 = conditional only")
-    p.add_argument("--batch-size", type=int, default=8, help="real images per UNet call (x M views x 2 branches)")
+    p.add_argument("--views", type=cdgmae.checked(int, 1, 100), default=PAPER_VIEWS,
+                   help="M generated views per real image (1..100: view_00 .. view_99)")
+    p.add_argument("--steps", type=cdgmae.checked(int, 1), default=PAPER_STEPS,
+                   help="DDIM steps (eta = 0); at most the model's training timesteps")
+    p.add_argument("--guidance", type=cdgmae.checked(float, 0), default=PAPER_GUIDANCE,
+                   help="classifier-free guidance w >= 0 in eps_u + w (eps_c - eps_u): 1 = conditional only, "
+                        "0 = unconditional; w < 0 would push views away from their real image")
+    p.add_argument("--batch-size", type=cdgmae.checked(int, 1), default=8,
+                   help="real images per UNet call (x M views x 2 branches)")
     p.add_argument("--seed", type=int, default=0, help="global seed; each view's noise hashes (seed, path, view)")
-    p.add_argument("--jpeg-quality", type=int, default=JPEG_QUALITY)
+    p.add_argument("--jpeg-quality", type=cdgmae.checked(int, 1, 100), default=JPEG_QUALITY,
+                   help="quality of the views' JPEGs, 1..100 (libjpeg's scale; PIL advises <= 95: above it files "
+                        "grow with hardly any gain)")
     p.add_argument("--shard", type=parse_shard, default=None, help="i/n: process the i-th of n round-robin shares "
                                                                    "(combined with the torchrun rank)")
-    p.add_argument("--workers", type=int, default=4, help="image-decoding DataLoader workers")
+    p.add_argument("--workers", type=cdgmae.checked(int, 0), default=4, help="image-decoding DataLoader workers")
     p.add_argument("--device", default=None, help="torch device; unset: cuda:LOCAL_RANK if CUDA is available, "
                                                   "else cpu")
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
@@ -753,7 +930,8 @@ def get_convert_parser():
     p.add_argument("--ldm-config", required=True, help="the checkpoint's yaml (model.params.unet_config, ...)")
     p.add_argument("--dino", required=True, help="the conditioning ViT (e.g. DINO ViT-B/16 pretrain .pth)")
     p.add_argument("--output", required=True, help="S-LDM folder to create (must not exist or be empty)")
-    p.add_argument("--cond-image-size", type=int, default=224, help="input size of the conditioning ViT")
+    p.add_argument("--cond-image-size", type=cdgmae.checked(int, 1), default=224,
+                   help="input size of the conditioning ViT (a multiple of its patch size)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=False,
                    help="take the UNet's model_ema.* weights")
     p.add_argument("--trust-checkpoint", action=argparse.BooleanOptionalAction, default=False,
@@ -764,7 +942,12 @@ def get_convert_parser():
 def pick_device_and_dtype(device, precision):
     if device is None:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device}: not a torch device ({one_line(e)})") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: {torch.cuda.device_count()} CUDA devices here (give --device cpu)")
     if precision == "auto":
         if device.type == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -773,43 +956,79 @@ def pick_device_and_dtype(device, precision):
     return device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["convert"]:
-        args = get_convert_parser().parse_args(argv[1:])
-        convert_ldm(args.ldm_checkpoint, args.ldm_config, args.dino, args.output, args.cond_image_size,
-                    args.ema, args.trust_checkpoint)
-        print(f"wrote {args.output}")
-        return None
+def check_model_folder(folder, backend, guidance=PAPER_GUIDANCE):
+    """Raise (one line) if the --model folder lacks a piece the backend loads. Reads no weights."""
+    if backend == "sldm":
+        read_sldm_meta(folder)
+    else:
+        check_image_variation(folder, guidance)
 
-    args = get_args_parser().parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = True
+
+def prepare_generation(args):
+    """Every check of a generation run before its work: inputs, shard, model, output settings.
+    Returns (this process's image paths, shard index, shard count, backend)."""
     output = Path(args.output).resolve()
     if output.is_relative_to(Path(args.images).resolve()):
-        raise ValueError(f"--output {args.output} lies inside --images {args.images}")
+        raise ValueError(f"{args.output}: lies inside --images {args.images} (give an --output outside it)")
     rel_paths = list_images(args.images, args.file_list)
     index, count = resolve_shard(args.shard)
     mine = shard_items(rel_paths, index, count)
     device, dtype = pick_device_and_dtype(args.device, args.precision)
+    check_model_folder(args.model, args.backend, args.guidance)
+    settings = generation_settings(args, model_fingerprint(args.model), dtype)
+    check_output(output, settings)  # a refused run has not spent the model's loading time
     if args.backend == "sldm":
         backend = SLDMBackend(load_sldm(args.model, device, dtype), args.steps, args.guidance)
+        scheduler = backend.sldm.scheduler
     else:
-        try:  # the folder, transformers and --guidance, before any weight is read
-            check_image_variation(args.model, args.guidance)
-        except (FileNotFoundError, ValueError, RuntimeError) as e:
-            raise SystemExit(str(e)) from None
-        backend = ImageVariationBackend(args.model, device, dtype, args.steps, args.guidance)
+        backend = load_piece(Path(args.model), lambda: ImageVariationBackend(args.model, device, dtype, args.steps,
+                                                                             args.guidance))
+        scheduler = backend.pipe.scheduler
+    if args.steps > scheduler.config.num_train_timesteps:
+        raise ValueError(f"--steps {args.steps}: more than the {scheduler.config.num_train_timesteps} timesteps "
+                         f"{args.model} was trained with")
+    claim_output(output, settings)
     print(f"shard {index}/{count}: {len(mine)} of {len(rel_paths)} images, M = {args.views} views, "
           f"{args.steps} DDIM steps, guidance {args.guidance}, {device} {dtype}", file=sys.stderr)
-    summary = generate_bags(backend, args.images, mine, args.output, args.views, args.batch_size, args.seed,
-                            args.jpeg_quality, args.workers, args.progress and int(os.environ.get("RANK", 0)) == 0)
+    return mine, index, count, backend
+
+
+def convert_command(argv):
+    args = get_convert_parser().parse_args(argv)
+    try:
+        convert_ldm(args.ldm_checkpoint, args.ldm_config, args.dino, args.output, args.cond_image_size,
+                    args.ema, args.trust_checkpoint)
+    except (ValueError, OSError) as e:
+        raise SystemExit(one_line(e)) from None
+    print(f"wrote {args.output}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["convert"]:
+        return convert_command(argv[1:])
+    args = get_args_parser().parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        mine, index, count, backend = prepare_generation(args)
+    except (ValueError, OSError) as e:  # expected failures, each with its path and the way out
+        raise SystemExit(one_line(e)) from None
+    try:
+        summary = generate_bags(backend, args.images, mine, args.output, args.views, args.batch_size, args.seed,
+                                args.jpeg_quality, args.workers,
+                                args.progress and int(os.environ.get("RANK", 0)) == 0)
+    except OSError as e:  # disk full, output not writable: the complete bags stay, a rerun resumes
+        raise SystemExit(f"{e.filename or args.output}: cannot write ({e.strerror or e}) "
+                         f"(free disk space or fix permissions, then rerun: complete bags are kept)") from None
     rate = summary["generated"] / max(summary["seconds"], 1e-9)
     print(f"shard {index}/{count}: {summary['generated']} bags generated ({rate:.2f} images/s), "
           f"{summary['complete_before']} already complete, {len(summary['unreadable'])} unreadable images skipped",
           file=sys.stderr)
+    report = Path(args.output) / f"unreadable-shard{index:03d}-of-{count:03d}.txt"
+    report.unlink(missing_ok=True)  # a previous run's list, of images that may have been replaced since
     if summary["unreadable"]:
-        report = output / f"unreadable-shard{index:03d}-of-{count:03d}.txt"
-        report.write_text("".join(f"{path}\t{reason}\n" for path, reason in summary["unreadable"]))
+        text = "".join(f"{path}\t{reason}\n" for path, reason in summary["unreadable"])
+        cdgmae.atomic_write(report, lambda tmp: tmp.write_text(text))
         print(f"unreadable images listed in {report}", file=sys.stderr)
     return summary
 

@@ -19,7 +19,7 @@ patches) is a fourth, geometric column; it needs OpenCV, imported only when used
 
 Usage:
     python metrics.py --checkpoint mae_pretrain_vit_base.pth --video DAVIS --bags bags/ \\
-        --images imagenet/train --csv table1.csv
+        --images imagenet/train --csv table1.csv      # an existing table1.csv: refused unless --overwrite
     python metrics.py overlap A.jpg B.jpg                     # MIMIC overlap of two images
 Import:
     from metrics import global_similarity, local_similarity, nearest_patch_similarity, mimic_overlap
@@ -28,6 +28,7 @@ import argparse
 import csv
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -151,7 +152,7 @@ def bag_pairs(root, num_pairs, rng):
         if views:
             bags.append((real, views))
     if not bags:
-        raise ValueError(f"{root}: no bag with a real.* image and generated views")
+        raise ValueError(f"{root}: no bag with a real.* image and generated views (give a generate_views.py output)")
     if len(bags) >= num_pairs:
         chosen = rng.choice(len(bags), num_pairs, replace=False)
         return [(bags[i][0], bags[i][1][rng.integers(len(bags[i][1]))]) for i in chosen]
@@ -165,7 +166,7 @@ def video_pairs(root, num_pairs, frame_gap, rng):
     root = Path(root)
     frames_root = root / "JPEGImages" / "480p" if (root / "JPEGImages" / "480p").is_dir() else root
     if not frames_root.is_dir():
-        raise FileNotFoundError(f"{root}: video folder not found")
+        raise FileNotFoundError(f"{root}: video folder not found (give a DAVIS-layout folder)")
     if frame_gap < 1:
         raise ValueError(f"--frame-gap {frame_gap}: must be at least 1")
     candidates = []
@@ -173,19 +174,24 @@ def video_pairs(root, num_pairs, frame_gap, rng):
         frames = sorted(f for f in seq.iterdir() if f.suffix.lower() in cdgmae.IMAGE_SUFFIXES)
         candidates += [(frames[t], frames[t + frame_gap]) for t in range(len(frames) - frame_gap)]
     if not candidates:
-        raise ValueError(f"{frames_root}: no sequence has more than {frame_gap} frames")
+        raise ValueError(f"{frames_root}: no sequence has more than {frame_gap} frames (lower --frame-gap or give "
+                         f"a folder of sequence folders)")
     return [candidates[i] for i in rng.choice(len(candidates), min(num_pairs, len(candidates)), replace=False)]
 
 
 def list_image_files(root):
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: image folder not found")
-    paths = sorted(Path(d) / f for d, _, files in os.walk(root) for f in files
+        raise FileNotFoundError(f"{root}: image folder not found (give a folder of images)")
+    paths = sorted(Path(d) / f for d, _, files in os.walk(root, onerror=raise_error) for f in files
                    if not f.startswith(".") and f.lower().endswith(cdgmae.IMAGE_SUFFIXES))
     if len(paths) < 2:
-        raise ValueError(f"{root}: needs at least two images, found {len(paths)}")
+        raise ValueError(f"{root}: needs at least two images, found {len(paths)} (give a folder of images)")
     return paths
+
+
+def raise_error(error):  # os.walk's onerror: an unreadable folder is an error, never silently skipped
+    raise error
 
 
 def random_pairs(paths, num_pairs, rng):
@@ -394,6 +400,54 @@ def overlap_main(argv):
 
 
 # -----------------------------------------------------------------------------
+# Checks before any feature is computed
+# -----------------------------------------------------------------------------
+
+def decode_problem(path):
+    """None if the image decodes completely, else the reason. JPEGs are decoded at 1/8 scale
+    (libjpeg's DCT scaling), which still reads every byte, so truncation is found cheaply."""
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+        return None
+    except Exception as e:  # noqa: BLE001 -- whatever stops the decoder is this file's problem
+        return f"{type(e).__name__}: {e}"
+
+
+def check_images_decode(paths, threads=8):
+    """Raise ValueError (one line, naming the first bad file) if any image does not decode."""
+    paths = sorted(set(map(str, paths)))
+    with ThreadPoolExecutor(threads) as pool:
+        bad = [(p, why) for p, why in zip(paths, pool.map(decode_problem, paths)) if why]
+    if bad:
+        others = f"; {len(bad) - 1} more: {[p for p, _ in bad[1:4]]}" if len(bad) > 1 else ""
+        raise ValueError(f"{bad[0][0]}: cannot decode image ({bad[0][1]}){others} "
+                         f"(replace or remove the files; pair sets are drawn from the files present)")
+
+
+def load_vit(checkpoint, input_size):
+    """The ViT of --checkpoint at --input-size, which must be a multiple of its patch size."""
+    ckpt = cdgmae.load_checkpoint(checkpoint)
+    weight = cdgmae.unwrap_state_dict(ckpt, str(checkpoint)).get("patch_embed.proj.weight")
+    if weight is None:
+        raise ValueError(f"{checkpoint}: no patch_embed.proj.weight, not a ViT checkpoint")
+    patch = weight.shape[-1]
+    if input_size < patch or input_size % patch:
+        raise ValueError(f"--input-size {input_size}: not a multiple of the patch size {patch} of {checkpoint}")
+    return cdgmae.encoder_from_checkpoint(ckpt, img_size=input_size)
+
+
+def check_csv(path, overwrite):
+    """The CSV may be written: its folder exists, and an existing file is replaced only with --overwrite."""
+    path = Path(path)
+    if path.exists() and (path.is_dir() or not overwrite):
+        raise ValueError(f"{path}: exists, not overwritten (give another --csv, or --overwrite to replace it)")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path.parent}: folder of --csv not found (create it or give another --csv)")
+
+
+# -----------------------------------------------------------------------------
 # Command line
 # -----------------------------------------------------------------------------
 
@@ -411,7 +465,9 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def write_csv(rows, path):
+def write_csv(rows, path, overwrite=True):
+    """Write the table atomically. overwrite=False: never replace an existing file, even one
+    another run wrote meanwhile (the temporary file is hard-linked, which fails if the name exists)."""
     fields = ["pairs", "num_pairs", "gs", "gs_std", "ls", "ls_std", "nps", "nps_std"]
     if all("overlap" in r for r in rows):
         fields += ["overlap", "overlap_std", "in_mimic_range"]
@@ -422,7 +478,15 @@ def write_csv(rows, path):
             writer.writeheader()
             for r in rows:
                 writer.writerow({k: (f"{r[k]:.6f}" if isinstance(r[k], float) else r[k]) for k in fields})
-    cdgmae.atomic_write(path, write)
+    if overwrite:
+        cdgmae.atomic_write(path, write)
+        return
+    tmp = cdgmae.temporary_path(path)
+    try:
+        write(tmp)
+        os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def summarize(name, scores):
@@ -440,26 +504,61 @@ def get_args_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="ViT checkpoint for f_* and f_i (paper: MAE ViT-B/16)")
     p.add_argument("--video", default=None, help="DAVIS-layout folder (JPEGImages/480p/<seq>/*.jpg): frame pairs")
-    p.add_argument("--frame-gap", type=int, default=10, help="frames between the two frames of a video pair")
+    p.add_argument("--frame-gap", type=cdgmae.checked(int, 1), default=10, help="frames between the two frames of a video pair")
     p.add_argument("--bags", nargs="*", default=[], help="bag roots (generate_views.py output): real vs view pairs")
     p.add_argument("--bag-names", nargs="*", default=None, help="row names of the --bags roots; unset: "
                                                                 "'Diffusion (S-LDM)' for one root")
     p.add_argument("--images", default=None, help="image folder (e.g. ImageNet train): k-NN and random pairs")
-    p.add_argument("--knn", type=int, default=5, help="k of the k-NN pairs")
-    p.add_argument("--knn-pool", type=int, default=10000, help="images drawn from --images for the k-NN search")
-    p.add_argument("--num-pairs", type=int, default=500, help="pairs per set")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--knn", type=cdgmae.checked(int, 1), default=5, help="k of the k-NN pairs")
+    p.add_argument("--knn-pool", type=cdgmae.checked(int, 2), default=10000,
+                   help="images drawn from --images for the k-NN search (more than --knn)")
+    p.add_argument("--num-pairs", type=cdgmae.checked(int, 1), default=500, help="pairs per set")
+    p.add_argument("--seed", type=cdgmae.checked(int, 0), default=0)
+    p.add_argument("--input-size", type=cdgmae.checked(int, 1), default=224,
+                   help="side of the evaluated images, a multiple of the checkpoint's patch size")
     p.add_argument("--center-crop", action=argparse.BooleanOptionalAction, default=True,
                    help="resize the shorter side and centre-crop (else resize the whole image to a square)")
-    p.add_argument("--batch-size", type=int, default=64, help="pairs per forward pass")
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--batch-size", type=cdgmae.checked(int, 1), default=64, help="pairs per forward pass")
+    p.add_argument("--workers", type=cdgmae.checked(int, 0), default=4)
     p.add_argument("--device", default=None, help="torch device; unset: cuda if available, else cpu")
-    p.add_argument("--csv", default="view_metrics.csv", help="where to write the table")
+    p.add_argument("--csv", default="view_metrics.csv", help="where to write the table (an existing file is "
+                                                               "an error, checked before any work)")
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                   help="replace an existing --csv")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
                    help="add MIMIC's geometric overlap (SIFT + RANSAC homography, on the same crops) as a "
                         "column, and the fraction of pairs in MIMIC's keep range [0.5, 0.7] to the CSV")
     return p
+
+
+def draw_pair_sets(args, names):
+    """[(row name, pairs)] of every requested set, drawn before any feature is computed so that bad
+    input fails fast; the k-NN entry is (pool paths, query indices, its rng), resolved on features."""
+    def rng(i):
+        return np.random.default_rng([args.seed, i])  # one stream per set: sets do not depend on each other
+    pair_sets = []
+    if args.video:
+        pair_sets.append(("Video frames", video_pairs(args.video, args.num_pairs, args.frame_gap, rng(0))))
+    for name, root in zip(names, args.bags):  # same stream: bag roots of the same images pick the same bags
+        pair_sets.append((name, bag_pairs(root, args.num_pairs, rng(1))))
+    if args.images:
+        paths = list_image_files(args.images)
+        knn_rng = rng(2)
+        pool = [paths[i] for i in sorted(knn_rng.choice(len(paths), min(args.knn_pool, len(paths)), replace=False))]
+        if len(pool) <= args.knn:
+            raise ValueError(f"{args.images}: the k-NN pool holds {len(pool)} images, needs more than --knn {args.knn} "
+                             f"(lower --knn or give more images)")
+        queries = knn_rng.choice(len(pool), min(args.num_pairs, len(pool)), replace=False)
+        pair_sets.append(("K-nn images", (pool, queries, knn_rng)))
+        pair_sets.append(("Random images", random_pairs(paths, args.num_pairs, rng(3))))
+    return pair_sets
+
+
+def one_line(error):
+    """An expected error's message on one line: `path: what is wrong (what to do)`."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror} (check the path, its permissions and the free disk space)"
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 def main(argv=None):
@@ -478,24 +577,20 @@ def main(argv=None):
                                [f"Diffusion ({Path(b).name})" for b in args.bags])
     if len(names) != len(args.bags):
         raise SystemExit(f"--bag-names: {len(names)} names for {len(args.bags)} --bags roots")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    vit = cdgmae.encoder_from_checkpoint(args.checkpoint, img_size=args.input_size).to(device).eval()
-
-    # Every pair set is drawn before any feature is computed, so that bad input fails fast.
-    def rng(i):
-        return np.random.default_rng([args.seed, i])  # one stream per set: sets do not depend on each other
-    pair_sets = []
-    if args.video:
-        pair_sets.append(("Video frames", video_pairs(args.video, args.num_pairs, args.frame_gap, rng(0))))
-    for name, root in zip(names, args.bags):  # same stream: bag roots of the same images pick the same bags
-        pair_sets.append((name, bag_pairs(root, args.num_pairs, rng(1))))
-    if args.images:
-        paths = list_image_files(args.images)
-        knn_rng = rng(2)
-        pool = [paths[i] for i in sorted(knn_rng.choice(len(paths), min(args.knn_pool, len(paths)), replace=False))]
-        queries = knn_rng.choice(len(pool), min(args.num_pairs, len(pool)), replace=False)
-        pair_sets.append(("K-nn images", (pool, queries, knn_rng)))
-        pair_sets.append(("Random images", random_pairs(paths, args.num_pairs, rng(3))))
+    try:  # every expected failure before any feature is computed, as one line
+        check_csv(args.csv, args.overwrite)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: {torch.cuda.device_count()} CUDA devices here (give --device cpu)")
+        vit = load_vit(args.checkpoint, args.input_size).to(device).eval()
+    except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: cdgmae.load_checkpoint, torch.device
+        raise SystemExit(one_line(e)) from None
+    try:
+        pair_sets = draw_pair_sets(args, names)
+        check_images_decode([p for name, pairs in pair_sets  # the k-NN entry: every image of its pool
+                             for group in ([pairs[0]] if name == "K-nn images" else pairs) for p in group])
+    except (ValueError, OSError) as e:
+        raise SystemExit(one_line(e)) from None
 
     common = dict(size=args.input_size, center_crop=args.center_crop, batch_size=args.batch_size,
                   workers=args.workers, device=device)
@@ -511,7 +606,13 @@ def main(argv=None):
             scores["in_mimic_range"] = torch.from_numpy(in_mimic_keep_range(scores["overlap"].numpy()) * 1.0)
         rows.append(summarize(name, scores))
     print(format_table(rows))
-    write_csv(rows, args.csv)
+    try:
+        write_csv(rows, args.csv, overwrite=args.overwrite)
+    except FileExistsError:
+        raise SystemExit(f"{args.csv}: written by another run meanwhile, not overwritten (this run's table is "
+                         f"printed above; give another --csv or --overwrite)") from None
+    except OSError as e:
+        raise SystemExit(f"{args.csv}: cannot write ({e.strerror or e}) (the table is printed above)") from None
     print(f"wrote {args.csv}", file=sys.stderr)
     return rows
 

@@ -439,17 +439,6 @@ def test_conversion_refuses_a_checkpoint_with_unconverted_keys(compvis_checkpoin
     assert not (tmp_path / "out").exists()
 
 
-def test_image_variation_backend_says_it_needs_transformers():
-    pytest.importorskip("diffusers")
-    try:
-        import transformers  # noqa: F401
-        pytest.skip("transformers is installed")
-    except ImportError:
-        pass
-    with pytest.raises(RuntimeError, match="transformers"):
-        gv.ImageVariationBackend("unused", "cpu", torch.float32)
-
-
 # -----------------------------------------------------------------------------
 # End to end: whatever generate_views.py writes, cdgmae.py trains on
 # -----------------------------------------------------------------------------

@@ -82,9 +82,9 @@ def generate(images, folder, output, *flags):
 
 
 def tree_bytes(root):
-    """{relative path: sha256} of every file under root."""
+    """{relative path: sha256} of every bag file under root (not the run's generation.json record)."""
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+            for p in sorted(Path(root).rglob("*")) if p.is_file() and p.parent != Path(root)}
 
 
 def exit_message(argv):
