@@ -20,13 +20,18 @@ Import:
 """
 import argparse
 import contextlib
+import datetime
+import hashlib
+import io
 import json
 import math
+import multiprocessing
 import os
 import re
 import socket
+import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -690,6 +695,8 @@ def encoder_from_checkpoint(checkpoint, img_size=None, num_heads=None):
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VIEW_NAME = re.compile(r"^view_(\d+)\.(jpg|jpeg|png|bmp|webp)$", re.IGNORECASE)
+VERIFY_LEVELS = ("none", "header", "decode")
+DEFAULT_DATA = "data/bags"  # --data default: the used-by command runs from a folder holding data/bags  # --verify-images, from cheapest to most thorough
 
 
 def bag_files(bag_dir):
@@ -704,60 +711,137 @@ def bag_files(bag_dir):
     return real, [views[k] for k in sorted(views)]
 
 
-def find_bags(root):
-    """Sorted relative paths of every bag folder (a folder holding real.*) under root."""
+def _is_bag(filenames):
+    return any(f.lower().startswith("real.") and f.lower().endswith(IMAGE_SUFFIXES) for f in filenames)
+
+
+def _walk_bags(job):
+    """Relative paths of the bags under root/top (one process's share of the listing)."""
+    root, top = job
+    bags = []
+    for dirpath, dirnames, filenames in os.walk(os.path.join(root, top)):
+        dirnames.sort()
+        if _is_bag(filenames):
+            bags.append(os.path.relpath(dirpath, root))
+    return bags
+
+
+def parallel_map(function, jobs, processes, chunksize=64):
+    """map() over worker processes (not threads: listing, header reads and decoding hold the
+    GIL), in-process for small jobs. Forked unless CUDA is already initialised."""
+    jobs = list(jobs)
+    if processes <= 1 or len(jobs) < 2 * chunksize:
+        return [function(job) for job in jobs]
+    context = multiprocessing.get_context("forkserver" if torch.cuda.is_initialized() else "fork")
+    with context.Pool(processes) as pool:
+        return pool.map(function, jobs, chunksize=chunksize)
+
+
+def find_bags(root, rank=0, world_size=1, processes=1):
+    """Sorted relative paths of the bag folders (those holding real.*) under root.
+
+    With world_size > 1 this returns rank's share only: the top-level folders are dealt out
+    round-robin over the ranks and walked by `processes` processes per rank."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: bag root is not a folder")
-    bags = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        if any(f.lower().startswith("real.") and f.lower().endswith(IMAGE_SUFFIXES) for f in filenames):
-            bags.append(os.path.relpath(dirpath, root))
-    return sorted(bags)
+    with os.scandir(root) as entries:
+        entries = sorted(entries, key=lambda e: e.name)
+    tops = [e.name for e in entries if e.is_dir()]
+    bags = ["."] if rank == 0 and _is_bag([e.name for e in entries if e.is_file()]) else []
+    parts = parallel_map(_walk_bags, [(str(root), top) for top in tops[rank::world_size]], processes, chunksize=4)
+    return sorted(bags + [bag for part in parts for bag in part])
 
 
-def _image_problem(path):
-    """None if the file opens as an image (header check), else a short reason."""
+def _image_problem(path, level="header"):
+    """None if the file opens as an image (level "header": its header is parsed; "decode":
+    every pixel is decoded), else a short reason."""
     try:
         if os.path.getsize(path) == 0:
             return "empty file"
         with Image.open(path) as im:
-            im.size  # noqa: B018 -- parses the header
+            if level == "decode":
+                im.load()
+            else:
+                im.size  # noqa: B018 -- parses the header
         return None
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 -- any decoder error is reported with the file's name
         return f"unreadable ({type(e).__name__}: {e})"
 
 
-def check_bags(root, bags, num_views, min_views, verify_images=True, threads=16):
-    """Problems of the given bags as {bag: reason}: no real image, views missing among
-    view_00..view_{num_views-1}, fewer than `min_views` images in all, or (verify_images)
-    an image whose header cannot be read."""
-    def check(bag):
-        real, views = bag_files(Path(root) / bag)
-        if real is None:
-            return bag, "no real.* image"
-        indices = [int(VIEW_NAME.match(os.path.basename(v)).group(1)) for v in views]
-        if indices[:num_views] != list(range(num_views)):
-            return bag, f"incomplete: has views {indices}, needs view_00..view_{num_views - 1:02d}"
-        if 1 + num_views < min_views:
-            return bag, f"{1 + num_views} images, needs at least {min_views}"
-        if verify_images:
-            for path in [real] + views[:num_views]:
-                if (problem := _image_problem(path)):
-                    return bag, f"{os.path.basename(path)}: {problem}"
-        return bag, None
+def _bag_problem(job):
+    """(bag, reason or None) for one bag; see check_bags."""
+    root, bag, num_views, min_views, level = job
+    real, views = bag_files(Path(root) / bag)
+    if real is None:
+        return bag, "no real.* image"
+    indices = [int(VIEW_NAME.match(os.path.basename(v)).group(1)) for v in views]
+    if indices[:num_views] != list(range(num_views)):
+        return bag, f"incomplete: has views {indices}, needs view_00..view_{num_views - 1:02d}"
+    if 1 + num_views < min_views:
+        return bag, f"{1 + num_views} images, needs at least {min_views}"
+    if level != "none":
+        for path in [real] + views[:num_views]:
+            if (problem := _image_problem(path, level)):
+                return bag, f"{os.path.basename(path)}: {problem}"
+    return bag, None
 
-    with ThreadPoolExecutor(threads) as pool:
-        return {bag: reason for bag, reason in pool.map(check, bags) if reason}
+
+def check_bags(root, bags, num_views, min_views, verify_images="header", processes=1):
+    """Problems of the given bags as {bag: reason}: no real image, views missing among
+    view_00..view_{num_views-1}, fewer than `min_views` images in all, or an image that
+    cannot be read (verify_images "header": its header; "decode": all of it; "none": no
+    image is opened). The bags are split over `processes` worker processes."""
+    level = {True: "header", False: "none"}.get(verify_images, verify_images)
+    jobs = [(str(root), bag, num_views, min_views, level) for bag in bags]
+    return {bag: reason for bag, reason in parallel_map(_bag_problem, jobs, processes) if reason}
+
+
+# -----------------------------------------------------------------------------
+# Decoding, cropping and resizing (shared by the CPU and the GPU decode paths)
+# -----------------------------------------------------------------------------
+
+class UnreadableImage(RuntimeError):
+    """An image file that cannot be decoded (the message starts with its path)."""
 
 
 def load_rgb(path):
+    """PIL RGB image of a file; UnreadableImage if it cannot be decoded."""
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
-    except Exception as e:  # noqa: BLE001
-        raise RuntimeError(f"{path}: cannot decode image ({e})") from e
+    except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
+        raise UnreadableImage(f"{path}: cannot decode image ({e})") from e
+
+
+def decode_rgb(path):
+    """A file's pixels as uint8 [3, H, W] (a channels-last view of an H x W x 3 array, the
+    layout torch's fast uint8 resize reads). UnreadableImage if it cannot be decoded."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            array = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+    except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
+        raise UnreadableImage(f"{path}: cannot decode image ({e})") from e
+    with warnings.catch_warnings():  # Pillow's array is read-only; nothing writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def read_encoded(path):
+    """A file's bytes as a uint8 tensor, for decoding on the device (--decode gpu), and the
+    image's (width, height) from its header. A file whose header does not parse or a JPEG
+    without its end-of-image marker (truncated) is UnreadableImage, so the worker can
+    substitute its bag the way the CPU path does."""
+    data = Path(path).read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            size, kind = im.size, im.format
+    except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
+        raise UnreadableImage(f"{path}: cannot decode image ({e})") from e
+    if kind == "JPEG" and b"\xff\xd9" not in data[-1024:]:
+        raise UnreadableImage(f"{path}: cannot decode image (truncated JPEG: no end-of-image marker)")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8), size
 
 
 def sample_crop_box(rng, width, height, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -785,12 +869,80 @@ def sample_crop_box(rng, width, height, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
     return left / width, top / height, (left + w) / width, (top + h) / height
 
 
+def crop_resize(image, box, size):
+    """Crop the box (fractions l, t, r, b) out of image [3, H, W] uint8 and resize it to
+    [3, size, size] uint8 with antialiased bicubic interpolation (Pillow's filter, a = -0.5).
+
+    The box is rounded to whole pixels (exact on the image whose size the box was drawn on;
+    at most half a pixel off on views of another size). On the CPU this is torch's uint8
+    resize kernel; on other devices a float32 resize, rounded. Used by both decode paths."""
+    height, width = image.shape[-2:]
+    left, right = round(box[0] * width), round(box[2] * width)
+    top, bottom = round(box[1] * height), round(box[3] * height)
+    left, top = min(left, width - 1), min(top, height - 1)
+    crop = image[:, top:max(bottom, top + 1), left:max(right, left + 1)].unsqueeze(0)
+    if crop.device.type == "cpu":
+        out = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)
+    else:
+        out = resize_float(crop, size)
+    return out[0]
+
+
+def resize_float(crop, size):
+    """[1, 3, h, w] uint8 -> [1, 3, size, size] uint8 through a float32 antialiased bicubic resize."""
+    out = F.interpolate(crop.float(), size=(size, size), mode="bicubic", antialias=True)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def crop_views(images, box, flip, size):
+    """The views of one sample, cut with one shared box and flip: [3, H_i, W_i] uint8 images
+    (any sizes, any device) -> [V, 3, size, size] uint8."""
+    crops = torch.stack([crop_resize(image, box, size) for image in images])
+    return crops.flip(-1) if flip else crops
+
+
+def normalize(x, mean, std):
+    """uint8 [..., 3, H, W] -> ImageNet-normalised float32 (the same arithmetic as
+    `image_to_tensor`: x / 255, minus mean, over std). Runs on the training device."""
+    return (x.float() / 255.0 - mean) / std
+
+
 def image_to_tensor(img):
     """PIL RGB -> ImageNet-normalised float tensor [3, H, W]."""
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return (x - mean) / std
+
+
+def decode_on_device(blobs, device):
+    """--decode gpu: encoded images (uint8 byte tensors) -> [3, H, W] uint8 on `device`.
+    JPEGs are decoded in one batch by nvJPEG; other formats by torchvision on the CPU.
+    torchvision is imported here only, so the CPU install does not need it."""
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+    is_jpeg = [b[:2].tolist() == [0xFF, 0xD8] for b in blobs]
+    jpegs = decode_jpeg([b for b, j in zip(blobs, is_jpeg) if j], mode=ImageReadMode.RGB, device=device)
+    jpegs = iter(jpegs)
+    return [next(jpegs) if j else decode_image(b, mode=ImageReadMode.RGB).to(device) for b, j in zip(blobs, is_jpeg)]
+
+
+def assemble_on_device(batch, size, device, decode=decode_on_device):
+    """--decode gpu: a batch of encoded samples (see `collate_encoded`) -> the uint8 batch
+    that the CPU path delivers: target [B, 3, S, S], anchors [B, N, 3, S, S], noise. `decode`
+    maps a list of byte tensors to [3, H, W] uint8 images (injectable: tests decode on CPU)."""
+    blobs, boxes, flips, target_noise, anchor_noise = batch
+    per_sample = len(blobs[0])
+    images = decode([b for sample in blobs for b in sample], device)
+    crops = torch.stack([crop_views(images[i * per_sample:(i + 1) * per_sample], boxes[i].tolist(),
+                                    bool(flips[i]), size) for i in range(len(blobs))])
+    return (crops[:, 0], crops[:, 1:], target_noise.to(device, non_blocking=True),
+            anchor_noise.to(device, non_blocking=True))
+
+
+def collate_encoded(samples):
+    """Collate --decode gpu samples: byte tensors stay lists (their lengths differ)."""
+    blobs, boxes, flips, target_noise, anchor_noise = zip(*samples)
+    return list(blobs), torch.stack(boxes), torch.stack(flips), torch.stack(target_noise), torch.stack(anchor_noise)
 
 
 class BagDataset(torch.utils.data.Dataset):
@@ -802,17 +954,31 @@ class BagDataset(torch.utils.data.Dataset):
     index). So a sample does not depend on the worker, rank or world size that loads it,
     which makes resumed and multi-process runs reproduce single-process ones.
 
+    An item is (target [3, S, S] uint8, anchors [N, 3, S, S] uint8, target_noise [L],
+    anchor_noise [N, L]); the ImageNet normalisation runs on the device (`normalize`).
+    With encoded=True (--decode gpu) the images stay encoded: ([N+1] byte tensors,
+    box [4], flip, target_noise, anchor_noise), for `assemble_on_device`.
+
+    A bag with an image that cannot be decoded is replaced by the next bags in order
+    (index + 1, + 2, ...), drawn with the generator of (seed, epoch, index, attempt): the
+    same substitute in every run, so resume and multi-process equality still hold. The
+    bag is appended to `bad_bags_file` and each process warns once.
+
     target_choice: "any" (real or generated at random, the paper's default),
     "real" (always the real image) or "generated" (always a generated view).
     """
 
+    MAX_SUBSTITUTES = 16
+
     def __init__(self, root, bags, num_views, num_anchors=1, input_size=224, target_choice="any",
-                 crop_scale=(0.5, 1.0), crop_ratio=(3 / 4, 4 / 3), num_patches=196, seed=0):
+                 crop_scale=(0.5, 1.0), crop_ratio=(3 / 4, 4 / 3), num_patches=196, seed=0,
+                 encoded=False, bad_bags_file=None):
         self.root, self.bags = Path(root), list(bags)
         self.num_views, self.num_anchors = num_views, num_anchors
         self.input_size, self.target_choice = input_size, target_choice
         self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
         self.num_patches, self.seed = num_patches, seed
+        self.encoded, self.bad_bags_file, self.reported = encoded, bad_bags_file, set()
         if target_choice not in ("any", "real", "generated"):
             raise ValueError(f"target_choice must be any, real or generated, not {target_choice!r}")
 
@@ -836,26 +1002,48 @@ class BagDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
-        rng = np.random.default_rng([self.seed, epoch, index])
-        bag = self.root / self.bags[index]
-        real, views = bag_files(bag)
+        for attempt in range(self.MAX_SUBSTITUTES + 1):
+            rng = np.random.default_rng([self.seed, epoch, index] + ([attempt] if attempt else []))
+            bag = self.bags[(index + attempt) % len(self.bags)]
+            try:
+                return self.sample(bag, rng)
+            except UnreadableImage as e:
+                self.report_bad(bag, e)
+        raise RuntimeError(f"{self.root / self.bags[index]}: it and the next {self.MAX_SUBSTITUTES} bags "
+                           "cannot be decoded (list them with --verify-images decode)")
+
+    def sample(self, bag, rng):
+        real, views = bag_files(self.root / bag)
         paths = [real] + views[:self.num_views]
-        chosen = self.choose_views(rng)
-        images = [load_rgb(paths[i]) for i in chosen]
+        chosen = [paths[i] for i in self.choose_views(rng)]
+        if self.encoded:
+            blobs, sizes = zip(*[read_encoded(p) for p in chosen])
+            width, height = sizes[0]
+        else:
+            images = [decode_rgb(p) for p in chosen]
+            height, width = images[0].shape[-2:]
         # One crop box (relative to each image's size) and one flip for all views of the sample.
-        box = sample_crop_box(rng, *images[0].size, self.crop_scale, self.crop_ratio)
+        box = sample_crop_box(rng, width, height, self.crop_scale, self.crop_ratio)
         flip = rng.random() < 0.5
-        tensors = []
-        for img in images:
-            w, h = img.size
-            img = img.resize((self.input_size, self.input_size), Image.BICUBIC,
-                             box=(box[0] * w, box[1] * h, box[2] * w, box[3] * h))
-            if flip:
-                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            tensors.append(image_to_tensor(img))
         target_noise = torch.from_numpy(rng.random(self.num_patches, dtype=np.float32))
         anchor_noise = torch.from_numpy(rng.random((self.num_anchors, self.num_patches), dtype=np.float32))
-        return tensors[0], torch.stack(tensors[1:]), target_noise, anchor_noise
+        if self.encoded:
+            return list(blobs), torch.tensor(box, dtype=torch.float64), torch.tensor(flip), target_noise, anchor_noise
+        crops = crop_views(images, box, flip, self.input_size)
+        return crops[0], crops[1:], target_noise, anchor_noise
+
+    def report_bad(self, bag, error):
+        """List a bag whose image cannot be decoded (once per process) and warn once."""
+        if bag in self.reported:
+            return
+        if not self.reported:
+            print(f"warning: {error}; bag {bag} is replaced by the next bag in a fixed order "
+                  f"(listed in {self.bad_bags_file or 'no file'}; further such bags are listed there only)",
+                  file=sys.stderr)
+        self.reported.add(bag)
+        if self.bad_bags_file:
+            with open(self.bad_bags_file, "a") as f:  # one short append: whole lines from many processes
+                f.write(f"{bag}\t{error}\n")
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
@@ -864,14 +1052,18 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
     Each epoch is a permutation of the bags seeded by (seed, epoch), cut into global
     batches of `global_batch` samples (the tail is dropped); rank r takes the r-th
     contiguous slice of each. `start_step` skips the global batches already trained
-    on, to resume in the middle of an epoch.
+    on, to resume in the middle of an epoch. One sampler serves the whole run:
+    `set_epoch` moves it on (the DataLoader's persistent workers are kept).
     """
 
-    def __init__(self, num_samples, global_batch, rank, world_size, epoch, seed=0, start_step=0):
+    def __init__(self, num_samples, global_batch, rank, world_size, epoch=0, seed=0, start_step=0):
         self.num_samples, self.global_batch = num_samples, global_batch
         self.rank, self.world_size = rank, world_size
         self.epoch, self.seed, self.start_step = epoch, seed, start_step
         self.steps = num_samples // global_batch
+
+    def set_epoch(self, epoch, start_step=0):
+        self.epoch, self.start_step = epoch, start_step
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -916,34 +1108,42 @@ def get_args_parser():
                     "setting, Table 6). Run with python (one process) or torchrun (DDP).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--data", type=str, help="bag root (layout: see README, 'Bags of views')")
-    g.add_argument("--views", type=int, default=None,
+    g.add_argument("--data", type=str, default=DEFAULT_DATA,
+                   help="bag root (layout: see README, 'Bags of views'; relative to the working folder)")
+    g.add_argument("--views", type=checked(int, 1), default=None,
                    help="M generated views per bag to use (default: the largest count found; "
                         "a bag with fewer is an error)")
     g.add_argument("--target-view", choices=["any", "real", "generated"], default="any",
                    help="target chosen among all views of the bag / always the real image / "
                         "always a generated view (Table 2)")
-    g.add_argument("--input-size", type=int, default=224, help="side of the square training crops (pixels)")
-    g.add_argument("--crop-scale", type=float, nargs=2, default=(0.5, 1.0), help="random resized crop area")
-    g.add_argument("--crop-ratio", type=float, nargs=2, default=(0.75, 1.33), help="crop aspect ratio range")
-    g.add_argument("--workers", type=int, default=8, help="DataLoader worker processes per rank")
-    g.add_argument("--verify-images", action=argparse.BooleanOptionalAction, default=True,
-                   help="open every image's header at start-up (split over ranks)")
+    g.add_argument("--input-size", type=checked(int, 1), default=224, help="side of the square training crops (pixels)")
+    g.add_argument("--crop-scale", type=checked(float, 0, 1, low_open=True), nargs=2, default=(0.5, 1.0), help="random resized crop area")
+    g.add_argument("--crop-ratio", type=checked(float, 0, low_open=True), nargs=2, default=(0.75, 1.33), help="crop aspect ratio range")
+    g.add_argument("--workers", type=checked(int, 0), default=8, help="DataLoader worker processes per rank")
+    g.add_argument("--verify-images", choices=VERIFY_LEVELS, default="header",
+                   help="at start-up, open every image's header or decode every image (split over ranks "
+                        "and --workers processes; the result is cached in OUTPUT/bag-index.json)")
+    g.add_argument("--no-verify-images", dest="verify_images", action="store_const", const="none",
+                   help="same as --verify-images none")
+    g.add_argument("--decode", choices=["cpu", "gpu"], default="cpu",
+                   help="cpu: workers decode, crop and resize; gpu: workers read the files' bytes and draw "
+                        "the boxes, the GPU decodes (nvJPEG, needs torchvision) and crops"
+                        " (pixels differ slightly from cpu's, so a run keeps its choice)")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=sorted(VIT_SIZES), default="vit_small", help="encoder size")
-    g.add_argument("--embed-dim", type=int, default=None, help="override the encoder width")
-    g.add_argument("--depth", type=int, default=None, help="override the encoder depth")
-    g.add_argument("--num-heads", type=int, default=None, help="override the encoder heads")
-    g.add_argument("--patch-size", type=int, default=16, help="ViT patch size P (16: ViT-S/16, 8: ViT-S/8)")
-    g.add_argument("--anchors", type=int, default=1, help="N anchors per target (Eq. 6-7)")
-    g.add_argument("--anchor-mask", type=float, default=0.0, help="anchor mask ratio r_a (Eq. 6)")
-    g.add_argument("--target-mask", type=float, default=0.9, help="target mask ratio r_t (Eq. 4)")
-    g.add_argument("--decoder-dim", type=int, default=256, help="decoder width (Sec. 4)")
-    g.add_argument("--decoder-depth", type=int, default=4, help="decoder blocks (Sec. 4)")
-    g.add_argument("--decoder-heads", type=int, default=8, help="decoder attention heads")
-    g.add_argument("--decoder-ffn-dim", type=int, default=2048, help="decoder feed-forward width (CropMAE)")
-    g.add_argument("--decoder-dropout", type=float, default=0.1, help="decoder dropout (CropMAE)")
+    g.add_argument("--embed-dim", type=checked(int, 1), default=None, help="override the encoder width")
+    g.add_argument("--depth", type=checked(int, 1), default=None, help="override the encoder depth")
+    g.add_argument("--num-heads", type=checked(int, 1), default=None, help="override the encoder heads")
+    g.add_argument("--patch-size", type=checked(int, 1), default=16, help="ViT patch size P (16: ViT-S/16, 8: ViT-S/8)")
+    g.add_argument("--anchors", type=checked(int, 1), default=1, help="N anchors per target (Eq. 6-7)")
+    g.add_argument("--anchor-mask", type=checked(float, 0, 1, high_open=True), default=0.0, help="anchor mask ratio r_a (Eq. 6)")
+    g.add_argument("--target-mask", type=checked(float, 0, 1, low_open=True, high_open=True), default=0.9, help="target mask ratio r_t (Eq. 4)")
+    g.add_argument("--decoder-dim", type=checked(int, 1), default=256, help="decoder width (Sec. 4)")
+    g.add_argument("--decoder-depth", type=checked(int, 1), default=4, help="decoder blocks (Sec. 4)")
+    g.add_argument("--decoder-heads", type=checked(int, 1), default=8, help="decoder attention heads")
+    g.add_argument("--decoder-ffn-dim", type=checked(int, 1), default=2048, help="decoder feed-forward width (CropMAE)")
+    g.add_argument("--decoder-dropout", type=checked(float, 0, 1, high_open=True), default=0.1, help="decoder dropout (CropMAE)")
     g.add_argument("--decoder-block", choices=["cdgmae", "croco"], default="cdgmae",
                    help="decoder block: the paper's (CropMAE's post-norm cross-attn, FFN, self-attn) or "
                         "CroCo's pre-norm self-attn, cross-attn, MLP with memory position embeddings "
@@ -952,28 +1152,50 @@ def get_args_parser():
                    help="regress per-patch normalised pixels")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=100, help="passes over the bags (Table 6)")
-    g.add_argument("--batch-size", type=int, default=2048, help="global batch (all ranks, all accumulation steps)")
-    g.add_argument("--accum-iter", type=int, default=1, help="gradient accumulation steps per optimizer step")
-    g.add_argument("--blr", type=float, default=1.5e-4, help="base lr; lr = blr * batch_size / 256")
-    g.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
-    g.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine")
-    g.add_argument("--warmup-epochs", type=float, default=5, help="linear warmup (CropMAE: 5%% of 100 epochs)")
-    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (Table 6)")
-    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas (Table 6)")
-    g.add_argument("--seed", type=int, default=0, help="seeds the initial weights, the data order and every sample's crop, views and masks")
+    g.add_argument("--epochs", type=checked(int, 1), default=100, help="passes over the bags (Table 6)")
+    g.add_argument("--batch-size", type=checked(int, 1), default=2048, help="global batch (all ranks, all accumulation steps)")
+    g.add_argument("--accum-iter", type=checked(int, 1), default=1, help="gradient accumulation steps per optimizer step")
+    g.add_argument("--blr", type=checked(float, 0, low_open=True), default=1.5e-4, help="base lr; lr = blr * batch_size / 256")
+    g.add_argument("--lr", type=checked(float, 0, low_open=True), default=None, help="absolute lr (overrides --blr)")
+    g.add_argument("--min-lr", type=checked(float, 0), default=0.0, help="lr at the end of the cosine")
+    g.add_argument("--warmup-epochs", type=checked(float, 0), default=5, help="linear warmup (CropMAE: 5%% of 100 epochs)")
+    g.add_argument("--weight-decay", type=checked(float, 0), default=0.05, help="AdamW weight decay (Table 6)")
+    g.add_argument("--betas", type=checked(float, 0, 1, high_open=True), nargs=2, default=(0.9, 0.95), help="AdamW betas (Table 6)")
+    g.add_argument("--seed", type=checked(int, 0), default=0, help="seeds the initial weights, the data order and every sample's crop, views and masks")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
-    g.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) after this many optimizer steps")
+    g.add_argument("--max-steps", type=checked(int, 1), default=None, help="stop (with a checkpoint) after this many optimizer steps")
 
     g = p.add_argument_group("output")
     g.add_argument("--output", type=str, default="runs/cdgmae", help="folder for checkpoints, log.jsonl, args.json and reconstruction PNGs")
     g.add_argument("--resume", type=str, default=None, help="checkpoint to continue from ('auto': OUTPUT/checkpoint-last.pth if present)")
-    g.add_argument("--save-every", type=int, default=25, help="keep a copy of the checkpoint every this many epochs")
-    g.add_argument("--vis-every", type=int, default=5, help="reconstruction PNG every this many epochs (0: never)")
-    g.add_argument("--log-every", type=int, default=20, help="JSON-lines log every this many steps")
+    g.add_argument("--save-every", type=checked(int, 1), default=25, help="keep a copy of the checkpoint every this many epochs")
+    g.add_argument("--vis-every", type=checked(int, 0), default=5, help="reconstruction PNG every this many epochs (0: never)")
+    g.add_argument("--log-every", type=checked(int, 1), default=20, help="JSON-lines log every this many steps")
+    g.add_argument("--dist-timeout", type=checked(float, 0, low_open=True), default=30,
+                   help="minutes any rank may wait in a collective (start-up scan, loss average) before the "
+                        "run stops with an error instead of hanging")
     g.add_argument("--count-flops", action="store_true",
                    help="print the GFLOPs of one 224x224 training sample (Table 8) and exit")
     return p
+
+
+def check_args(parser, args):
+    """Checks that involve several flags, right after parsing (parser.error: one line, exit 2)."""
+    width, _, heads = VIT_SIZES[args.model]
+    width, heads = args.embed_dim or width, args.num_heads or heads
+    if args.input_size % args.patch_size:
+        parser.error(f"argument --input-size: {args.input_size} is not divisible by --patch-size {args.patch_size}")
+    for width_flag, width, heads_flag, heads in (("--embed-dim", width, "--num-heads", heads),
+                                                 ("--decoder-dim", args.decoder_dim, "--decoder-heads", args.decoder_heads)):
+        if width % heads:
+            parser.error(f"argument {heads_flag}: {heads} heads do not divide the width {width} ({width_flag})")
+        if width % 4:
+            parser.error(f"argument {width_flag}: {width} is not divisible by 4 (sine-cosine position embedding)")
+    for flag, (low, high) in (("--crop-scale", args.crop_scale), ("--crop-ratio", args.crop_ratio)):
+        if low > high:
+            parser.error(f"argument {flag}: {low:g} {high:g} is not LOW <= HIGH")
+    if args.batch_size % args.accum_iter:
+        parser.error(f"argument --accum-iter: {args.accum_iter} does not divide --batch-size {args.batch_size}")
 
 
 def model_config(args):
@@ -1007,8 +1229,10 @@ def param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def setup_distributed():
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo on CPU."""
+def setup_distributed(timeout_minutes=30):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo on CPU. No collective
+    waits longer than `timeout_minutes` (--dist-timeout): a rank that dies or stalls stops the
+    others with an error instead of leaving them waiting."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -1018,7 +1242,8 @@ def setup_distributed():
     else:
         device = torch.device("cpu")
     if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return rank, world_size, device
 
 
@@ -1110,37 +1335,351 @@ def reconstruction_image(model, target, anchors, pred, mask, max_rows=4):
     return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
 
 
-def scan_bag_root(args, rank, world_size):
-    """List the bags, check every one of them (split over ranks) and fail with their names
-    before any training if one is unreadable or incomplete. Returns (bags, num_views)."""
-    bags = find_bags(args.data) if rank == 0 else None
-    if world_size > 1:
-        box = [bags]
-        dist.broadcast_object_list(box, src=0)
-        bags = box[0]
+# -----------------------------------------------------------------------------
+# The run folder: one run per --output, resumed only with the settings it was made with
+# -----------------------------------------------------------------------------
+
+RUN_FILES = ("checkpoint-last.pth", "log.jsonl", "args.json")  # a folder holding any of them holds a run
+# Settings that change what a run computes, besides the model's (model_config). The others
+# (workers, verification, cadence of logs, pictures and checkpoints, --max-steps, --compile,
+# --dist-timeout) may differ on resume; --epochs only once the run has finished its epochs.
+RESULT_SETTINGS = ("input_size", "crop_scale", "crop_ratio", "target_view", "views", "batch_size", "accum_iter",
+                   "lr", "min_lr", "warmup_epochs", "weight_decay", "betas", "seed", "decode", "data", "bags")
+FLAG_NAMES = {"num_anchors": "--anchors", "anchor_mask_ratio": "--anchor-mask", "target_mask_ratio": "--target-mask",
+              "img_size": "--input-size", "decoder_embed_dim": "--decoder-dim", "decoder_num_heads": "--decoder-heads",
+              "bags": "the bag list"}
+
+
+def run_settings(args):
+    """What args.json and a checkpoint record: every flag (plain values), the model's
+    constructor arguments, and after the scan the bag count and list fingerprint."""
+    return {**{k: plain(v) for k, v in vars(args).items()}, **model_config(args)}
+
+
+def settings_differences(args, stored, finished=False):
+    """['--flag old -> new', ...]: the stored settings that the command line would change and
+    that change what the run computes. Keys a run did not record (older versions) and keys
+    not known yet (views and bags before the scan) are skipped. `finished`: the stored run
+    has done all its epochs, so --epochs may grow (the cosine of the new length then sets
+    the lr from the resumed step on)."""
+    current, differences = run_settings(args), {}
+    for key in RESULT_SETTINGS + tuple(model_config(args)):
+        if key not in stored or current.get(key) is None:
+            continue
+        old, new = stored[key], current[key]
+        if key == "data":
+            old, new = os.path.realpath(old), os.path.realpath(new)
+        if old != new:
+            flag = FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
+            differences.setdefault(flag, f"{flag} {stored[key]} -> {current[key]}")
+    if stored.get("epochs", args.epochs) != args.epochs and not finished:
+        differences["--epochs"] = (f"--epochs {stored['epochs']} -> {args.epochs} (the cosine's length: it sets "
+                                   "the lr of every remaining step; extend a run once it has finished)")
+    return list(differences.values())
+
+
+def find_resume(args, output):
+    """The checkpoint to resume from, or None for a fresh start. Refuses to start a new run in
+    a folder that holds another one (unless resuming it) and a --resume that names a
+    checkpoint outside such a folder."""
+    if output.exists() and not output.is_dir():
+        raise SystemExit(f"{output}: --output is a file, not a folder (choose a folder)")
+    existing = [name for name in RUN_FILES if (output / name).exists()]
+    if args.resume is None:
+        if existing:
+            raise SystemExit(f"{output}: holds another run ({', '.join(existing)}) "
+                             "(continue it with --resume auto, or choose another --output)")
+        return None
+    if args.resume == "auto":
+        last = output / "checkpoint-last.pth"
+        return last if last.exists() else None
+    path = Path(args.resume)
+    if not path.is_file():
+        raise SystemExit(f"{path}: checkpoint not found (--resume takes a checkpoint file or 'auto')")
+    if existing and path.resolve().parent != output.resolve():
+        raise SystemExit(f"{output}: holds another run ({', '.join(existing)}) and --resume {path} is not one of "
+                         "its checkpoints (resume into an empty --output, or use --resume auto)")
+    return path
+
+
+def first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def read_training_checkpoint(path):
+    """A checkpoint written by this script, or a one-line exit naming the file."""
+    try:
+        ckpt = load_checkpoint(path)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"{first_line(e)} (--resume needs a checkpoint that cdgmae.py wrote)") from None
+    missing = [k for k in ("model", "optimizer", "next_epoch", "next_step", "global_step", "args")
+               if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise SystemExit(f"{path}: not a cdgmae.py training checkpoint (no {', '.join(missing)}) "
+                         "(--resume continues a run of this script; it does not load other weights)")
+    return ckpt
+
+
+def refuse_changed_settings(args, ckpt, resume, output):
+    """Exit, listing the differences, if resuming would change what the run computes. Without
+    a checkpoint, --resume auto compares with OUTPUT/args.json (a run killed before its first
+    checkpoint restarts from scratch, but only with its own settings)."""
+    if ckpt is not None:
+        stored, source = ckpt["args"], resume
+        finished = ckpt["next_epoch"] >= stored.get("epochs", math.inf)
+    elif args.resume == "auto" and (output / "args.json").exists():
+        source, finished = output / "args.json", False
+        try:
+            stored = json.loads(source.read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{source}: cannot read ({first_line(e)}) (remove it to start the run afresh)") from None
+    else:
+        return
+    differences = settings_differences(args, stored, finished)
+    if differences:
+        raise SystemExit(f"{source}: the run was made with other settings, and resuming would change what it "
+                         f"computes: {'; '.join(differences)} (resume with the run's settings, or start a new "
+                         "run in another --output)")
+
+
+def save_or_exit(path, write, what):
+    """atomic_write; a full disk (any OS error) is a one-line exit, and the previous file stays whole."""
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        raise SystemExit(f"{path}: cannot write {what} ({e.strerror or e}) "
+                         f"(free space in {Path(path).parent}, then rerun with --resume auto)") from None
+
+
+def truncate_log(path, last_step):
+    """Keep the log records of steps <= last_step (those in the checkpoint resumed from), so the
+    resumed run appends after them and no step is logged twice. A line cut by a kill is dropped."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= last_step:
+            kept.append(line + "\n")
+    save_or_exit(path, lambda tmp: Path(tmp).write_text("".join(kept)), "the log")
+
+
+def check_data_root(args):
+    """A missing bag folder is a one-line exit saying how to make one."""
+    root = Path(args.data)
+    if root.is_dir():
+        return
+    if args.data == DEFAULT_DATA:
+        raise SystemExit(f"{root}: no bag folder (the default --data, relative to the working folder; make one with "
+                         f"`python generate_views.py --images IMAGES --model SLDM --output {root}`, toy bags with "
+                         f"`python toyworld.py bags --output {root}`, or pass --data BAGS)")
+    raise SystemExit(f"{root}: bag folder not found (--data takes the folder written by generate_views.py "
+                     "or `toyworld.py bags`)")
+
+
+# -----------------------------------------------------------------------------
+# Start-up: list and check the bags, split over ranks and processes, cached
+# -----------------------------------------------------------------------------
+
+def bag_index_key(args):
+    """What the cached bag list depends on: the folder, the modification times of the root and
+    of its top-level folders (adding or removing a bag changes its parent's), and the flags that
+    decide which bags are usable. A file replaced inside a bag is not seen (see docs/training.md)."""
+    root = Path(args.data)
+    with os.scandir(root) as entries:
+        stamps = sorted((e.name, e.stat().st_mtime_ns) for e in entries if e.is_dir())
+    return {"data": os.path.realpath(root), "root_mtime_ns": root.stat().st_mtime_ns,
+            "folders": hashlib.sha1(json.dumps(stamps).encode()).hexdigest(),
+            "views": args.views, "anchors": args.anchors, "target_view": args.target_view}
+
+
+def read_bag_index(path, key, level):
+    """(bags, num_views) from OUTPUT/bag-index.json if it was made for `key` and checked at
+    `level` or more thoroughly; None otherwise."""
+    try:
+        index = json.loads(path.read_text())
+        verified = VERIFY_LEVELS.index(index["verified"])
+        if index["key"] != key or verified < VERIFY_LEVELS.index(level):
+            return None
+        return index["bags"], index["num_views"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def gather(part, world_size):
+    """The concatenation of every rank's list (bounded by --dist-timeout)."""
+    if world_size == 1:
+        return list(part)
+    parts = [None] * world_size
+    dist.all_gather_object(parts, list(part))
+    return [item for p in parts for item in p]
+
+
+def scan_bag_root(args, rank, world_size, output):
+    """List the bags and check every one (both split over ranks and over --workers processes
+    per rank), or reuse OUTPUT/bag-index.json when nothing it depends on changed. Fails with
+    the bags' names before any training if one cannot be used. Returns (bags, num_views)."""
+    cache, key = output / "bag-index.json", bag_index_key(args)
+    cached = read_bag_index(cache, key, args.verify_images)
+    if world_size > 1 and not all(gather([cached is not None], world_size)):
+        cached = None  # every rank uses the cache, or none does
+    if cached:
+        return cached
+    processes = max(1, args.workers)
+    bags = sorted(gather(find_bags(args.data, rank, world_size, processes), world_size))
     if not bags:
         raise SystemExit(f"{args.data}: no bags found (a bag is a folder holding real.* and view_NN.jpg files)")
-    num_views = args.views
-    if num_views is None:  # infer M from the first bags; check_bags then holds every bag to it
-        num_views = max(len(bag_files(Path(args.data) / b)[1]) for b in bags[:1000])
-    problems = check_bags(args.data, bags[rank::world_size], num_views, 1 + args.anchors,
-                          verify_images=args.verify_images)
-    if world_size > 1:
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, problems)
-        problems = {k: v for part in gathered for k, v in part.items()}
+    num_views = args.views or max(len(bag_files(Path(args.data) / b)[1]) for b in bags[:1000])
+    problems = dict(gather(check_bags(args.data, bags[rank::world_size], num_views, 1 + args.anchors,
+                                      args.verify_images, processes).items(), world_size))
     if args.target_view == "real" and num_views < args.anchors:
         problems["(all)"] = f"--target-view real needs at least {args.anchors} generated views, bags have {num_views}"
     if problems:
-        lines = [f"  {Path(args.data) / bag}: {why}" for bag, why in sorted(problems.items())[:20]]
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise SystemExit(f"{args.data}: {len(problems)} of {len(bags)} bags cannot be used "
-                         f"(M = {num_views} views, N = {args.anchors} anchors):\n" + "\n".join(lines) + more)
+        listed = sorted(problems.items())
+        if rank == 0:
+            save_or_exit(output / "bag-problems.txt",
+                         lambda tmp: Path(tmp).write_text("".join(f"{b}\t{why}\n" for b, why in listed)), "a list")
+        shown = "; ".join(f"{bag}: {why}" for bag, why in listed[:3])
+        raise SystemExit(f"{args.data}: {len(problems)} of {len(bags)} bags cannot be used (M = {num_views} views, "
+                         f"N = {args.anchors} anchors): {shown}{' ...' if len(listed) > 3 else ''} "
+                         f"(fix or remove them; all are listed in {output / 'bag-problems.txt'})")
+    if rank == 0:
+        index = {"key": key, "verified": args.verify_images, "num_views": num_views, "bags": bags}
+        save_or_exit(cache, lambda tmp: Path(tmp).write_text(json.dumps(index)), "the bag index")
     return bags, num_views
 
 
+def bag_list_id(bags):
+    """'<count> bags, sha1 <12 hex>': recorded with the run, so a resume on another bag list is refused."""
+    return f"{len(bags)} bags, sha1 {hashlib.sha1(chr(10).join(bags).encode()).hexdigest()[:12]}"
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+# -----------------------------------------------------------------------------
+
+def make_loader(args, dataset, sampler, per_step, device):
+    """One DataLoader for the whole run: persistent workers (the sampler is moved on with
+    set_epoch), uint8 batches, and a prefetch depth of about 256 samples per worker (2 batches
+    of 128 or more, up to 8 small ones), so large batches do not pile up in shared memory."""
+    extra = {}
+    if args.workers > 0:
+        extra = dict(persistent_workers=True, prefetch_factor=min(8, max(2, -(-256 // per_step))))
+    return torch.utils.data.DataLoader(dataset, batch_size=per_step, sampler=sampler, num_workers=args.workers,
+                                       pin_memory=device.type == "cuda", drop_last=False,
+                                       collate_fn=collate_encoded if args.decode == "gpu" else None, **extra)
+
+
+def batch_mover(args, device):
+    """A loader batch -> (target, anchors) normalised on the device, and the masking noise."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
+
+    def move(batch):
+        if args.decode == "gpu":
+            target, anchors, target_noise, anchor_noise = assemble_on_device(batch, args.input_size, device)
+        else:
+            target, anchors, target_noise, anchor_noise = [t.to(device, non_blocking=True) for t in batch]
+        return normalize(target, mean, std), normalize(anchors, mean, std), target_noise, anchor_noise
+    return move
+
+
+def log_progress(run, bar, record, loss_sum, loss_steps, samples_per_s):
+    """Average the loss over ranks (one collective every --log-every steps) and log it."""
+    if run.world_size > 1:
+        dist.all_reduce(loss_sum)
+        loss_sum /= run.world_size
+    record.update(loss=loss_sum.item() / loss_steps, samples_per_s=samples_per_s)
+    loss_sum.zero_()
+    if run.rank == 0:
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", samples_per_s=f"{samples_per_s:.1f}")
+        try:
+            run.log.write(json.dumps(record) + "\n")
+            run.log.flush()
+        except OSError as e:
+            raise SystemExit(f"{run.output / 'log.jsonl'}: cannot write the log ({e.strerror or e}) "
+                             f"(free space in {run.output}, then rerun with --resume auto)") from None
+
+
+def train_epoch(args, run, epoch, first, batches, global_step):
+    """Steps first..end of one epoch (or up to --max-steps). Returns (global_step, the last
+    step index done, whether --max-steps stopped it, the last batch and prediction)."""
+    steps = run.steps_per_epoch
+    bar = tqdm(range(first, steps), desc=f"epoch {epoch}", disable=run.rank != 0, dynamic_ncols=True,
+               initial=first, total=steps)
+    run.model.train()
+    t_last, seen, loss_steps = time.time(), 0, 0
+    loss_sum = torch.zeros((), device=run.device)  # summed on the device: no sync per step
+    step, stop, last = first - 1, False, None
+    for step in bar:
+        lr = learning_rate(args, epoch + step / steps)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        # Dropout (and any other model-side randomness) is a function of (seed, rank, step),
+        # so a resumed run replays exactly what an uninterrupted one would have drawn.
+        torch.manual_seed(args.seed * 1_000_003 + global_step * 1009 + run.rank)
+        for micro in range(args.accum_iter):
+            target, anchors, target_noise, anchor_noise = run.move(next(batches))
+            sync = micro == args.accum_iter - 1 or run.world_size == 1
+            with (contextlib.nullcontext() if sync else run.train_model.no_sync()), \
+                    torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
+                loss, pred, mask = run.train_model(target, anchors, target_noise, anchor_noise)
+            (loss / args.accum_iter).backward()
+            loss_sum += loss.detach() / args.accum_iter
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        global_step, loss_steps, seen = global_step + 1, loss_steps + 1, seen + args.batch_size
+        last = (target, anchors, pred.detach(), mask)
+        if global_step % args.log_every == 0 or step == steps - 1:
+            now = time.time()
+            log_progress(run, bar, {"epoch": epoch, "step": global_step, "lr": lr}, loss_sum, loss_steps,
+                         seen / max(now - t_last, 1e-9))
+            t_last, seen, loss_steps = now, 0, 0
+        if args.max_steps is not None and global_step >= args.max_steps:
+            stop = True
+            break
+    return global_step, step, stop, last
+
+
+def save_checkpoint(args, run, epoch, step, global_step, last):
+    """checkpoint-last.pth after every epoch or stop, a kept copy every --save-every epochs and
+    a reconstruction picture every --vis-every epochs (rank 0; each written atomically)."""
+    finished = step == run.steps_per_epoch - 1
+    next_epoch, next_step = (epoch + 1, 0) if finished else (epoch, step + 1)
+    ckpt = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "next_epoch": next_epoch,
+            "next_step": next_step, "global_step": global_step, "args": run.settings}
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a Python file, so that a full disk is an OSError
+            torch.save(ckpt, f)
+    save_or_exit(run.output / "checkpoint-last.pth", write, "the checkpoint")
+    if finished and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
+        save_or_exit(run.output / f"checkpoint-{epoch + 1:04d}.pth", write, "the checkpoint")
+    if finished and last and args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
+        picture = reconstruction_image(run.model, *last)
+        save_or_exit(run.output / f"reconstruction-{epoch + 1:04d}.png",
+                     lambda tmp: picture.save(tmp, format="PNG"), "the reconstruction picture")
+
+
+def resume_from(ckpt, resume, model, optimizer):
+    """Load a checkpoint's model and optimizer states; returns (next_epoch, next_step, global_step)."""
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise SystemExit(f"{resume}: does not fit this model ({first_line(e)}) "
+                         "(--resume needs a checkpoint of this run)") from None
+    return ckpt["next_epoch"], ckpt["next_step"], ckpt["global_step"]
+
+
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     if args.count_flops:
         counts = count_flops(CDGMAE(**{**model_config(args), "img_size": 224}))
         print(f"N={args.anchors} r_a={args.anchor_mask:g} r_t={args.target_mask:g}: "
@@ -1148,137 +1687,85 @@ def main(argv=None):
               f"{(counts['linear'] + counts['conv']) / 1e9:.3f} G, LayerNorm {counts['layernorm'] / 1e9:.3f} G; "
               f"attention products, not counted: {counts['attention'] / 1e9:.3f} G)")
         return counts
-    if not args.data:
-        raise SystemExit("--data BAGS is required (or --count-flops)")
 
-    rank, world_size, device = setup_distributed()
-    per_step = args.batch_size // (world_size * args.accum_iter)
-    if per_step * world_size * args.accum_iter != args.batch_size:
-        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by {world_size} ranks x "
-                         f"{args.accum_iter} accumulation steps")
+    # Everything that can be refused is checked before any expensive work.
     args.lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
     output = Path(args.output)
+    resume = find_resume(args, output)
+    ckpt = read_training_checkpoint(resume) if resume else None
+    refuse_changed_settings(args, ckpt, resume, output)
+    check_data_root(args)
+
+    rank, world_size, device = setup_distributed(args.dist_timeout)
+    per_step = args.batch_size // (world_size * args.accum_iter)
+    if per_step * world_size * args.accum_iter != args.batch_size:
+        raise SystemExit(f"--batch-size {args.batch_size}: not divisible by {world_size} ranks x "
+                         f"{args.accum_iter} accumulation steps (choose a multiple of {world_size * args.accum_iter})")
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(output)
+    bags, args.views = scan_bag_root(args, rank, world_size, output)
+    args.bags = bag_list_id(bags)
+    refuse_changed_settings(args, ckpt, resume, output)  # now with the views and the bag list known
+    return train(args, bags, rank, world_size, device, per_step, output, ckpt, resume)
 
-    bags, num_views = scan_bag_root(args, rank, world_size)
+
+def train(args, bags, rank, world_size, device, per_step, output, ckpt, resume):
+    """Model, optimizer, loader and the epoch loop (Table 6); returns the model."""
     steps_per_epoch = len(bags) // args.batch_size
     if steps_per_epoch == 0:
-        raise SystemExit(f"{args.data}: {len(bags)} bags is fewer than one global batch of {args.batch_size}")
+        raise SystemExit(f"{args.data}: {len(bags)} bags is fewer than one global batch of {args.batch_size} "
+                         "(lower --batch-size or add bags)")
     config = model_config(args)
-
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = CDGMAE(**config).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=tuple(args.betas))
-
-    start_epoch, start_step = 0, 0
-    resume = output / "checkpoint-last.pth" if args.resume == "auto" else args.resume
-    if resume and (args.resume != "auto" or Path(resume).exists()):
-        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
-        model.load_state_dict(ckpt["model"], strict=True)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, start_step = ckpt["next_epoch"], ckpt["next_step"]
-        if rank == 0:
-            print(f"resumed from {resume}: epoch {start_epoch}, step {start_step} of {steps_per_epoch}")
-            changed = [f"{k}: {ckpt['args'][k]} -> {plain(getattr(args, k))}"
-                       for k in ("batch_size", "seed", "epochs", "lr", "warmup_epochs", "target_view", "views")
-                       if k in ckpt["args"] and ckpt["args"][k] != plain(getattr(args, k))]
-            if changed:
-                print("warning: the run continues with other settings than the checkpoint's, so it will not "
-                      "replay the uninterrupted run: " + "; ".join(changed))
-
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=tuple(args.betas),
+                                  fused=device.type == "cuda" or None)  # one kernel for all parameters
+    start_epoch, start_step, global_step = resume_from(ckpt, resume, model, optimizer) if ckpt else (0, 0, 0)
+    if args.max_steps is not None and global_step >= args.max_steps or start_epoch >= args.epochs:
+        print(f"{output}: nothing to do (step {global_step}, epoch {start_epoch} of {args.epochs})")
+        return model
     train_model = model
     if world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         train_model = torch.compile(train_model)
-    use_bf16 = device.type == "cuda"  # bf16 autocast on GPU; float32 on CPU (bf16 is ~30x slower there)
-    if device.type == "cuda":
+    if device.type == "cuda":  # bf16 autocast on GPU; float32 on CPU (bf16 is ~30x slower there)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    dataset = BagDataset(args.data, bags, num_views, args.anchors, args.input_size, args.target_view,
-                         tuple(args.crop_scale), tuple(args.crop_ratio), model.num_patches, args.seed)
+    dataset = BagDataset(args.data, bags, args.views, args.anchors, args.input_size, args.target_view,
+                         tuple(args.crop_scale), tuple(args.crop_ratio), model.num_patches, args.seed,
+                         encoded=args.decode == "gpu", bad_bags_file=output / "bad_bags.txt")
+    sampler = GlobalBatchSampler(len(bags), args.batch_size, rank, world_size, seed=args.seed)
+    loader = make_loader(args, dataset, sampler, per_step, device)
+    run = argparse.Namespace(model=model, train_model=train_model, optimizer=optimizer, rank=rank,
+                             world_size=world_size, device=device, output=output, steps_per_epoch=steps_per_epoch,
+                             settings=run_settings(args), move=batch_mover(args, device), log=None)
     if rank == 0:
         counts = count_flops(CDGMAE(**{**config, "decoder_dropout": 0.0}))
-        print(f"{len(bags)} bags of 1 real + {num_views} views; {world_size} rank(s) x {per_step} samples x "
+        print(f"{len(bags)} bags of 1 real + {args.views} views; {world_size} rank(s) x {per_step} samples x "
               f"{args.accum_iter} accumulation = global batch {args.batch_size}; {steps_per_epoch} steps/epoch; "
               f"lr {args.lr:.3g}; {counts['fvcore'] / 1e9:.3g} GFLOPs/sample (fvcore)")
-        with open(output / "args.json", "w") as f:
-            json.dump({k: plain(v) for k, v in vars(args).items()}, f, indent=2)
-
-    log_file = open(output / "log.jsonl", "a") if rank == 0 else None
-    global_step = start_epoch * steps_per_epoch + start_step
+        if ckpt:
+            print(f"resumed from {resume}: epoch {start_epoch}, step {start_step} of {steps_per_epoch}")
+        save_or_exit(output / "args.json", lambda tmp: Path(tmp).write_text(json.dumps(run.settings, indent=2)),
+                     "the settings")
+        truncate_log(output / "log.jsonl", global_step)
+        run.log = open(output / "log.jsonl", "a")
     try:
         for epoch in range(start_epoch, args.epochs):
-            sampler = GlobalBatchSampler(len(bags), args.batch_size, rank, world_size, epoch, args.seed,
-                                         start_step if epoch == start_epoch else 0)
-            loader = torch.utils.data.DataLoader(dataset, batch_size=per_step, sampler=sampler,
-                                                 num_workers=args.workers, pin_memory=device.type == "cuda",
-                                                 drop_last=False, persistent_workers=False)
-            batches = iter(loader)
             first = start_step if epoch == start_epoch else 0
-            bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch}", disable=rank != 0,
-                       dynamic_ncols=True, initial=first, total=steps_per_epoch)
-            model.train()
-            t_last, seen, loss_steps = time.time(), 0, 0
-            loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
-            for step in bar:
-                lr = learning_rate(args, epoch + step / steps_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                # Dropout (and any other model-side randomness) is a function of (seed, rank, step),
-                # so a resumed run replays exactly what an uninterrupted one would have drawn.
-                torch.manual_seed(args.seed * 1_000_003 + global_step * 1009 + rank)
-                for micro in range(args.accum_iter):
-                    target, anchors, target_noise, anchor_noise = [t.to(device, non_blocking=True)
-                                                                   for t in next(batches)]
-                    sync = micro == args.accum_iter - 1 or world_size == 1
-                    with (contextlib.nullcontext() if sync else train_model.no_sync()), \
-                            torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                        loss, pred, mask = train_model(target, anchors, target_noise, anchor_noise)
-                    (loss / args.accum_iter).backward()
-                    loss_sum += loss.detach() / args.accum_iter
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                global_step += 1
-                loss_steps += 1
-                seen += args.batch_size
-                if global_step % args.log_every == 0 or step == steps_per_epoch - 1:
-                    if world_size > 1:  # the mean over all ranks' samples
-                        dist.all_reduce(loss_sum)
-                        loss_sum /= world_size
-                    now = time.time()
-                    record = {"epoch": epoch, "step": global_step, "lr": lr, "loss": loss_sum.item() / loss_steps,
-                              "samples_per_s": seen / max(now - t_last, 1e-9)}
-                    if rank == 0:
-                        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
-                                        samples_per_s=f"{record['samples_per_s']:.1f}")
-                        log_file.write(json.dumps(record) + "\n")
-                        log_file.flush()
-                    t_last, seen, loss_steps = now, 0, 0
-                    loss_sum.zero_()
-                stop = args.max_steps is not None and global_step >= args.max_steps
-                if stop:
-                    break
-            finished_epoch = step == steps_per_epoch - 1
+            sampler.set_epoch(epoch, first)  # the persistent workers stay; only the keys change
+            global_step, step, stop, last = train_epoch(args, run, epoch, first, iter(loader), global_step)
             if rank == 0:
-                next_epoch, next_step = (epoch + 1, 0) if finished_epoch else (epoch, step + 1)
-                ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "next_epoch": next_epoch, "next_step": next_step, "global_step": global_step,
-                        "args": {**{k: plain(v) for k, v in vars(args).items()}, **config}}
-                atomic_write(output / "checkpoint-last.pth", lambda tmp: torch.save(ckpt, tmp))
-                if finished_epoch and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
-                    atomic_write(output / f"checkpoint-{epoch + 1:04d}.pth", lambda tmp: torch.save(ckpt, tmp))
-                if finished_epoch and args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
-                    reconstruction_image(model, target, anchors, pred.detach(), mask).save(
-                        output / f"reconstruction-{epoch + 1:04d}.png")
+                save_checkpoint(args, run, epoch, step, global_step, last)
             if stop:
                 break
     finally:
-        if log_file:
-            log_file.close()
+        if run.log:
+            run.log.close()
         if world_size > 1:
             dist.destroy_process_group()
     return model
