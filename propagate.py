@@ -48,9 +48,13 @@ Usage:
     python propagate.py --dataset vip --data-root VIP_Fine --checkpoint ckpt.pth --output runs/vip --visualize
     python propagate.py --dataset jhmdb --data-root JHMDB --checkpoint dino_deitsmall16_pretrain.pth
         --output runs/jhmdb --list jhmdb_vallist.txt --evaluate          (one command)
+    # DIFT features of a diffusion model folder, with DIFT's settings (App. C.3) as defaults
+    python propagate.py --dataset davis --data-root DAVIS --checkpoint sldm/ --features dift --output runs/dift
+    # your own clip: a folder of frames or a video file, and the first frame's mask (or keypoints)
+    python propagate.py --video clip.mp4 --first-mask first.png --checkpoint ckpt.pth --output runs/clip
 
 Import:
-    from propagate import label_propagation, load_encoder, propagate_dataset
+    from propagate import label_propagation, load_dift, load_encoder, propagate_dataset, propagate_own_video
     labels = label_propagation(features, first_labels, topk=7, queue_length=20, radius=20, temperature=0.7)
 """
 import argparse
@@ -636,7 +640,8 @@ class DiftFeatures(nn.Module):
         if not 0 <= up_block < len(unet.up_blocks):
             raise ValueError(f"{folder}: up-block {up_block} does not exist, the UNet has {len(unet.up_blocks)}")
         if not 0 <= timestep < len(scheduler.alphas_cumprod):
-            raise ValueError(f"{folder}: timestep {timestep} is outside the schedule's 0..{len(scheduler.alphas_cumprod) - 1}")
+            raise ValueError(f"{folder}: timestep {timestep} is outside the schedule's "
+                             f"0..{len(scheduler.alphas_cumprod) - 1}")
         self.unet, self.vae, self.scheduler = unet.eval(), vae.eval(), scheduler
         self.register_buffer("context", context.detach(), persistent=False)
         self.timestep, self.up_block, self.ensemble_size, self.seed = timestep, up_block, ensemble_size, seed
@@ -758,19 +763,20 @@ def natural_key(path):
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", Path(path).name)]
 
 
-def import_av():
+def import_av(what):
+    """PyAV, imported when a video file is read or written; `what` names that file in the error."""
     try:
         import av
     except ImportError:
-        raise ImportError("video files need PyAV (pip install av==18.1.0); a folder of frames and a GIF overlay "
-                          "do not") from None
+        raise ImportError(f"{what}: video files need PyAV (pip install av==18.1.0); a folder of frames and a GIF "
+                          f"overlay do not") from None
     return av
 
 
 def video_frames(path):
     """A video file's frames as PIL RGB images, in order (PyAV, its first video stream). Frames come
     as stored: rotation metadata (phone videos) is not applied."""
-    av = import_av()
+    av = import_av(path)
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -783,7 +789,7 @@ def video_frames(path):
 
 def video_rate(path):
     """Frames per second of a video file's first video stream, or None when it does not say."""
-    av = import_av()
+    av = import_av(path)
     with av.open(str(path)) as container:
         rate = container.streams.video[0].average_rate
     return float(rate) if rate else None
@@ -844,7 +850,8 @@ def read_keypoints(path, width, height):
     outside = visible & ((xy[:, 0] < 0) | (xy[:, 0] > width - 1) | (xy[:, 1] < 0) | (xy[:, 1] > height - 1))
     if outside.any():
         j = int(np.argmax(outside))
-        raise ValueError(f"{path}: keypoint {j} at ({xy[j, 0]:g}, {xy[j, 1]:g}) lies outside the {width}x{height} frame")
+        raise ValueError(f"{path}: keypoint {j} at ({xy[j, 0]:g}, {xy[j, 1]:g}) lies outside the "
+                         f"{width}x{height} frame")
     if not visible.any():
         raise ValueError(f"{path}: no visible keypoint")
     return xy
@@ -852,9 +859,10 @@ def read_keypoints(path, width, height):
 
 def check_own_video(source, output, encoder, *, mask=None, keypoints=None, topk=None, queue_length=None,
                     radius=None, temperature=None, input_size=None, size_multiple=64, batch_size=8, num_heads=None):
-    """Every check of propagate_own_video, before any long work: the clip is readable, the mask has
-    the frame's size (or the keypoints lie in it), the encoder loads, the input size suits it and
-    nothing would be overwritten. Returns the plan run_own_video carries out."""
+    """Every check of propagate_own_video, before any long work: nothing would be overwritten, the
+    clip is readable, the mask has the frame's size (or the keypoints lie in it), the encoder loads
+    (encoder: as propagate_own_video's, or a function returning one, called after the cheaper
+    checks) and the input size suits it. Returns the plan run_own_video carries out."""
     if (mask is None) == (keypoints is None):
         raise ValueError("give exactly one of a first-frame mask and first-frame keypoints")
     output = Path(output)
@@ -872,6 +880,8 @@ def check_own_video(source, output, encoder, *, mask=None, keypoints=None, topk=
         extra = [Path(mask)]
     else:
         extra = [read_keypoints(keypoints, width, height)]
+    if callable(encoder) and not isinstance(encoder, nn.Module):  # a loader, run after the cheap checks
+        encoder = encoder()
     checkpoint = str(Path(encoder).resolve()) if isinstance(encoder, (str, Path)) else getattr(encoder, "folder", None)
     if isinstance(encoder, (str, Path)):
         encoder = load_encoder(encoder, num_heads)
@@ -880,9 +890,10 @@ def check_own_video(source, output, encoder, *, mask=None, keypoints=None, topk=
                 "input_size": OWN_VIDEO_INPUT_SIZE}
     given = dict(topk=topk, queue_length=queue_length, radius=radius, temperature=temperature, input_size=input_size)
     settings = {k: defaults[k] if v is None else v for k, v in given.items()}
-    settings.update(video=str(Path(source).resolve()), first=str(Path(mask if mask is not None else keypoints).resolve()),
-                    checkpoint=checkpoint, input_size=list(settings["input_size"]), size_multiple=size_multiple,
-                    batch_size=batch_size, encoder=encoder_description(encoder))
+    first = mask if mask is not None else keypoints
+    settings.update(video=str(Path(source).resolve()), first=str(Path(first).resolve()), checkpoint=checkpoint,
+                    input_size=list(settings["input_size"]), size_multiple=size_multiple, batch_size=batch_size,
+                    encoder=encoder_description(encoder))
     size = input_size_for(height, width, settings["input_size"], size_multiple)
     if min(size) <= 0 or size[0] % encoder.patch_size or size[1] % encoder.patch_size:
         raise ValueError(f"{source}: input size {size} (from frame {width}x{height} and input size "
@@ -909,7 +920,7 @@ def save_animation(path, images, fps):
     path = Path(path)
     kind = path.suffix.lower().lstrip(".")
     if kind == "mp4":
-        av = import_av()
+        av = import_av(path)
 
         def write(tmp):
             with av.open(str(tmp), "w", format="mp4") as container:
@@ -917,7 +928,8 @@ def save_animation(path, images, fps):
                 for image in images:
                     if stream is None:
                         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-                        stream.width, stream.height, stream.pix_fmt = image.width // 2 * 2, image.height // 2 * 2, "yuv420p"
+                        stream.width, stream.height = image.width // 2 * 2, image.height // 2 * 2
+                        stream.pix_fmt = "yuv420p"
                     frame = av.VideoFrame.from_image(image.crop((0, 0, stream.width, stream.height)))
                     container.mux(stream.encode(frame))
                 container.mux(stream.encode())
@@ -1046,13 +1058,15 @@ def add_own_video_arguments(p):
     g.add_argument("--video", type=Path, default=None,
                    help="a folder of frames (.jpg / .png, natural order: 2 before 10) or a video file (needs PyAV)")
     g.add_argument("--first-mask", type=Path, default=None,
-                   help="the first frame's mask: palette or grayscale PNG of object ids at the frame's size, 0 = background")
+                   help="the first frame's mask: palette or grayscale PNG of object ids at the frame's size, "
+                        "0 = background")
     g.add_argument("--first-keypoints", type=Path, default=None,
-                   help="the first frame's keypoints: a JSON list of [x, y] (0-based pixels, null = hidden), or a JHMDB "
-                        "joint_positions.mat")
+                   help="the first frame's keypoints: a JSON list of [x, y] (0-based pixels, null = hidden), "
+                        "or a JHMDB joint_positions.mat")
     g.add_argument("--overlay", choices=OVERLAY_FORMATS, default="gif",
                    help="output/overlay.<format>: every frame with its mask or keypoints (mp4 needs PyAV)")
-    g.add_argument("--overlay-height", type=checked(int, 16), default=480, help="overlay height in pixels (at most the frame's)")
+    g.add_argument("--overlay-height", type=checked(int, 16), default=480,
+                   help="overlay height in pixels (at most the frame's)")
     g.add_argument("--fps", type=checked(float, 0, low_open=True), default=None,
                    help=f"overlay frames per second (default: the video's, else {DEFAULT_FPS})")
 
@@ -1075,11 +1089,12 @@ def own_video_main(args, parser):
         parser.error("--video replaces --dataset and --data-root: give one or the other")
     if (args.first_mask is None) == (args.first_keypoints is None):
         parser.error("--video needs exactly one of --first-mask and --first-keypoints")
-    encoder = encoder_from_args(args)
     try:
-        plan = check_own_video(args.video, args.output, encoder, mask=args.first_mask, keypoints=args.first_keypoints,
-                               topk=args.topk, queue_length=args.queue_length, radius=args.radius,
-                               temperature=args.temperature, input_size=args.input_size,
+        if args.overlay == "mp4":
+            import_av("--overlay mp4")
+        plan = check_own_video(args.video, args.output, lambda: encoder_from_args(args), mask=args.first_mask,
+                               keypoints=args.first_keypoints, topk=args.topk, queue_length=args.queue_length,
+                               radius=args.radius, temperature=args.temperature, input_size=args.input_size,
                                size_multiple=args.size_multiple, batch_size=args.batch_size, num_heads=args.num_heads)
     except (OSError, ValueError, ImportError) as e:
         raise SystemExit(str(e))
@@ -1098,6 +1113,8 @@ def main(argv=None):
         return own_video_main(args, parser)
     if args.dataset is None or args.data_root is None:
         parser.error("--dataset and --data-root are required (or --video for your own clip)")
+    if args.first_mask is not None or args.first_keypoints is not None:
+        parser.error("--first-mask and --first-keypoints go with --video")
     result = propagate_dataset(
         args.dataset, args.data_root, encoder_from_args(args), args.output, topk=args.topk,
         queue_length=args.queue_length, radius=args.radius, temperature=args.temperature,

@@ -190,6 +190,16 @@ def test_unreadable_video_is_named(tmp_path, checkpoint):
     assert not (tmp_path / "out").exists()
 
 
+def test_video_file_without_pyav_is_one_line(tmp_path, checkpoint, monkeypatch):
+    monkeypatch.setitem(sys.modules, "av", None)  # as if PyAV were not installed
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"\x00" * 64)
+    mask = write_mask(tmp_path / "first.png", square_mask(0))
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--video", video, "--first-mask", mask, "--checkpoint", checkpoint, "--output", tmp_path / "out"])
+    assert str(exit_info.value.code).startswith(f"{video}: video files need PyAV (pip install av==18.1.0)")
+
+
 def test_finished_output_is_not_overwritten(tmp_path, checkpoint):
     frames = write_frames(tmp_path / "clip")
     mask = write_mask(tmp_path / "first.png", square_mask(0))
@@ -206,5 +216,6 @@ def test_keypoint_outside_the_frame_is_named(tmp_path, checkpoint):
     keypoints = tmp_path / "first.json"
     keypoints.write_text(json.dumps([[10, 10], [W + 5, 10]]))
     with pytest.raises(SystemExit) as exit_info:
-        run(["--video", frames, "--first-keypoints", keypoints, "--checkpoint", checkpoint, "--output", tmp_path / "out"])
+        run(["--video", frames, "--first-keypoints", keypoints, "--checkpoint", checkpoint,
+             "--output", tmp_path / "out"])
     assert str(exit_info.value.code) == f"{keypoints}: keypoint 1 at ({W + 5}, 10) lies outside the {W}x{H} frame"
