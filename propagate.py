@@ -637,10 +637,11 @@ class DiftFeatures(nn.Module):
     def __init__(self, unet, vae, scheduler, context, *, timestep=DIFT_TIMESTEP, up_block=DIFT_UP_BLOCK,
                  ensemble_size=DIFT_ENSEMBLE, seed=0, source=None, folder=None):
         super().__init__()
+        name = folder or "DiftFeatures"
         if not 0 <= up_block < len(unet.up_blocks):
-            raise ValueError(f"{folder}: up-block {up_block} does not exist, the UNet has {len(unet.up_blocks)}")
+            raise ValueError(f"{name}: up-block {up_block} does not exist, the UNet has {len(unet.up_blocks)}")
         if not 0 <= timestep < len(scheduler.alphas_cumprod):
-            raise ValueError(f"{folder}: timestep {timestep} is outside the schedule's "
+            raise ValueError(f"{name}: timestep {timestep} is outside the schedule's "
                              f"0..{len(scheduler.alphas_cumprod) - 1}")
         self.unet, self.vae, self.scheduler = unet.eval(), vae.eval(), scheduler
         self.register_buffer("context", context.detach(), persistent=False)
@@ -655,8 +656,8 @@ class DiftFeatures(nn.Module):
 
     def draw_noise(self, image):
         """(posterior noise, diffusion noise), each [E, 1, C, h, w], for one frame [3, H, W]."""
-        digest = hashlib.sha256(image.detach().float().cpu().numpy().tobytes()).digest()
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + int.from_bytes(digest[:7], "little")) % 2 ** 63)
+        digest = hashlib.sha256(f"{self.seed}:".encode() + image.detach().float().cpu().numpy().tobytes()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
         f = vae_downsampling(self.vae)
         shape = (self.ensemble_size, 1, self.unet.config.in_channels, image.shape[-2] // f, image.shape[-1] // f)
         return torch.randn(shape, generator=g), torch.randn(shape, generator=g)

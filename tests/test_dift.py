@@ -226,6 +226,14 @@ def test_stable_diffusion_folder_gives_the_empty_prompt_embedding(tmp_path):
     assert dift.source == "stable-diffusion" and dift.patch_size == 2
 
 
+def test_block_or_timestep_outside_the_model_is_named(tmp_path):
+    folder = tiny_sldm_folder(tmp_path / "sldm")
+    with pytest.raises(ValueError, match="up-block 2 does not exist, the UNet has 2"):
+        pr.load_dift(folder, up_block=2)
+    with pytest.raises(ValueError, match=r"timestep 1000 is outside the schedule's 0\.\.999"):
+        pr.load_dift(folder, up_block=1, timestep=1000)
+
+
 def test_folder_that_is_no_model_is_named(tmp_path):
     (tmp_path / "unet").mkdir()
     with pytest.raises(FileNotFoundError, match=f"{tmp_path}: not a diffusion model folder.*vae/config.json"):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.io as sio
 import torch
 from PIL import Image
 
@@ -138,6 +139,20 @@ def test_keypoints_are_propagated_to_every_frame(tmp_path, checkpoint):
     assert ev.read_joints_mat(out / "joint_positions.mat").shape == (FRAMES, 3, 2)
     with Image.open(out / "overlay.webp") as webp:
         assert webp.n_frames == FRAMES
+
+
+def test_jhmdb_mat_gives_the_first_frames_keypoints(tmp_path, checkpoint):
+    frames = write_frames(tmp_path / "clip")
+    pos = np.zeros((2, 15, 2))  # pos_img [2, J, T], 1-based; only frame 0 is read
+    pos[:, :, 0] = np.array([[16 + 8 * (j % 5), 16 + 8 * (j // 5)] for j in range(15)]).T + 1  # interior cells
+    pos[:, :, 1] = 1
+    sio.savemat(tmp_path / "joint_positions.mat", {"pos_img": pos})
+    pr.propagate_own_video(frames, tmp_path / "out", checkpoint, keypoints=tmp_path / "joint_positions.mat",
+                           input_size=(H, W), overlay="gif", progress=False)
+    rows = json.loads((tmp_path / "out/keypoints.json").read_text())
+    assert rows[0] == (pos[:, :, 0].T - 1).tolist()  # the given cells decode back exactly
+    with Image.open(tmp_path / "out/overlay.gif") as gif:  # 15 joints: drawn with JHMDB's skeleton
+        assert gif.n_frames == FRAMES
 
 
 def test_static_clip_keeps_its_mask(tmp_path, checkpoint):
