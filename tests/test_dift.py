@@ -21,6 +21,16 @@ import toyworld as tw  # noqa: E402
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012)  # Stable Diffusion's scaled-linear schedule
 
 
+@pytest.fixture(autouse=True, scope="module")
+def plain_cpu_convolutions():
+    """oneDNN compiles a kernel on each of the first few calls of every tiny convolution (seconds
+    on 2 cores); torch's own kernels give the same results without that wait. This module only."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    yield
+    torch.backends.mkldnn.enabled = enabled
+
+
 def sd_alpha_bar():
     """abar_t = prod_{s <= t} (1 - beta_s), beta linear in sqrt from 0.00085 to 0.012 over 1000 steps."""
     betas = torch.linspace(SD_BETAS["beta_start"] ** 0.5, SD_BETAS["beta_end"] ** 0.5, 1000, dtype=torch.float64) ** 2
