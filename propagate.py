@@ -761,7 +761,8 @@ DEFAULT_FPS = 12
 
 def natural_key(path):
     """Sort key for frame names: digit runs compare as numbers (frame_2 before frame_10)."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", Path(path).name)]
+    parts = re.split(r"(\d+)", Path(path).name)  # text, digits, text, ...
+    return [int(part) if i % 2 else part.lower() for i, part in enumerate(parts)]
 
 
 def import_av(what):
