@@ -254,7 +254,7 @@ def test_folder_that_is_no_model_is_named(tmp_path):
 # Propagation with DIFT's preset, through the command line
 # -----------------------------------------------------------------------------
 
-def test_command_line_runs_dift_with_its_preset_on_a_toy_davis(tmp_path, capsys):
+def test_command_line_runs_dift_with_its_preset_on_a_toy_davis(tmp_path):
     tw.write_davis(tmp_path / "DAVIS", num_videos=1, frames=3, height=64, width=96, progress=False)
     folder = tiny_sldm_folder(tmp_path / "sldm")
     out = tmp_path / "pred"
@@ -292,7 +292,7 @@ def test_static_video_keeps_its_mask_with_dift_features(tmp_path):
     assert ev.evaluate_dataset("davis", root, tmp_path / "pred", progress=False)["J&F_m"] == 100.0
 
 
-def test_unloadable_model_folder_is_one_line(tmp_path, capsys):
+def test_unloadable_model_folder_is_one_line(tmp_path):
     tw.write_davis(tmp_path / "DAVIS", num_videos=1, frames=2, height=64, width=96, progress=False)
     with pytest.raises(SystemExit) as exit_info:
         pr.main(["--dataset", "davis", "--data-root", str(tmp_path / "DAVIS"), "--checkpoint", str(tmp_path / "none"),
