@@ -223,12 +223,13 @@ def vip_ids_check(path, ids, what="annotation"):
               f"VIP has {VIP_NUM_CLASSES} classes 0..{VIP_NUM_CLASSES - 1} ({silent}; fix the file)")
 
 
-def read_joints_mat(path, num_frames=None, what="joint file"):
-    """JHMDB joint_positions.mat -> [T, 15, 2] float (x, y) pixel coordinates, 0-based.
+def read_joints_mat(path, num_frames=None, what="joint file", num_joints=len(JHMDB_JOINTS)):
+    """JHMDB joint_positions.mat -> [T, J, 2] float (x, y) pixel coordinates, 0-based.
 
-    The file holds pos_img [2, 15, T] in MATLAB's 1-based pixel coordinates; CRW's loader
+    The file holds pos_img [2, J, T] in MATLAB's 1-based pixel coordinates; CRW's loader
     subtracts 1. NaN marks a joint that a prediction file gives as not visible (ground truth
-    must be finite: pass what="annotation"). num_frames: the T the file must have."""
+    must be finite: pass what="annotation"). num_frames: the T the file must have; num_joints:
+    the J (JHMDB's 15; None for any, as for keypoints of your own video)."""
     try:
         mat = sio.loadmat(path)
     except FileNotFoundError:
@@ -240,9 +241,10 @@ def read_joints_mat(path, num_frames=None, what="joint file"):
     pos = np.asarray(mat["pos_img"])
     if pos.ndim == 2:  # a one-frame video loses its last axis in MATLAB
         pos = pos[:, :, None]
-    if pos.ndim != 3 or pos.shape[:2] != (2, len(JHMDB_JOINTS)) or not np.issubdtype(pos.dtype, np.number):
+    if pos.ndim != 3 or pos.shape[0] != 2 or num_joints not in (None, pos.shape[1]) \
+            or not np.issubdtype(pos.dtype, np.number):
         raise InputError(f"{path}: pos_img is {'x'.join(map(str, pos.shape))} {pos.dtype}, expected numbers "
-                         f"2x{len(JHMDB_JOINTS)}xT (x/y, the 15 JHMDB joints, frames; CRW's eval_pck.py would "
+                         f"2x{num_joints or 'J'}xT (x/y, the joints, frames; CRW's eval_pck.py would "
                          f"score the joints it finds)")
     if num_frames is not None and pos.shape[2] != num_frames:
         raise InputError(f"{path}: pos_img has {pos.shape[2]} frames but the video has {num_frames} "

@@ -57,9 +57,13 @@ Usage:
     python propagate.py --dataset vip --data-root VIP_Fine --checkpoint ckpt.pth --output runs/vip --visualize
     python propagate.py --dataset jhmdb --data-root JHMDB --checkpoint dino_deitsmall16_pretrain.pth
         --output runs/jhmdb --list jhmdb_vallist.txt --evaluate          (one command)
+    # DIFT features of a diffusion model folder, with DIFT's settings (App. C.3) as defaults
+    python propagate.py --dataset davis --data-root DAVIS --checkpoint sldm/ --features dift --output runs/dift
+    # your own clip: a folder of frames or a video file, and the first frame's mask (or keypoints)
+    python propagate.py --video clip.mp4 --first-mask first.png --checkpoint ckpt.pth --output runs/clip
 
 Import:
-    from propagate import label_propagation, load_encoder, propagate_dataset
+    from propagate import label_propagation, load_dift, load_encoder, propagate_dataset, propagate_own_video
     labels = label_propagation(features, first_labels, topk=7, queue_length=20, radius=20, temperature=0.7)
 """
 import argparse
@@ -70,16 +74,19 @@ import re
 import shutil
 import socket
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import evaluate as ev
-from cdgmae import _process_alive, checked, encoder_from_checkpoint, image_to_tensor, load_rgb, remove_stale_temporaries
+from cdgmae import (IMAGENET_MEAN, IMAGENET_STD, _process_alive, checked, encoder_from_checkpoint, image_to_tensor,
+                    load_rgb, remove_stale_temporaries)
 
 # Table 7 and CropMAE's input sizes. input_size: (height, width), or (long side,).
 PROTOCOL = {
@@ -109,7 +116,10 @@ def load_encoder(checkpoint, num_heads=None):
 def extract_features(encoder, frames):
     """frames [B, 3, H, W] (normalised) -> L2-normalised patch features [B, C, H/P, W/P] of the
     last block after the final norm, cls token dropped. The ViT resizes its position
-    embedding to the frame's grid as CropMAE's evaluation does (cdgmae.interpolate_pos_embed)."""
+    embedding to the frame's grid as CropMAE's evaluation does (cdgmae.interpolate_pos_embed).
+    DiftFeatures computes its own (see "DIFT features")."""
+    if isinstance(encoder, DiftFeatures):
+        return encoder(frames)
     B, _, H, W = frames.shape
     P = encoder.patch_size
     tokens = encoder.forward_features(frames)
@@ -349,7 +359,7 @@ def draw_joints(image, xy, scale):
     draw = ImageDraw.Draw(image)
     xy = np.asarray(xy, dtype=np.float64) * scale
     r = max(2, image.height // 64)
-    for (a, b), colour in zip(SKELETON, LIMB_COLOURS):
+    for (a, b), colour in zip(SKELETON if len(xy) == len(ev.JHMDB_JOINTS) else [], LIMB_COLOURS):
         if np.isfinite(xy[[a, b]]).all():
             draw.line([tuple(xy[a]), tuple(xy[b])], fill=colour, width=r + 1)
     for x, y in xy:
@@ -615,7 +625,7 @@ def propagate_dataset(dataset, data_root, encoder, output, *, topk=None, queue_l
     """
     if dataset not in PROTOCOL:
         raise ev.InputError(f"unknown dataset {dataset!r} (expected one of {', '.join(ev.DATASETS)})")
-    defaults = PROTOCOL[dataset]
+    defaults = (DIFT_PROTOCOL if isinstance(encoder, DiftFeatures) else PROTOCOL)[dataset]
     given = dict(topk=topk, queue_length=queue_length, radius=radius, temperature=temperature, input_size=input_size)
     settings = dict(dataset=dataset, checkpoint=None, checkpoint_sha256=None,
                     **{k: defaults[k] if v is None else v for k, v in given.items()},  # 0 is a value, not "unset"
@@ -627,9 +637,9 @@ def propagate_dataset(dataset, data_root, encoder, output, *, topk=None, queue_l
         settings["checkpoint"] = str(Path(encoder).resolve())
         encoder, settings["checkpoint_sha256"] = load_checkpoint_encoder(encoder, num_heads)
     else:
+        settings["checkpoint"] = getattr(encoder, "folder", None)  # DiftFeatures: the model folder
         settings["checkpoint_sha256"] = weights_sha256(encoder)
-    settings["encoder"] = dict(embed_dim=encoder.embed_dim, depth=encoder.depth, num_heads=encoder.num_heads,
-                               patch_size=encoder.patch_size)
+    settings["encoder"] = encoder_description(encoder)
     prepared = prepare_videos(dataset, data_root, names, settings, encoder.patch_size)
     output = Path(output)
     record = output / "propagation.json"
@@ -659,6 +669,449 @@ def propagate_dataset(dataset, data_root, encoder, output, *, topk=None, queue_l
 
 
 # -----------------------------------------------------------------------------
+# DIFT features (Tang et al., "Emergent Correspondence from Image Diffusion", Sec. 4.2, App. C)
+# -----------------------------------------------------------------------------
+#
+# A diffusion UNet's up-block output, for the image's latent noised to a small timestep t
+# with the model's own q(x_t | x_0), is a correspondence feature without any training. DIFT
+# averages the FEATURES of an ensemble of noise draws (App. C: "a batch of random noise to
+# get an averaged feature map ... 8 by default"). Two local sources, both diffusers folders:
+#   an S-LDM folder (generate_views.py): context = the projection of a zero embedding, the
+#       unconditional branch of its guidance (the image-conditioned model without an image);
+#   a Stable Diffusion folder (unet/, vae/, scheduler/, text_encoder/, tokenizer/): context =
+#       the empty prompt "" (App. C.3: "each image's prompt is a null prompt"); needs transformers.
+# App. C.3, DIFT_sd: t = 51, up-block n = 2 (stride 8, 640-d). The rows below are its k-NN
+# settings. Input sizes: DIFT's own DAVIS reader (DINO's, short side 480, long side floored to
+# a multiple of 32) on DAVIS's 854x480 frames gives 480x832; "smaller side 320" on JHMDB's
+# 320x240 frames gives 320x416 by the same flooring. DIFT has no VIP setting: DAVIS's k-NN
+# values with VIP's input size. Every value is overridden by an explicit flag.
+
+DIFT_TIMESTEP = 51
+DIFT_UP_BLOCK = 2
+DIFT_ENSEMBLE = 8
+DIFT_PROTOCOL = {
+    "davis": dict(topk=15, queue_length=28, radius=15, temperature=0.2, input_size=(480, 832)),
+    "vip": dict(topk=15, queue_length=28, radius=15, temperature=0.2, input_size=(880,)),
+    "jhmdb": dict(topk=15, queue_length=14, radius=5, temperature=0.1, input_size=(320, 416)),
+}
+
+
+def vae_downsampling(vae):
+    """Pixels per latent cell: the autoencoder halves the size once per encoder level but the last."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def up_block_stride(unet, vae, up_block):
+    """Pixels per cell of up_blocks[up_block]'s output: the VAE's factor times 2 for each later
+    up-block that still upsamples (SD: n = 0, 1, 2, 3 -> 32, 16, 8, 8; DIFT's eval_davis.py)."""
+    later = sum(1 for block in unet.up_blocks[up_block + 1:] if getattr(block, "upsamplers", None))
+    return vae_downsampling(vae) * 2 ** later
+
+
+def image_latents(vae, images, posterior_noise):
+    """images [B, 3, H, W] in [-1, 1], posterior_noise [E, B, C, h, w] -> x_0 [E, B, C, h, w],
+    in the UNet's units (times vae.config.scaling_factor).
+
+    AutoencoderKL: a posterior sample mean + std * noise per draw (DIFT encodes the image once per
+    ensemble member with latent_dist.sample()). VQModel: the pre-quantisation latents, which LDM's
+    first stage hands the UNet (generate_views.decode_latents quantises them on the way back)."""
+    encoded = vae.encode(images.to(vae.dtype))
+    if hasattr(encoded, "latent_dist"):
+        dist = encoded.latent_dist
+        x0 = dist.mean + dist.std * posterior_noise.to(dist.mean)
+    else:
+        x0 = encoded.latents.expand_as(posterior_noise)
+    return x0 * vae.config.scaling_factor
+
+
+def noised_latents(scheduler, x0, noise, timestep):
+    """q(x_t | x_0) with the model's own schedule (DDPM Eq. 4, DIFT Sec. 4.2):
+    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, abar = scheduler.alphas_cumprod. [N, C, h, w]."""
+    t = torch.full((x0.shape[0],), timestep, dtype=torch.long, device=x0.device)
+    return scheduler.add_noise(x0, noise.to(x0), t)
+
+
+class _UpBlockReached(Exception):
+    """Raised by the forward hook to skip the UNet's remaining blocks once the feature is taken."""
+
+
+def up_block_output(unet, x_t, timestep, context, up_block):
+    """The output of unet.up_blocks[up_block] (after its upsampler, as DIFT's up_ft) for latents
+    x_t [N, C, h, w] at `timestep` with cross-attention context [1, L, D] -> [N, C', h', w'].
+    A forward hook records it; the later blocks are not run."""
+    taken = {}
+
+    def take(module, inputs, output):
+        taken["features"] = output
+        raise _UpBlockReached
+
+    handle = unet.up_blocks[up_block].register_forward_hook(take)
+    try:
+        unet(x_t.to(unet.dtype), timestep, encoder_hidden_states=context.expand(len(x_t), -1, -1).to(unet.dtype))
+    except _UpBlockReached:
+        pass
+    finally:
+        handle.remove()
+    return taken["features"].float()
+
+
+class DiftFeatures(nn.Module):
+    """DIFT as a label-propagation feature extractor: frames in, L2-normalised features out,
+    like extract_features for a ViT. `patch_size` is the feature stride and `embed_dim` the
+    feature width, so the propagation code treats it like any encoder.
+
+    frames [B, 3, H, W] (ImageNet-normalised, as load_frame gives) -> [B, C, H/s, W/s].
+    Each frame's noise is drawn from a generator seeded by (seed, the frame's pixels), so a
+    frame's features depend neither on the batch nor on the order or resumption of a run."""
+
+    def __init__(self, unet, vae, scheduler, context, *, timestep=DIFT_TIMESTEP, up_block=DIFT_UP_BLOCK,
+                 ensemble_size=DIFT_ENSEMBLE, seed=0, source=None, folder=None):
+        super().__init__()
+        name = folder or "DiftFeatures"
+        if not 0 <= up_block < len(unet.up_blocks):
+            raise ValueError(f"{name}: up-block {up_block} does not exist, the UNet has {len(unet.up_blocks)}")
+        if not 0 <= timestep < len(scheduler.alphas_cumprod):
+            raise ValueError(f"{name}: timestep {timestep} is outside the schedule's "
+                             f"0..{len(scheduler.alphas_cumprod) - 1}")
+        self.unet, self.vae, self.scheduler = unet.eval(), vae.eval(), scheduler
+        self.register_buffer("context", context.detach(), persistent=False)
+        self.timestep, self.up_block, self.ensemble_size, self.seed = timestep, up_block, ensemble_size, seed
+        self.source, self.folder = source, folder
+        self.patch_size = up_block_stride(unet, vae, up_block)
+        self.embed_dim = list(reversed(unet.config.block_out_channels))[up_block]
+
+    def description(self):
+        return dict(features="dift", source=self.source, timestep=self.timestep, up_block=self.up_block,
+                    ensemble_size=self.ensemble_size, seed=self.seed, stride=self.patch_size, channels=self.embed_dim)
+
+    def draw_noise(self, image):
+        """(posterior noise, diffusion noise), each [E, 1, C, h, w], for one frame [3, H, W]."""
+        digest = hashlib.sha256(f"{self.seed}:".encode() + image.detach().float().cpu().numpy().tobytes()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
+        f = vae_downsampling(self.vae)
+        shape = (self.ensemble_size, 1, self.unet.config.in_channels, image.shape[-2] // f, image.shape[-1] // f)
+        return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+
+    @torch.no_grad()
+    def ensemble(self, image, posterior_noise, noise):
+        """image [1, 3, H, W] in [-1, 1], noises [E, 1, C, h, w] -> the mean over the E draws of the
+        up-block features [1, C', h', w'] (App. C: the features are averaged, not the inputs)."""
+        x0 = image_latents(self.vae, image, posterior_noise).flatten(0, 1)          # [E, C, h, w]
+        x_t = noised_latents(self.scheduler, x0, noise.flatten(0, 1), self.timestep)
+        return up_block_output(self.unet, x_t, self.timestep, self.context, self.up_block).mean(0, keepdim=True)
+
+    @torch.no_grad()
+    def forward(self, frames):
+        mean = frames.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = frames.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        images = (frames * std + mean) * 2 - 1  # DIFT's input: RGB in [-1, 1]
+        features = [self.ensemble(image[None], *self.draw_noise(image)) for image in images]
+        return F.normalize(torch.cat(features), dim=1)
+
+
+def empty_prompt_embedding(folder, device="cpu"):
+    """The text encoder's last hidden state of "" padded to the tokenizer's length, [1, 77, D], as
+    StableDiffusionPipeline.encode_prompt computes a prompt's embedding."""
+    try:
+        from transformers import CLIPTextModel, CLIPTokenizer
+    except ImportError:
+        raise ImportError(f"{folder}: a Stable Diffusion folder's empty-prompt embedding needs the `transformers` "
+                          f"package (pip install transformers)") from None
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").to(device).eval()
+    ids = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        return text_encoder(ids.to(device))[0]
+
+
+def load_dift(folder, *, timestep=DIFT_TIMESTEP, up_block=DIFT_UP_BLOCK, ensemble_size=DIFT_ENSEMBLE, seed=0,
+              device="cpu"):
+    """DiftFeatures from an S-LDM folder (generate_views.py's layout; unconditional context) or a
+    Stable Diffusion folder in diffusers' layout (empty-prompt context)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, VQModel
+
+    folder = Path(folder)
+    if (folder / "sldm.json").is_file():
+        import generate_views
+        sldm = generate_views.load_sldm(folder, device)
+        with torch.no_grad():
+            context = sldm.conditioner.unconditional()  # [1, 1, D]: the projection of a zero embedding
+        unet, vae, scheduler, source = sldm.unet, sldm.vae, sldm.scheduler, "sldm"
+    else:
+        needed = ["unet/config.json", "vae/config.json", "scheduler/scheduler_config.json",
+                  "text_encoder/config.json", "tokenizer"]
+        missing = [n for n in needed if not (folder / n).exists()]
+        if missing:
+            raise FileNotFoundError(f"{folder}: not a diffusion model folder, missing {missing} (an S-LDM folder "
+                                    f"has sldm.json; a Stable Diffusion folder has {', '.join(needed)})")
+        vae_class = json.loads((folder / "vae/config.json").read_text()).get("_class_name", "AutoencoderKL")
+        vae_classes = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
+        if vae_class not in vae_classes:
+            raise ValueError(f"{folder}/vae/config.json: {vae_class!r} is not one of {sorted(vae_classes)}")
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", low_cpu_mem_usage=False).to(device)
+        vae = vae_classes[vae_class].from_pretrained(folder / "vae", low_cpu_mem_usage=False).to(device)
+        scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")  # as DIFT: only alphas_cumprod is used
+        context, source = empty_prompt_embedding(folder, device), "stable-diffusion"
+    for module in (unet, vae):
+        module.requires_grad_(False)
+    return DiftFeatures(unet, vae, scheduler, context, timestep=timestep, up_block=up_block,
+                        ensemble_size=ensemble_size, seed=seed, source=source, folder=str(folder.resolve()))
+
+
+def encoder_description(encoder):
+    """What propagation.json records about the feature extractor."""
+    if isinstance(encoder, DiftFeatures):
+        return encoder.description()
+    return dict(embed_dim=encoder.embed_dim, depth=encoder.depth, num_heads=encoder.num_heads,
+                patch_size=encoder.patch_size)
+
+
+# -----------------------------------------------------------------------------
+# Your own video: a folder of frames or a video file, and a first-frame mask or keypoints
+# -----------------------------------------------------------------------------
+#
+# The clip goes through propagate_video exactly as a benchmark video does: a mask as a
+# one-video DAVIS (ids kept, palette PNGs at the frame size), keypoints as a one-video JHMDB
+# (a Gaussian per joint, the top-5 decoding). Table 7's DAVIS / JHMDB values (or DIFT's)
+# apply; the input size keeps the clip's aspect: long side 880, short side floored to
+# --size-multiple. Written under OUTPUT:
+#   frames/00000.jpg ...        a video file's decoded frames (JPEG, quality 95)
+#   masks/<frame>.png           palette PNGs (mask), or
+#   joint_positions.mat         pos_img [2, J, T], 1-based (JHMDB's format) and
+#   keypoints.json              [T][J] [x, y] 0-based pixels, null = not visible (keypoints)
+#   overlay.gif                 every frame with its mask or keypoints drawn (or .webp / .mp4)
+#   propagation.json            the settings
+
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
+OWN_VIDEO_INPUT_SIZE = (880,)
+OVERLAY_FORMATS = ("gif", "webp", "mp4", "none")
+DEFAULT_FPS = 12
+
+
+def natural_key(path):
+    """Sort key for frame names: digit runs compare as numbers (frame_2 before frame_10)."""
+    parts = re.split(r"(\d+)", Path(path).name)  # text, digits, text, ...
+    return [int(part) if i % 2 else part.lower() for i, part in enumerate(parts)]
+
+
+def import_av(what):
+    """PyAV, imported when a video file is read or written; `what` names that file in the error."""
+    try:
+        import av
+    except ImportError:
+        raise ImportError(f"{what}: video files need PyAV (pip install av==18.1.0); a folder of frames and a GIF "
+                          f"overlay do not") from None
+    return av
+
+
+def video_frames(path):
+    """A video file's frames as PIL RGB images, in order (PyAV, its first video stream). Frames come
+    as stored: rotation metadata (phone videos) is not applied."""
+    av = import_av(path)
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path}: no video stream")
+            for frame in container.decode(video=0):
+                yield frame.to_image()
+    except av.FFmpegError as e:
+        raise ValueError(f"{path}: cannot read the video ({e})") from None
+
+
+def video_rate(path):
+    """Frames per second of a video file's first video stream, or None when it does not say."""
+    av = import_av(path)
+    with av.open(str(path)) as container:
+        rate = container.streams.video[0].average_rate
+    return float(rate) if rate else None
+
+
+def decode_video(path, folder):
+    """Write every frame of a video file to folder/00000.jpg, ... (the folder is replaced whole,
+    renamed into place when complete). Returns the frame paths."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    count = 0
+    for count, image in enumerate(video_frames(path), 1):
+        image.save(tmp / f"{count - 1:05d}.jpg", quality=95)
+    if count == 0:
+        raise ValueError(f"{path}: the video has no frames")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return [folder / f"{t:05d}.jpg" for t in range(count)]
+
+
+def first_frame_of(source):
+    """(frame paths or None for a video file, the first frame's (width, height))."""
+    source = Path(source)
+    if source.is_dir():
+        frames = sorted((p for p in source.iterdir() if p.suffix.lower() in FRAME_SUFFIXES
+                         and not p.name.startswith(".")), key=natural_key)
+        if not frames:
+            raise FileNotFoundError(f"{source}: no {'/'.join(FRAME_SUFFIXES)} frames in this folder")
+        return frames, load_rgb(frames[0]).size
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: no such frame folder or video file")
+    first = next(video_frames(source), None)
+    if first is None:
+        raise ValueError(f"{source}: the video has no frames")
+    return None, first.size
+
+
+def read_keypoints(path, width, height):
+    """First-frame keypoints -> [J, 2] (x, y) 0-based pixels, NaN = not visible: a JSON list of
+    [x, y] (null for a hidden joint), or a JHMDB joint_positions.mat (its first frame)."""
+    path = Path(path)
+    if path.suffix.lower() == ".mat":
+        xy = ev.read_joints_mat(path, num_joints=None)[0]
+    else:
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: keypoints file not found") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a JSON keypoints file ({e})") from None
+        pair = lambda p: isinstance(p, list) and len(p) == 2 and all(type(v) in (int, float) for v in p)  # noqa: E731
+        if not isinstance(data, list) or not data or not all(p is None or pair(p) for p in data):
+            raise ValueError(f"{path}: expected a JSON list of [x, y] pixel positions, null for a hidden joint")
+        xy = np.array([[np.nan, np.nan] if p is None else p for p in data], dtype=np.float64)
+    visible = np.isfinite(xy).all(1)
+    outside = visible & ((xy[:, 0] < 0) | (xy[:, 0] > width - 1) | (xy[:, 1] < 0) | (xy[:, 1] > height - 1))
+    if outside.any():
+        j = int(np.argmax(outside))
+        raise ValueError(f"{path}: keypoint {j} at ({xy[j, 0]:g}, {xy[j, 1]:g}) lies outside the "
+                         f"{width}x{height} frame")
+    if not visible.any():
+        raise ValueError(f"{path}: no visible keypoint")
+    return xy
+
+
+def check_own_video(source, output, encoder, *, mask=None, keypoints=None, topk=None, queue_length=None,
+                    radius=None, temperature=None, input_size=None, size_multiple=64, batch_size=8, num_heads=None):
+    """Every check of propagate_own_video, before any long work: nothing would be overwritten, the
+    clip is readable, the mask has the frame's size (or the keypoints lie in it), the encoder loads
+    (encoder: as propagate_own_video's, or a function returning one, called after the cheaper
+    checks) and the input size suits it. Returns the plan run_own_video carries out."""
+    if (mask is None) == (keypoints is None):
+        raise ValueError("give exactly one of a first-frame mask and first-frame keypoints")
+    output = Path(output)
+    final = output / ("masks" if mask is not None else "joint_positions.mat")
+    if final.exists():
+        raise FileExistsError(f"{final}: already exists (choose another output folder)")
+    frames, (width, height) = first_frame_of(source)
+    if mask is not None:
+        ids = ev.read_label_png(mask)
+        if ids.shape != (height, width):
+            raise ValueError(f"{mask}: mask is {ids.shape[1]}x{ids.shape[0]} but the frames of {source} are "
+                             f"{width}x{height} (draw it on the first frame at full size)")
+        if not ids.any():
+            raise ValueError(f"{mask}: the mask has no object (every id is 0, the background)")
+        extra = [Path(mask)]
+    else:
+        extra = [read_keypoints(keypoints, width, height)]
+    if callable(encoder) and not isinstance(encoder, nn.Module):  # a loader, run after the cheap checks
+        encoder = encoder()
+    checkpoint = str(Path(encoder).resolve()) if isinstance(encoder, (str, Path)) else getattr(encoder, "folder", None)
+    if isinstance(encoder, (str, Path)):
+        encoder = load_encoder(encoder, num_heads)
+    kind = "davis" if mask is not None else "jhmdb"  # the benchmark whose protocol the clip follows
+    defaults = {**(DIFT_PROTOCOL if isinstance(encoder, DiftFeatures) else PROTOCOL)[kind],
+                "input_size": OWN_VIDEO_INPUT_SIZE}
+    given = dict(topk=topk, queue_length=queue_length, radius=radius, temperature=temperature, input_size=input_size)
+    settings = {k: defaults[k] if v is None else v for k, v in given.items()}
+    first = mask if mask is not None else keypoints
+    settings.update(video=str(Path(source).resolve()), first=str(Path(first).resolve()), checkpoint=checkpoint,
+                    input_size=list(settings["input_size"]), size_multiple=size_multiple, batch_size=batch_size,
+                    encoder=encoder_description(encoder))
+    size = input_size_for(height, width, settings["input_size"], size_multiple)
+    if min(size) <= 0 or size[0] % encoder.patch_size or size[1] % encoder.patch_size:
+        raise ValueError(f"{source}: input size {size} (from frame {width}x{height} and input size "
+                         f"{settings['input_size']}) is not a positive multiple of the patch size {encoder.patch_size}")
+    return dict(source=Path(source), output=output, frames=frames, extra=extra, kind=kind, final=final,
+                size=size, encoder=encoder, settings=settings)
+
+
+def overlay_frames(frames, kind, final, height):
+    """Each frame with its propagated mask (kind "davis": final is the PNG folder) or keypoints
+    (kind "jhmdb": final is the .mat) drawn on it, `height` pixels high."""
+    joints = ev.read_joints_mat(final, num_joints=None) if kind == "jhmdb" else None
+    for t, path in enumerate(frames):
+        panel, scale = _panel(path, height)
+        if joints is not None:
+            yield draw_joints(panel, joints[t], scale)
+        else:
+            yield draw_mask(panel, ev.read_label_png(Path(final) / f"{Path(path).stem}.png"))
+
+
+def save_animation(path, images, fps):
+    """Frames (PIL images) -> an animated GIF or WebP (Pillow) or an H.264 MP4 (PyAV, cropped to
+    even sizes as yuv420p needs), written atomically. fps: frames per second."""
+    path = Path(path)
+    kind = path.suffix.lower().lstrip(".")
+    if kind == "mp4":
+        av = import_av(path)
+
+        def write(tmp):
+            with av.open(str(tmp), "w", format="mp4") as container:
+                stream = None
+                for image in images:
+                    if stream is None:
+                        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+                        stream.width, stream.height = image.width // 2 * 2, image.height // 2 * 2
+                        stream.pix_fmt = "yuv420p"
+                    frame = av.VideoFrame.from_image(image.crop((0, 0, stream.width, stream.height)))
+                    container.mux(stream.encode(frame))
+                container.mux(stream.encode())
+    else:
+        first, *rest = list(images)
+        write = lambda tmp: first.save(tmp, format=kind.upper(), save_all=True, append_images=rest,  # noqa: E731
+                                       duration=max(1, round(1000 / fps)), loop=0)
+    ev.atomic_save(path, write)
+
+
+def run_own_video(plan, device=None, overlay="gif", overlay_height=480, fps=None, progress=True):
+    """Carry out a check_own_video plan: decode a video file, propagate, write the predictions,
+    the keypoints JSON and the overlay. Returns {"frames", "predictions", "overlay"}."""
+    output, final, kind = plan["output"], plan["final"], plan["kind"]
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    output.mkdir(parents=True, exist_ok=True)
+    ev.atomic_save(output / "propagation.json",
+                   lambda tmp: tmp.write_text(json.dumps(plan["settings"], indent=2) + "\n"))
+    frames = plan["frames"] or decode_video(plan["source"], output / "frames")
+    encoder = plan["encoder"].to(device).eval()
+    propagate_video(kind, encoder, frames, plan["extra"], plan["size"], final, plan["settings"], device, progress)
+    if kind == "jhmdb":
+        xy = ev.read_joints_mat(final, num_joints=None)
+        rows = [[None if np.isnan(p).any() else [round(float(v), 2) for v in p] for p in frame] for frame in xy]
+        ev.atomic_save(output / "keypoints.json", lambda tmp: tmp.write_text(json.dumps(rows) + "\n"))
+    animation = None
+    if overlay != "none":
+        if fps is None:
+            fps = (video_rate(plan["source"]) if plan["frames"] is None else None) or DEFAULT_FPS
+        animation = output / f"overlay.{overlay}"
+        with Image.open(frames[0]) as im:
+            height = min(overlay_height, im.height)
+        save_animation(animation, overlay_frames(frames, kind, final, height), fps)
+    return {"frames": frames, "predictions": final, "overlay": animation}
+
+
+def propagate_own_video(source, output, encoder, *, mask=None, keypoints=None, device=None, overlay="gif",
+                        overlay_height=480, fps=None, progress=True, **protocol):
+    """Propagate a first-frame mask (palette or grayscale id PNG at the frame size, 0 = background)
+    or keypoints (read_keypoints) through a folder of frames or a video file, and write the
+    per-frame predictions and an overlay under `output` (see the layout above).
+
+    encoder: a ViT checkpoint path (CDG-MAE, MAE, CropMAE, DINO), a VisionTransformer or
+    DiftFeatures. protocol: topk, queue_length, radius, temperature, input_size, size_multiple,
+    batch_size, num_heads (None: Table 7's DAVIS / JHMDB values, or DIFT_PROTOCOL's)."""
+    plan = check_own_video(source, output, encoder, mask=mask, keypoints=keypoints, **protocol)
+    return run_own_video(plan, device, overlay, overlay_height, fps, progress)
+
+
+# -----------------------------------------------------------------------------
 # Command line
 # -----------------------------------------------------------------------------
 
@@ -671,14 +1124,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--dataset", required=True, choices=ev.DATASETS)
-    p.add_argument("--data-root", required=True, type=Path,
+    p.add_argument("--dataset", choices=ev.DATASETS, help="the benchmark (or --video for your own clip)")
+    p.add_argument("--data-root", type=Path,
                    help="dataset folder in its native layout: DAVIS (JPEGImages/480p, Annotations/480p, "
                         "ImageSets/2017), VIP_Fine (Images, Annotations/Category_ids, lists), JHMDB "
                         "(Rename_Images, joint_positions, splits)")
     p.add_argument("--checkpoint", required=True, type=Path,
                    help="encoder checkpoint: CDG-MAE (cdgmae.py), MAE, CropMAE or DINO (plain backbone or "
-                        "training checkpoint with 'teacher')")
+                        "training checkpoint with 'teacher'); with --features dift, a diffusion model folder "
+                        "(an S-LDM folder of generate_views.py, or a Stable Diffusion folder in diffusers' layout)")
     p.add_argument("--output", required=True, type=Path,
                    help="prediction folder: DAVIS <seq>/<frame>.png (palette), VIP <video>/<frame>.png "
                         "(class ids), JHMDB <class>/<video>/joint_positions.mat; visualize/ holds the strips")
@@ -715,7 +1169,75 @@ def get_args_parser():
     g.add_argument("--visualize-frames", type=checked(int, 1), default=6, help="frames per strip")
     g.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=False,
                    help="score the predictions with evaluate.py afterwards")
+    add_dift_arguments(p)
+    add_own_video_arguments(p)
     return p
+
+
+def add_dift_arguments(p):
+    g = p.add_argument_group("DIFT features (App. C.3 presets, each overridden by its flag: DAVIS top-k 15, queue 28, "
+                             "radius 15, temperature 0.2, input 480 832; JHMDB 15, 14, 5, 0.1, 320 416)")
+    g.add_argument("--features", choices=("vit", "dift"), default="vit",
+                   help="vit: the ViT of --checkpoint; dift: the up-block features of the diffusion model folder "
+                        "--checkpoint, with DIFT's settings as the protocol's defaults")
+    g.add_argument("--dift-timestep", type=checked(int, 0), default=DIFT_TIMESTEP, help="t of q(x_t | x_0)")
+    g.add_argument("--dift-up-block", type=checked(int, 0), default=DIFT_UP_BLOCK,
+                   help="index n (from 0) of the UNet up-block whose output is the feature")
+    g.add_argument("--dift-ensemble", type=checked(int, 1), default=DIFT_ENSEMBLE,
+                   help="noise draws whose features are averaged per frame")
+    g.add_argument("--dift-seed", type=int, default=0, help="seed of the noise draws")
+
+
+def add_own_video_arguments(p):
+    g = p.add_argument_group("your own video (instead of --dataset and --data-root; Table 7's DAVIS values for a "
+                             "mask, JHMDB's for keypoints, input long side 880)")
+    g.add_argument("--video", type=Path, default=None,
+                   help="a folder of frames (.jpg / .png, natural order: 2 before 10) or a video file (needs PyAV)")
+    g.add_argument("--first-mask", type=Path, default=None,
+                   help="the first frame's mask: palette or grayscale PNG of object ids at the frame's size, "
+                        "0 = background")
+    g.add_argument("--first-keypoints", type=Path, default=None,
+                   help="the first frame's keypoints: a JSON list of [x, y] (0-based pixels, null = hidden), "
+                        "or a JHMDB joint_positions.mat")
+    g.add_argument("--overlay", choices=OVERLAY_FORMATS, default="gif",
+                   help="output/overlay.<format>: every frame with its mask or keypoints (mp4 needs PyAV)")
+    g.add_argument("--overlay-height", type=checked(int, 16), default=480,
+                   help="overlay height in pixels (at most the frame's)")
+    g.add_argument("--fps", type=checked(float, 0, low_open=True), default=None,
+                   help=f"overlay frames per second (default: the video's, else {DEFAULT_FPS})")
+
+
+def encoder_from_args(args):
+    """--checkpoint as given (a ViT checkpoint, loaded later) or, with --features dift, DiftFeatures
+    of the model folder; a folder that does not load ends the command with one line."""
+    if args.features == "vit":
+        return args.checkpoint
+    try:
+        return load_dift(args.checkpoint, timestep=args.dift_timestep, up_block=args.dift_up_block,
+                         ensemble_size=args.dift_ensemble, seed=args.dift_seed)
+    except (OSError, ValueError, ImportError) as e:
+        message = str(e)
+        raise SystemExit(message if message.startswith(str(args.checkpoint)) else f"{args.checkpoint}: {message}")
+
+
+def own_video_main(args, parser):
+    if args.dataset is not None or args.data_root is not None:
+        parser.error("--video replaces --dataset and --data-root: give one or the other")
+    if (args.first_mask is None) == (args.first_keypoints is None):
+        parser.error("--video needs exactly one of --first-mask and --first-keypoints")
+    try:
+        if args.overlay == "mp4":
+            import_av("--overlay mp4")
+        plan = check_own_video(args.video, args.output, lambda: encoder_from_args(args), mask=args.first_mask,
+                               keypoints=args.first_keypoints, topk=args.topk, queue_length=args.queue_length,
+                               radius=args.radius, temperature=args.temperature, input_size=args.input_size,
+                               size_multiple=args.size_multiple, batch_size=args.batch_size, num_heads=args.num_heads)
+    except (OSError, ValueError, ImportError) as e:
+        raise SystemExit(str(e))
+    result = run_own_video(plan, args.device, args.overlay, args.overlay_height, args.fps)
+    print(f"{len(result['frames'])} frames propagated -> {result['predictions']}"
+          + (f", overlay {result['overlay']}" if result["overlay"] else ""))
+    return result
 
 
 def main(argv=None):
@@ -729,9 +1251,15 @@ def main(argv=None):
         parser.error(f"argument --input-size: give H W or one long side, not {len(args.input_size)} numbers")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.video is not None:
+        return own_video_main(args, parser)
+    if args.dataset is None or args.data_root is None:
+        parser.error("--dataset and --data-root are required (or --video for your own clip)")
+    if args.first_mask is not None or args.first_keypoints is not None:
+        parser.error("--first-mask and --first-keypoints go with --video")
     try:
         result = propagate_dataset(
-            args.dataset, args.data_root, args.checkpoint, args.output, topk=args.topk,
+            args.dataset, args.data_root, encoder_from_args(args), args.output, topk=args.topk,
             queue_length=args.queue_length, radius=args.radius, temperature=args.temperature,
             input_size=args.input_size, size_multiple=args.size_multiple, list_file=args.list_file,
             videos=args.videos, subset=args.subset, resolution=args.resolution, batch_size=args.batch_size,

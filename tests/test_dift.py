@@ -1,0 +1,301 @@
+"""DIFT features for label propagation (propagate.py, "DIFT features"; DIFT Sec. 4.2, App. C.3),
+on tiny random diffusion models built here: the hooked block, the timestep's noise, the
+ensemble average, the feature stride, both model folders and the command line's preset."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, VQModel
+from PIL import Image
+
+torch.set_num_threads(2)
+
+import cdgmae  # noqa: E402
+import evaluate as ev  # noqa: E402
+import generate_views as gv  # noqa: E402
+import propagate as pr  # noqa: E402
+import toyworld as tw  # noqa: E402
+
+SD_BETAS = dict(beta_start=0.00085, beta_end=0.012)  # Stable Diffusion's scaled-linear schedule
+
+
+@pytest.fixture(autouse=True, scope="module")
+def plain_cpu_convolutions():
+    """oneDNN compiles a kernel on each of the first few calls of every tiny convolution (seconds
+    on 2 cores); torch's own kernels give the same results without that wait. This module only."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    yield
+    torch.backends.mkldnn.enabled = enabled
+
+
+def sd_alpha_bar():
+    """abar_t = prod_{s <= t} (1 - beta_s), beta linear in sqrt from 0.00085 to 0.012 over 1000 steps."""
+    betas = torch.linspace(SD_BETAS["beta_start"] ** 0.5, SD_BETAS["beta_end"] ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0)
+
+
+def tiny_unet(channels=(32, 64), in_channels=4, seed=0):
+    """A cross-attention UNet (32-d context) with len(channels) levels, the last without attention."""
+    torch.manual_seed(seed)
+    levels = len(channels)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=in_channels, out_channels=in_channels, layers_per_block=1,
+        block_out_channels=channels, cross_attention_dim=32, attention_head_dim=2,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",)).eval()
+
+
+def tiny_kl_vae(seed=1):
+    """KL autoencoder with a downsampling factor of 2 and a scaling factor that is not 1."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 32),
+                         layers_per_block=1, latent_channels=4, sample_size=16, scaling_factor=0.5).eval()
+
+
+def sd_scheduler():
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", **SD_BETAS)
+
+
+def tiny_dift(channels=(32, 64), up_block=1, ensemble_size=2, timestep=51, unet=None, vae=None):
+    context = torch.randn(1, 3, 32, generator=torch.Generator().manual_seed(5))
+    return pr.DiftFeatures(unet or tiny_unet(channels), vae or tiny_kl_vae(), sd_scheduler(), context,
+                           timestep=timestep, up_block=up_block, ensemble_size=ensemble_size)
+
+
+def manual_up_block_outputs(unet, x, t, context):
+    """The UNet's forward written out module by module: every up-block's output and the final output."""
+    emb = unet.time_embedding(unet.time_proj(torch.full((len(x),), t)).to(x.dtype))
+    ctx = context.expand(len(x), -1, -1)
+    h = unet.conv_in(x)
+    skips = (h,)
+    for block in unet.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            h, res = block(hidden_states=h, temb=emb, encoder_hidden_states=ctx)
+        else:
+            h, res = block(hidden_states=h, temb=emb)
+        skips += res
+    h = unet.mid_block(h, emb, encoder_hidden_states=ctx)
+    outputs = []
+    for block in unet.up_blocks:
+        res, skips = skips[-len(block.resnets):], skips[:-len(block.resnets)]
+        if getattr(block, "has_cross_attention", False):
+            h = block(hidden_states=h, res_hidden_states_tuple=res, temb=emb, encoder_hidden_states=ctx)
+        else:
+            h = block(hidden_states=h, res_hidden_states_tuple=res, temb=emb)
+        outputs.append(h)
+    return outputs, unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))
+
+
+# -----------------------------------------------------------------------------
+# The feature: which block, which noise, which average, which stride
+# -----------------------------------------------------------------------------
+
+@torch.no_grad()
+def test_the_feature_is_the_output_of_up_block_n():
+    unet = tiny_unet()
+    x = torch.randn(2, 4, 8, 12)
+    context = torch.randn(1, 3, 32)
+    outputs, final = manual_up_block_outputs(unet, x, 51, context)
+    assert torch.allclose(final, unet(x, 51, encoder_hidden_states=context.expand(2, -1, -1)).sample, atol=1e-5)
+    for n in range(len(unet.up_blocks)):
+        got = pr.up_block_output(unet, x, 51, context, n)
+        assert got.shape == outputs[n].shape and torch.allclose(got, outputs[n], atol=1e-5)
+    assert not unet.up_blocks[0]._forward_hooks  # the hook is removed again
+
+
+def test_timestep_noise_is_q_xt_given_x0_with_the_models_schedule():
+    alpha_bar = sd_alpha_bar()
+    x0, eps = torch.randn(3, 4, 8, 12), torch.randn(3, 4, 8, 12)
+    for t in (0, 51, 261):
+        expected = math.sqrt(alpha_bar[t]) * x0 + math.sqrt(1 - alpha_bar[t]) * eps
+        assert torch.allclose(pr.noised_latents(sd_scheduler(), x0, eps, t), expected.float(), atol=1e-5)
+
+
+@torch.no_grad()
+def test_the_unet_sees_the_noised_scaled_posterior_sample_at_timestep_t():
+    dift = tiny_dift()
+    image = torch.rand(1, 3, 16, 24) * 2 - 1
+    posterior_noise, noise = torch.randn(2, 1, 4, 8, 12), torch.randn(2, 1, 4, 8, 12)
+    seen = {}
+    dift.unet.register_forward_pre_hook(lambda m, args, kwargs: seen.update(x=args[0], t=args[1]), with_kwargs=True)
+    dift.ensemble(image, posterior_noise, noise)
+    dist = dift.vae.encode(image).latent_dist
+    x0 = (dist.mean + dist.std * posterior_noise[:, 0]) * 0.5  # the VAE's scaling factor
+    abar = float(sd_alpha_bar()[51])
+    assert seen["t"] == 51
+    assert torch.allclose(seen["x"], math.sqrt(abar) * x0 + math.sqrt(1 - abar) * noise[:, 0], atol=1e-5)
+
+
+@torch.no_grad()
+def test_ensemble_averages_the_features_of_single_draws():
+    dift = tiny_dift(ensemble_size=3)
+    image = torch.rand(1, 3, 16, 24) * 2 - 1
+    posterior_noise, noise = torch.randn(3, 1, 4, 8, 12), torch.randn(3, 1, 4, 8, 12)
+    together = dift.ensemble(image, posterior_noise, noise)
+    singles = [dift.ensemble(image, posterior_noise[e:e + 1], noise[e:e + 1]) for e in range(3)]
+    assert torch.allclose(together, torch.stack(singles).mean(0), atol=1e-5)
+    assert not torch.allclose(singles[0], singles[1], atol=1e-3)  # the draws do differ
+
+
+@pytest.mark.parametrize("channels", [(32, 64), (32, 64, 64)])
+def test_feature_stride_and_width_follow_the_unets_blocks(channels):
+    # VAE factor 2; up-block n is followed by L - 2 - n upsampling blocks (none for the last one):
+    # SD's four levels give 32, 16, 8, 8 (DIFT's eval_davis.py index2factor).
+    unet, vae = tiny_unet(channels), tiny_kl_vae()
+    frames = torch.randn(1, 3, 16, 32)
+    for n in range(len(channels)):
+        dift = tiny_dift(up_block=n, ensemble_size=1, unet=unet, vae=vae)
+        stride = 2 * 2 ** max(len(channels) - 2 - n, 0)
+        assert dift.patch_size == stride and dift.embed_dim == channels[::-1][n]
+        features = dift(frames)
+        assert features.shape == (1, channels[::-1][n], 16 // stride, 32 // stride)
+        assert torch.allclose(features.norm(dim=1), torch.ones(1, 16 // stride, 32 // stride), atol=1e-5)
+
+
+def test_sd_strides_are_those_dift_states():
+    class Block:
+        def __init__(self, upsamples):
+            self.upsamplers = [object()] if upsamples else None
+
+    class UNet:
+        up_blocks = [Block(True), Block(True), Block(True), Block(False)]
+
+    class VAE:
+        class config:
+            block_out_channels = (128, 256, 512, 512)
+
+    assert [pr.up_block_stride(UNet, VAE, n) for n in range(4)] == [32, 16, 8, 8]  # n = 2: stride 8 (App. C.3)
+
+
+@torch.no_grad()
+def test_a_frames_features_depend_on_its_pixels_not_on_its_batch():
+    dift = tiny_dift()
+    a, b = torch.randn(1, 3, 16, 24), torch.randn(1, 3, 16, 24)
+    together = dift(torch.cat([a, b]))
+    assert torch.equal(together[1:], dift(b)) and torch.equal(together[:1], dift(a))
+
+
+# -----------------------------------------------------------------------------
+# Model folders
+# -----------------------------------------------------------------------------
+
+def tiny_sldm_folder(folder):
+    torch.manual_seed(3)
+    conditioner = gv.Conditioner(cdgmae.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1,
+                                                          num_heads=1), context_dim=32, image_size=32)
+    torch.manual_seed(4)
+    vq = VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                 up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 32), layers_per_block=1,
+                 latent_channels=3, num_vq_embeddings=16, vq_embed_dim=3, sample_size=16, scaling_factor=1.0)
+    gv.save_sldm(folder, gv.SLDM(tiny_unet(in_channels=3), vq.eval(), DDIMScheduler(**gv.LDM_DDIM), conditioner.eval()))
+    return folder
+
+
+@torch.no_grad()
+def test_sldm_folder_gives_the_unconditional_context_and_vq_latents(tmp_path):
+    folder = tiny_sldm_folder(tmp_path / "sldm")
+    dift = pr.load_dift(folder, up_block=1, ensemble_size=2)
+    projection = torch.load(folder / "conditioner/projection.pth", weights_only=True)
+    # the projection of a zero embedding is the projection's bias
+    assert torch.allclose(dift.context, projection["bias"].view(1, 1, 32))
+    assert torch.allclose(dift.scheduler.alphas_cumprod, DDIMScheduler(**gv.LDM_DDIM).alphas_cumprod)
+    image = torch.rand(1, 3, 16, 24) * 2 - 1
+    x0 = pr.image_latents(dift.vae, image, torch.randn(2, 1, 3, 8, 12))
+    assert torch.equal(x0[0], x0[1]) and torch.allclose(x0[0], dift.vae.encode(image).latents)  # no posterior noise
+    assert dift(torch.randn(1, 3, 16, 24)).shape == (1, 32, 8, 12)
+
+
+def tiny_sd_folder(folder):
+    transformers = pytest.importorskip("transformers")
+    tiny_unet().save_pretrained(folder / "unet")
+    tiny_kl_vae().save_pretrained(folder / "vae")
+    sd_scheduler().save_pretrained(folder / "scheduler")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "photo</w>": 3}
+    tokenizer = transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=7)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    torch.manual_seed(6)
+    config = transformers.CLIPTextConfig(vocab_size=4, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=7, bos_token_id=0,
+                                         eos_token_id=1, pad_token_id=1)
+    transformers.CLIPTextModel(config).eval().save_pretrained(folder / "text_encoder")
+    return folder
+
+
+@torch.no_grad()
+def test_stable_diffusion_folder_gives_the_empty_prompt_embedding(tmp_path):
+    folder = tiny_sd_folder(tmp_path / "sd")
+    import transformers
+    dift = pr.load_dift(folder, up_block=1)
+    ids = torch.tensor([[0, 1, 1, 1, 1, 1, 1]])  # "": start, end, then padding (the end token) to 7
+    text_encoder = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder")
+    assert torch.allclose(dift.context, text_encoder(ids)[0], atol=1e-6) and dift.context.shape == (1, 7, 32)
+    assert dift.source == "stable-diffusion" and dift.patch_size == 2
+
+
+def test_block_or_timestep_outside_the_model_is_named(tmp_path):
+    folder = tiny_sldm_folder(tmp_path / "sldm")
+    with pytest.raises(ValueError, match="up-block 2 does not exist, the UNet has 2"):
+        pr.load_dift(folder, up_block=2)
+    with pytest.raises(ValueError, match=r"timestep 1000 is outside the schedule's 0\.\.999"):
+        pr.load_dift(folder, up_block=1, timestep=1000)
+
+
+def test_folder_that_is_no_model_is_named(tmp_path):
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}: not a diffusion model folder.*vae/config.json"):
+        pr.load_dift(tmp_path)
+
+
+# -----------------------------------------------------------------------------
+# Propagation with DIFT's preset, through the command line
+# -----------------------------------------------------------------------------
+
+def test_command_line_runs_dift_with_its_preset_on_a_toy_davis(tmp_path):
+    tw.write_davis(tmp_path / "DAVIS", num_videos=1, frames=3, height=64, width=96, progress=False)
+    folder = tiny_sldm_folder(tmp_path / "sldm")
+    out = tmp_path / "pred"
+    pr.main(["--dataset", "davis", "--data-root", str(tmp_path / "DAVIS"), "--checkpoint", str(folder),
+             "--output", str(out), "--features", "dift", "--dift-up-block", "1", "--dift-ensemble", "2",
+             "--input-size", "32", "48"])
+    record = json.loads((out / "propagation.json").read_text())
+    # App. C.3 DAVIS row, with the explicit --input-size kept
+    assert (record["topk"], record["queue_length"], record["radius"], record["temperature"]) == (15, 28, 15, 0.2)
+    assert record["input_size"] == [32, 48] and record["checkpoint"] == str(folder.resolve())
+    assert ev.evaluate_dataset("davis", tmp_path / "DAVIS", out, progress=False)["objects"] >= 1
+    assert record["encoder"]["features"] == "dift" and record["encoder"]["timestep"] == 51
+    png = Image.open(out / "toy000/00002.png")
+    assert png.mode == "P" and png.size == (96, 64)
+    with pytest.raises(SystemExit, match="encoder"):  # other DIFT settings into the same folder
+        pr.main(["--dataset", "davis", "--data-root", str(tmp_path / "DAVIS"), "--checkpoint", str(folder),
+                 "--output", str(out), "--features", "dift", "--dift-up-block", "1", "--dift-ensemble", "2",
+                 "--input-size", "32", "48", "--dift-timestep", "101"])
+
+
+def test_static_video_keeps_its_mask_with_dift_features(tmp_path):
+    # identical frames draw identical noise, so every frame's features equal frame 0's
+    root = tmp_path / "DAVIS"
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8))
+    ids = np.zeros((32, 48), np.uint8)
+    ids[8:16], ids[24:32] = 1, 2
+    for t in range(3):
+        (root / "JPEGImages/480p/seq").mkdir(parents=True, exist_ok=True)
+        image.save(root / f"JPEGImages/480p/seq/{t:05d}.png")
+        ev.write_palette_png(root / f"Annotations/480p/seq/{t:05d}.png", ids)
+    (root / "ImageSets/2017").mkdir(parents=True)
+    (root / "ImageSets/2017/val.txt").write_text("seq\n")
+    pr.propagate_dataset("davis", root, tiny_dift(), tmp_path / "pred", input_size=(32, 48), progress=False)
+    assert ev.evaluate_dataset("davis", root, tmp_path / "pred", progress=False)["J&F_m"] == 100.0
+
+
+def test_unloadable_model_folder_is_one_line(tmp_path):
+    tw.write_davis(tmp_path / "DAVIS", num_videos=1, frames=2, height=64, width=96, progress=False)
+    with pytest.raises(SystemExit) as exit_info:
+        pr.main(["--dataset", "davis", "--data-root", str(tmp_path / "DAVIS"), "--checkpoint", str(tmp_path / "none"),
+                 "--output", str(tmp_path / "pred"), "--features", "dift"])
+    assert str(exit_info.value.code).startswith(f"{tmp_path / 'none'}: not a diffusion model folder")
+    assert not (tmp_path / "pred").exists()
