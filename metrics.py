@@ -209,9 +209,9 @@ def nearest_neighbours(features, k, queries=None, chunk=4096):
 
     features [N, D] (on any device: the search runs there); queries: row indices [Q] (every
     row when None) -> indices [Q, k] (int64, on features' device). Queries and candidates are
-    taken `chunk` rows at a time: one [chunk, D] x [D, chunk] product per pair of chunks, its
-    scores merged into a running top-k, so memory stays O(chunk^2 + Q k) and no [Q, N]
-    matrix is ever held. A query is excluded by its index (a duplicate image is still found).
+    taken `chunk` rows at a time: one [chunk, D] x [D, chunk] product per pair of chunks, whose
+    best k per row are merged into a running top-k, so memory stays O(chunk^2 + Q k) and no
+    [Q, N] matrix is ever held. A query is excluded by its index (a duplicate is still found).
     """
     n = features.shape[0]
     if n <= k:
@@ -222,20 +222,19 @@ def nearest_neighbours(features, k, queries=None, chunk=4096):
                else torch.as_tensor(np.asarray(queries), dtype=torch.long).to(device))
     out = []
     for query in queries.split(chunk):
-        best_sim = torch.full((len(query), k), -float("inf"), device=device)
-        best_idx = torch.zeros((len(query), k), dtype=torch.long, device=device)
         rows = torch.arange(len(query), device=device)
-        query_feats = feats[query]                                       # [c, D]
+        best_sim = torch.full((len(query), k), -float("inf"), device=device)       # running top-k
+        best_idx = torch.zeros((len(query), k), dtype=torch.long, device=device)
+        query_feats = feats[query]                                                 # [c, D]
         for start in range(0, n, chunk):
-            candidates = feats[start:start + chunk]                      # [c', D]
-            sim = query_feats @ candidates.T                             # [c, c'] cosine similarities
+            sim = query_feats @ feats[start:start + chunk].T                       # [c, c'] cosines
             own = query - start
-            inside = (own >= 0) & (own < len(candidates))
-            sim[rows[inside], own[inside]] = -float("inf")               # the query itself is no neighbour
-            merged_sim = torch.cat([best_sim, sim], dim=1)               # running top-k: the k best so far
-            merged_idx = torch.cat([best_idx, (start + torch.arange(len(candidates), device=device))
-                                    .expand(len(query), -1)], dim=1)     # + this chunk's candidates
-            best_sim, top = merged_sim.topk(k, dim=1)                    # sorted: nearest first
+            inside = (own >= 0) & (own < sim.shape[1])
+            sim[rows[inside], own[inside]] = -float("inf")                         # the query is no neighbour
+            chunk_sim, chunk_idx = sim.topk(min(k, sim.shape[1]), dim=1)           # this chunk's best
+            merged_sim = torch.cat([best_sim, chunk_sim], dim=1)                   # [c, k + k']
+            merged_idx = torch.cat([best_idx, chunk_idx + start], dim=1)
+            best_sim, top = merged_sim.topk(k, dim=1)                              # sorted: nearest first
             best_idx = merged_idx.gather(1, top)
         out.append(best_idx)
     return torch.cat(out)

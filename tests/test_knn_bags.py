@@ -196,3 +196,30 @@ def test_too_few_images_or_a_bad_checkpoint_stop_before_any_work(tmp_path, capsy
     assert status == 1
     assert_one_line_naming(message, "--input-size 30", "patch size 8")
     assert not out.exists()
+
+
+def test_a_file_list_limits_the_bags_and_the_candidate_neighbours_to_the_listed_images(tmp_path, data):
+    listed = sorted(p.relative_to(data / "images").as_posix() for p in (data / "images").rglob("*") if p.is_file())[::3]
+    (tmp_path / "list.txt").write_text("".join(f"{p}\n" for p in listed))
+    output = tmp_path / "bags"
+    assert run(data, output, "--file-list", str(tmp_path / "list.txt"))["written"] == len(listed) == 10
+    allowed = {file_hash(data / "images" / p) for p in listed}
+    for bag in cdgmae.find_bags(output):
+        real, views = cdgmae.bag_files(output / bag)
+        assert len(views) == 5 and {file_hash(v) for v in views} <= allowed - {file_hash(real)}
+
+
+def test_an_unreadable_image_stops_the_run_before_any_embedding_naming_it(tmp_path, capsys, data):
+    images = tmp_path / "images"
+    for p in (data / "images").rglob("*"):
+        if p.is_file():
+            (images / p.relative_to(data / "images")).parent.mkdir(parents=True, exist_ok=True)
+            (images / p.relative_to(data / "images")).write_bytes(p.read_bytes())
+    bad = images / "n01" / "img03.JPEG"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated
+    out = tmp_path / "out"
+    status, err, message = cli(gv.main, ["knn", "--images", images, "--checkpoint", data / "vit.pth",
+                                         "--output", out, *KNN], capsys)
+    assert status == 1 and "Traceback" not in err
+    assert_one_line_naming(message, bad)
+    assert not out.exists()
