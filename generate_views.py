@@ -1060,6 +1060,8 @@ def knn_command(argv):
     except OSError as e:  # disk full, output not writable: saved shards and complete bags stay
         raise SystemExit(f"{e.filename or args.output}: cannot write ({e.strerror or e}) (free disk space or fix "
                          f"permissions, then rerun: saved shards and complete bags are kept)") from None
+    except ValueError as e:  # a saved shard that does not fit the listing (load_shard)
+        raise SystemExit(one_line(e)) from None
     print(f"{len(rel_paths)} images, k = {args.k}: {written} bags written, {complete} already complete "
           f"({time.time() - start:.1f} s, {device})", file=sys.stderr)
     return {"images": len(rel_paths), "written": written, "complete_before": complete}

@@ -223,3 +223,16 @@ def test_an_unreadable_image_stops_the_run_before_any_embedding_naming_it(tmp_pa
     assert status == 1 and "Traceback" not in err
     assert_one_line_naming(message, bad)
     assert not out.exists()
+
+
+def test_a_saved_shard_that_does_not_fit_the_listing_is_one_line_naming_it(tmp_path, capsys, data):
+    output = tmp_path / "bags"
+    run(data, output)
+    shard = output / gv.KNN_FOLDER / "neighbours-00000.npy"
+    np.save(shard, np.zeros((3, 5), dtype=np.int64))  # e.g. a file from another run copied in
+    before = tree_bytes(output)
+    status, err, message = cli(gv.main, ["knn", "--images", data / "images", "--checkpoint", data / "vit.pth",
+                                         "--output", output, *KNN], capsys)
+    assert status == 1 and "Traceback" not in err
+    assert_one_line_naming(message, shard, "delete it")
+    assert tree_bytes(output) == before
