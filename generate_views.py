@@ -26,6 +26,8 @@ Commands:
     # a CompVis-LDM checkpoint (UNet + VQ/KL first stage + Linear projection) -> S-LDM folder
     python generate_views.py convert --ldm-checkpoint model.ckpt --ldm-config model.yaml \\
         --dino dino_vitbase16_pretrain.pth --output sldm/
+    # k-NN image bags (Table 2, last row): each image with its 5 nearest images by MAE cls embedding
+    python generate_views.py knn --images train/ --checkpoint mae_pretrain_vit_base.pth --output knn-bags/
     # views of an ImageNet-layout tree, 8 GPUs (or --shard i/n for array jobs)
     torchrun --nproc_per_node 8 generate_views.py --images train/ --model sldm/ --output bags/ --views 4
 
@@ -45,6 +47,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -53,6 +56,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import cdgmae
+import metrics
 
 PAPER_VIEWS = 4          # M (Sec. 4)
 PAPER_STEPS = 50         # DDIM steps (Sec. 4)
@@ -701,17 +705,38 @@ def bag_is_complete(bag_dir, num_views):
     return real is not None and indices >= set(range(num_views))
 
 
-def write_bag(bag_dir, real_path, views, quality=JPEG_QUALITY):
+def write_bag(bag_dir, real_path, views, quality=JPEG_QUALITY, link=False):
     """Write one bag: the views first, the real image last, each under a hidden temporary
     name then renamed. A bag folder holding real.* (what cdgmae.find_bags looks for) is
-    therefore always complete, and a killed run never leaves a truncated file under a final name."""
+    therefore always complete, and a killed run never leaves a truncated file under a final name.
+
+    views: PIL images (saved as view_XX.jpg) or image files (view_XX.<their suffix>, e.g. the
+    k-NN images). link: files (views and the real image) are hard-linked where the filesystem
+    allows it, else copied."""
     bag_dir = Path(bag_dir)
     bag_dir.mkdir(parents=True, exist_ok=True)
     cdgmae.remove_stale_temporaries(bag_dir)   # left by a run killed while writing this bag
     for k, view in enumerate(views):
-        cdgmae.atomic_write(bag_dir / f"view_{k:02d}.jpg", lambda tmp: view.save(tmp, format="JPEG", quality=quality))
+        if isinstance(view, Image.Image):
+            cdgmae.atomic_write(bag_dir / f"view_{k:02d}.jpg",
+                                lambda tmp: view.save(tmp, format="JPEG", quality=quality))
+        else:
+            cdgmae.atomic_write(bag_dir / f"view_{k:02d}{Path(view).suffix.lower()}",
+                                partial(place_file, view, link=link))
     real_name = "real" + Path(real_path).suffix.lower()
-    cdgmae.atomic_write(bag_dir / real_name, lambda tmp: shutil.copyfile(real_path, tmp))
+    cdgmae.atomic_write(bag_dir / real_name, partial(place_file, real_path, link=link))
+
+
+def place_file(source, destination, link=False):
+    """Copy `source` to `destination`, or hard-link it when `link` and the filesystem allows it
+    (same filesystem, links supported)."""
+    if link:
+        try:
+            os.link(source, destination)
+            return
+        except OSError:  # another filesystem (EXDEV), no hard links there, too many links: copy
+            pass
+    shutil.copyfile(source, destination)
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -784,7 +809,7 @@ def generate_bags(backend, images_root, rel_paths, output, num_views=PAPER_VIEWS
 # change pixels only at the rounding level of float sums.
 
 RECORD_NAME = "generation.json"
-NOT_COMPARED = ("model",)   # where the model folder lies; its contents are compared by model_sha256
+NOT_COMPARED = ("model", "checkpoint")   # where the model lies; its contents are compared by their sha256
 MODEL_FILE_SUFFIXES = (".json", ".yaml", ".yml", ".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 PRECISION_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -866,6 +891,183 @@ def claim_output(output, settings):
 
 
 # -----------------------------------------------------------------------------
+# k-NN image bags (Table 2, last row)
+# -----------------------------------------------------------------------------
+#
+# The pretext data of Table 2's "K-nn images" row: the bag of a real image holds its k = 5
+# nearest OTHER images of the dataset by cosine similarity of a ViT's cls embedding (the
+# paper: MAE ViT-B/16), nearest first, in the layout above, so that cdgmae.py trains on them
+# as it does on generated views:
+#
+#   BAGS/<relative folder>/<stem>/view_00.<ext> ... view_{k-1}.<ext>   the neighbours (hard links or copies)
+#                                 real.<ext>                          the image itself
+#   BAGS/generation.json       the settings (ViT sha256, k, crop size, listing)
+#   BAGS/.knn/embeddings-XXXXX.npy   float16 [n, D] cls embeddings of KNN_SHARD images of the listing
+#   BAGS/.knn/neighbours-XXXXX.npy   int64 [n, k] their neighbours' indices into the listing
+#
+# Three phases, each resumable: embeddings (a saved shard is never recomputed), the search
+# (a saved neighbour shard is never searched again) and the bags (complete bags are skipped).
+
+KNN_FOLDER = ".knn"
+KNN_SHARD = 16384   # images per embedding / neighbour file: 24 MiB of float16 ViT-B embeddings
+PAPER_KNN = 5       # k (Table 2; Table 1's k-NN pairs use the same k)
+
+
+def file_sha256(path, chunk_size=1 << 24):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def knn_settings(args, checkpoint_sha256, rel_paths):
+    """What k-NN bags depend on, as recorded in OUTPUT/generation.json: the ViT's bytes, k, the
+    crop size and the listing (every image is a candidate neighbour of every other)."""
+    return {"pretext": "knn", "checkpoint": str(Path(args.checkpoint).resolve()),
+            "checkpoint_sha256": checkpoint_sha256, "k": args.k, "input_size": args.input_size,
+            "images": len(rel_paths), "images_sha256": hashlib.sha256("\n".join(rel_paths).encode()).hexdigest()}
+
+
+def shard_file(folder, kind, index):
+    return Path(folder) / f"{kind}-{index:05d}.npy"
+
+
+def save_array(path, array):
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to the temporary name
+            np.save(f, array)
+    cdgmae.atomic_write(path, write)
+
+
+def load_shard(path, rows):
+    array = np.load(path)
+    if array.shape[0] != rows:
+        raise ValueError(f"{path}: holds {array.shape[0]} rows, expected {rows} (delete it, the rerun recomputes it)")
+    return torch.from_numpy(array)
+
+
+def knn_embeddings(vit, images_root, rel_paths, folder, input_size=224, batch_size=64, workers=4, device="cpu",
+                   progress=True):
+    """cls embeddings [N, D] (float16, CPU) of the images, KNN_SHARD at a time, with metrics'
+    evaluation crop (shorter side to input_size, centre crop, ImageNet normalisation); each
+    shard is saved as it is finished, and a shard already saved is read back, not recomputed."""
+    shards = []
+    starts = range(0, len(rel_paths), KNN_SHARD)
+    for index, start in enumerate(tqdm(starts, desc="k-NN embeddings", unit="shard", disable=not progress)):
+        path, paths = shard_file(folder, "embeddings", index), rel_paths[start:start + KNN_SHARD]
+        if not path.exists():
+            cls = metrics.cls_features(vit, [Path(images_root) / p for p in paths], input_size, True, batch_size,
+                                       workers, device)
+            save_array(path, cls.half().numpy())
+        shards.append(load_shard(path, len(paths)))
+    return torch.cat(shards)
+
+
+def knn_search(embeddings, k, folder, chunk=4096, device="cpu", progress=True):
+    """Indices [N, k] of every image's k nearest other images (nearest first), KNN_SHARD queries
+    at a time against all N with metrics.nearest_neighbours on `device` (chunked products,
+    running top-k); each shard is saved, and a shard already saved is read back."""
+    features, shards = None, []
+    starts = range(0, len(embeddings), KNN_SHARD)
+    for index, start in enumerate(tqdm(starts, desc="k-NN search", unit="shard", disable=not progress)):
+        path, queries = shard_file(folder, "neighbours", index), torch.arange(start, min(start + KNN_SHARD,
+                                                                                         len(embeddings)))
+        if not path.exists():
+            if features is None:
+                features = embeddings.to(device)
+            save_array(path, metrics.nearest_neighbours(features, k, queries, chunk).cpu().numpy())
+        shards.append(load_shard(path, len(queries)))
+    return torch.cat(shards)
+
+
+def write_knn_bags(images_root, rel_paths, neighbours, output, progress=True):
+    """The bag of every image: real.<ext> the image, view_00 .. view_{k-1} its neighbours
+    (neighbours [N, k], indices into rel_paths, nearest first), hard-linked where possible.
+    Complete bags are skipped. Returns (bags written, bags complete before)."""
+    root, output, written = Path(images_root), Path(output), 0
+    for i, rel in enumerate(tqdm(rel_paths, desc="k-NN bags", unit="bag", disable=not progress)):
+        bag = output / bag_name(rel)
+        if not bag_is_complete(bag, neighbours.shape[1]):
+            write_bag(bag, root / rel, [root / rel_paths[j] for j in neighbours[i].tolist()], link=True)
+            written += 1
+    return written, len(rel_paths) - written
+
+
+def prepare_knn(args):
+    """Every check of a k-NN run before its work: inputs, ViT, device, the output's settings, the
+    images still to embed. Returns (relative image paths, ViT on the device, device, .knn folder)."""
+    output = Path(args.output).resolve()
+    if output.is_relative_to(Path(args.images).resolve()):
+        raise ValueError(f"{args.output}: lies inside --images {args.images} (give an --output outside it)")
+    rel_paths = list_images(args.images, args.file_list)
+    if len(rel_paths) <= args.k:
+        raise ValueError(f"{args.images}: {len(rel_paths)} images, a bag of k = {args.k} other images needs more "
+                         f"(give more images or a lower --k)")
+    device, _ = pick_device_and_dtype(args.device, "fp32")
+    vit = metrics.load_vit(args.checkpoint, args.input_size)
+    settings = knn_settings(args, file_sha256(args.checkpoint), rel_paths)
+    check_output(output, settings)
+    folder = output / KNN_FOLDER
+    todo = [Path(args.images) / p for index, start in enumerate(range(0, len(rel_paths), KNN_SHARD))
+            if not shard_file(folder, "embeddings", index).exists() for p in rel_paths[start:start + KNN_SHARD]]
+    metrics.check_images_decode(todo)  # a bad image stops the run before any embedding is saved
+    claim_output(output, settings)
+    folder.mkdir(exist_ok=True)
+    cdgmae.remove_stale_temporaries(folder)
+    return rel_paths, vit.to(device).eval(), device, folder
+
+
+def get_knn_parser():
+    p = argparse.ArgumentParser(
+        prog="generate_views.py knn",
+        description="k-NN image bags (CDG-MAE Table 2, last row): for every image under --images, a bag of its k "
+                    "nearest other images by cosine similarity of a ViT's cls embedding (the paper: MAE ViT-B/16), "
+                    "nearest first: OUTPUT/<folder>/<stem>/{view_00.<ext> ..., real.<ext>}, hard links where "
+                    "possible. Resumable: embeddings and neighbours are saved in shards under OUTPUT/.knn, "
+                    "complete bags are skipped.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--images", required=True, help="root of the images (e.g. ImageNet train/, any depth)")
+    p.add_argument("--file-list", default=None, help="text file of image paths relative to --images, one a line; "
+                                                      "without it, every image under --images")
+    p.add_argument("--checkpoint", required=True, help="ViT checkpoint (MAE, DINO, CropMAE or CDG-MAE)")
+    p.add_argument("--output", required=True, help="bag root to write")
+    p.add_argument("--k", type=cdgmae.checked(int, 1, 100), default=PAPER_KNN,
+                   help="neighbours per image (1..100: view_00 .. view_99)")
+    p.add_argument("--input-size", type=cdgmae.checked(int, 1), default=224,
+                   help="side of the centre crop the ViT embeds, a multiple of its patch size")
+    p.add_argument("--batch-size", type=cdgmae.checked(int, 1), default=64, help="images per ViT forward pass")
+    p.add_argument("--chunk", type=cdgmae.checked(int, 1), default=4096,
+                   help="rows per side of one [chunk, D] x [D, chunk] similarity product of the search")
+    p.add_argument("--workers", type=cdgmae.checked(int, 0), default=4, help="image-decoding DataLoader workers")
+    p.add_argument("--device", default=None, help="torch device; unset: cuda if available, else cpu")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    return p
+
+
+def knn_command(argv):
+    args = get_knn_parser().parse_args(argv)
+    try:
+        rel_paths, vit, device, folder = prepare_knn(args)
+    except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: an unreadable checkpoint
+        raise SystemExit(one_line(e)) from None
+    start = time.time()
+    try:
+        embeddings = knn_embeddings(vit, args.images, rel_paths, folder, args.input_size, args.batch_size,
+                                    args.workers, device, args.progress)
+        neighbours = knn_search(embeddings, args.k, folder, args.chunk, device, args.progress)
+        written, complete = write_knn_bags(args.images, rel_paths, neighbours, args.output, args.progress)
+    except OSError as e:  # disk full, output not writable: saved shards and complete bags stay
+        raise SystemExit(f"{e.filename or args.output}: cannot write ({e.strerror or e}) (free disk space or fix "
+                         f"permissions, then rerun: saved shards and complete bags are kept)") from None
+    except ValueError as e:  # a saved shard that does not fit the listing (load_shard)
+        raise SystemExit(one_line(e)) from None
+    print(f"{len(rel_paths)} images, k = {args.k}: {written} bags written, {complete} already complete "
+          f"({time.time() - start:.1f} s, {device})", file=sys.stderr)
+    return {"images": len(rel_paths), "written": written, "complete_before": complete}
+
+
+# -----------------------------------------------------------------------------
 # Command line
 # -----------------------------------------------------------------------------
 
@@ -884,7 +1086,8 @@ def get_args_parser():
         description="Generate bags of views (CDG-MAE Sec. 3.1): M views per real image from an S-LDM, "
                     "written as OUTPUT/<folder>/<stem>/{view_00.jpg ..., real.<ext>}. Resumable (complete bags "
                     "are skipped), sharded across torchrun ranks and/or --shard i/n. To build the S-LDM folder "
-                    "from a CompVis-LDM checkpoint, see `python generate_views.py convert --help`.",
+                    "from a CompVis-LDM checkpoint, see `python generate_views.py convert --help`; for bags of k-NN "
+                    "images (Table 2), `python generate_views.py knn --help`.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--images", required=True, help="root of the real images (e.g. ImageNet train/, any depth)")
     p.add_argument("--file-list", default=None, help="text file of image paths relative to --images, one a line; "
@@ -1007,6 +1210,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["convert"]:
         return convert_command(argv[1:])
+    if argv[:1] == ["knn"]:
+        return knn_command(argv[1:])
     args = get_args_parser().parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = True
     try:

@@ -203,16 +203,48 @@ def random_pairs(paths, num_pairs, rng):
     return pairs
 
 
-def knn_pairs_from_features(cls, queries, k, rng):
+@torch.no_grad()
+def nearest_neighbours(features, k, queries=None, chunk=4096):
+    """The k nearest OTHER rows of each query by cosine similarity, nearest first.
+
+    features [N, D] (on any device: the search runs there); queries: row indices [Q] (every
+    row when None) -> indices [Q, k] (int64, on features' device). Queries and candidates are
+    taken `chunk` rows at a time: one [chunk, D] x [D, chunk] product per pair of chunks, whose
+    best k per row are merged into a running top-k, so memory stays O(chunk^2 + Q k) and no
+    [Q, N] matrix is ever held. A query is excluded by its index (a duplicate is still found).
+    """
+    n = features.shape[0]
+    if n <= k:
+        raise ValueError(f"k-NN with k = {k} needs more than {k} images, got {n}")
+    feats = F.normalize(features.float(), dim=-1)
+    device = feats.device
+    queries = (torch.arange(n, device=device) if queries is None
+               else torch.as_tensor(np.asarray(queries), dtype=torch.long).to(device))
+    out = []
+    for query in queries.split(chunk):
+        rows = torch.arange(len(query), device=device)
+        best_sim = torch.full((len(query), k), -float("inf"), device=device)       # running top-k
+        best_idx = torch.zeros((len(query), k), dtype=torch.long, device=device)
+        query_feats = feats[query]                                                 # [c, D]
+        for start in range(0, n, chunk):
+            sim = query_feats @ feats[start:start + chunk].T                       # [c, c'] cosines
+            own = query - start
+            inside = (own >= 0) & (own < sim.shape[1])
+            sim[rows[inside], own[inside]] = -float("inf")                         # the query is no neighbour
+            chunk_sim, chunk_idx = sim.topk(min(k, sim.shape[1]), dim=1)           # this chunk's best
+            merged_sim = torch.cat([best_sim, chunk_sim], dim=1)                   # [c, k + k']
+            merged_idx = torch.cat([best_idx, chunk_idx + start], dim=1)
+            best_sim, top = merged_sim.topk(k, dim=1)                              # sorted: nearest first
+            best_idx = merged_idx.gather(1, top)
+        out.append(best_idx)
+    return torch.cat(out)
+
+
+def knn_pairs_from_features(cls, queries, k, rng, chunk=4096):
     """For each query index, one of its k nearest neighbours (cosine similarity of cls [N, D],
     the query itself excluded) at random: a list of (query, neighbour) index pairs."""
-    if cls.shape[0] <= k:
-        raise ValueError(f"k-NN with k = {k} needs more than {k} images, got {cls.shape[0]}")
-    feats = F.normalize(cls.float(), dim=-1)
     queries = torch.as_tensor(np.asarray(queries), dtype=torch.long)
-    sim = feats[queries] @ feats.T                                   # [Q, N]
-    sim[torch.arange(len(queries)), queries] = -float("inf")
-    neighbours = sim.topk(k, dim=-1).indices                         # [Q, k]
+    neighbours = nearest_neighbours(cls, k, queries, chunk)          # [Q, k]
     pick = torch.as_tensor(rng.integers(k, size=len(queries)))
     return [(int(q), int(neighbours[r, pick[r]])) for r, q in enumerate(queries)]
 
