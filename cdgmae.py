@@ -11,7 +11,8 @@ Views" (Belagali et al.). This one file holds
 
 Usage:
     python cdgmae.py --data BAGS --output runs/a1                       # one process
-    torchrun --nproc_per_node 8 cdgmae.py --data BAGS --anchors 3 --anchor-mask 0.25
+    torchrun --nproc_per_node 8 cdgmae.py --anchors 3 --anchor-mask 0.25  # bags in ./data/bags
+    python cdgmae.py --output runs/a1 --resume auto                       # continue a run
     python cdgmae.py --count-flops --anchors 3 --anchor-mask 0.25      # Table 8 GFLOPs
 
 Import:
@@ -629,8 +630,8 @@ def encoder_from_checkpoint(checkpoint, img_size=None, num_heads=None):
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VIEW_NAME = re.compile(r"^view_(\d+)\.(jpg|jpeg|png|bmp|webp)$", re.IGNORECASE)
-VERIFY_LEVELS = ("none", "header", "decode")
-DEFAULT_DATA = "data/bags"  # --data default: the used-by command runs from a folder holding data/bags  # --verify-images, from cheapest to most thorough
+VERIFY_LEVELS = ("none", "header", "decode")  # --verify-images, from cheapest to most thorough
+DEFAULT_DATA = "data/bags"  # --data default: the used-by command runs from a folder holding data/bags
 
 
 def bag_files(bag_dir):
@@ -767,8 +768,8 @@ def read_encoded(path):
     image's (width, height) from its header. A file whose header does not parse or a JPEG
     without its end-of-image marker (truncated) is UnreadableImage, so the worker can
     substitute its bag the way the CPU path does."""
-    data = Path(path).read_bytes()
     try:
+        data = Path(path).read_bytes()
         with Image.open(io.BytesIO(data)) as im:
             size, kind = im.size, im.format
     except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
@@ -892,8 +893,8 @@ def decode_on_device(blobs, device):
     torchvision is imported here only, so the CPU install does not need it."""
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
     is_jpeg = [b[:2].tolist() == [0xFF, 0xD8] for b in blobs]
-    jpegs = decode_jpeg([b for b, j in zip(blobs, is_jpeg) if j], mode=ImageReadMode.RGB, device=device)
-    jpegs = iter(jpegs)
+    jpegs = [b for b, j in zip(blobs, is_jpeg) if j]
+    jpegs = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
     return [next(jpegs) if j else decode_image(b, mode=ImageReadMode.RGB).to(device) for b, j in zip(blobs, is_jpeg)]
 
 
@@ -1537,7 +1538,7 @@ def make_loader(args, dataset, sampler, per_step, device):
     if args.workers > 0:
         extra = dict(persistent_workers=True, prefetch_factor=min(8, max(2, -(-256 // per_step))))
     return torch.utils.data.DataLoader(dataset, batch_size=per_step, sampler=sampler, num_workers=args.workers,
-                                       pin_memory=device.type == "cuda", drop_last=False,
+                                       pin_memory=device.type == "cuda" and args.decode == "cpu", drop_last=False,
                                        collate_fn=collate_encoded if args.decode == "gpu" else None, **extra)
 
 
