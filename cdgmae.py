@@ -1120,7 +1120,7 @@ def get_args_parser():
                    help="regress per-patch normalised pixels")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=checked(int, 1), default=100, help="passes over the bags (Table 6)")
+    g.add_argument("--epochs", type=checked(int, 1), default=100, help="passes over the bags (Table 6) and the cosine's length: a resume may raise it only once the run has finished")
     g.add_argument("--batch-size", type=checked(int, 1), default=2048, help="global batch (all ranks, all accumulation steps)")
     g.add_argument("--accum-iter", type=checked(int, 1), default=1, help="gradient accumulation steps per optimizer step")
     g.add_argument("--blr", type=checked(float, 0, low_open=True), default=1.5e-4, help="base lr; lr = blr * batch_size / 256")
@@ -1135,7 +1135,8 @@ def get_args_parser():
 
     g = p.add_argument_group("output")
     g.add_argument("--output", type=str, default="runs/cdgmae", help="folder for checkpoints, log.jsonl, args.json and reconstruction PNGs")
-    g.add_argument("--resume", type=str, default=None, help="checkpoint to continue from ('auto': OUTPUT/checkpoint-last.pth if present)")
+    g.add_argument("--resume", type=str, default=None, help="checkpoint to continue from ('auto': OUTPUT/checkpoint-last.pth if present); refused if a setting "
+                        "that changes the computation differs")
     g.add_argument("--save-every", type=checked(int, 1), default=25, help="keep a copy of the checkpoint every this many epochs")
     g.add_argument("--vis-every", type=checked(int, 0), default=5, help="reconstruction PNG every this many epochs (0: never)")
     g.add_argument("--log-every", type=checked(int, 1), default=20, help="JSON-lines log every this many steps")

@@ -5,7 +5,6 @@ over ranks and processes and cached in the output folder."""
 import argparse
 import io
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
