@@ -11,7 +11,8 @@ Views" (Belagali et al.). This one file holds
 
 Usage:
     python cdgmae.py --data BAGS --output runs/a1                       # one process
-    torchrun --nproc_per_node 8 cdgmae.py --data BAGS --anchors 3 --anchor-mask 0.25
+    torchrun --nproc_per_node 8 cdgmae.py --anchors 3 --anchor-mask 0.25  # bags in ./data/bags
+    python cdgmae.py --output runs/a1 --resume auto                       # continue a run
     python cdgmae.py --count-flops --anchors 3 --anchor-mask 0.25      # Table 8 GFLOPs
 
 Import:
@@ -22,6 +23,7 @@ import argparse
 import contextlib
 import datetime
 import hashlib
+import importlib.util
 import io
 import json
 import math
@@ -695,8 +697,8 @@ def encoder_from_checkpoint(checkpoint, img_size=None, num_heads=None):
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VIEW_NAME = re.compile(r"^view_(\d+)\.(jpg|jpeg|png|bmp|webp)$", re.IGNORECASE)
-VERIFY_LEVELS = ("none", "header", "decode")
-DEFAULT_DATA = "data/bags"  # --data default: the used-by command runs from a folder holding data/bags  # --verify-images, from cheapest to most thorough
+VERIFY_LEVELS = ("none", "header", "decode")  # --verify-images, from cheapest to most thorough
+DEFAULT_DATA = "data/bags"  # --data default: the used-by command runs from a folder holding data/bags
 
 
 def bag_files(bag_dir):
@@ -833,8 +835,8 @@ def read_encoded(path):
     image's (width, height) from its header. A file whose header does not parse or a JPEG
     without its end-of-image marker (truncated) is UnreadableImage, so the worker can
     substitute its bag the way the CPU path does."""
-    data = Path(path).read_bytes()
     try:
+        data = Path(path).read_bytes()
         with Image.open(io.BytesIO(data)) as im:
             size, kind = im.size, im.format
     except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
@@ -869,29 +871,66 @@ def sample_crop_box(rng, width, height, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
     return left / width, top / height, (left + w) / width, (top + h) / height
 
 
-def crop_resize(image, box, size):
+def resize_plan(low, high, length, size, max_extra=32):
+    """How to resample [low, high) of an axis of `length` pixels to `size` samples the way
+    Pillow's box resize does (sample i centred at low + (i + 0.5) * scale, scale = (high - low)
+    / size) with torch's resize, which centres sample i of a crop starting at a whole pixel x0
+    at x0 + (i + 0.5) * scale: resize the crop to extra + size samples and drop the first
+    `extra`, with `extra` chosen so that x0 = low - extra * scale falls on a whole pixel and,
+    away from the image's edge, the first kept sample's taps lie inside the crop. x0 may be
+    negative (the crop then repeats the edge pixel). The residual offset is 0 for a box in whole
+    pixels and usually a few hundredths of a pixel otherwise, but up to 0.5 px when the scale
+    is within about 1% of a whole number (every `extra` then leaves the same fraction).
+    Returns (x0, x1, extra, scale)."""
+    scale = (high - low) / size
+    support = 2 * max(scale, 1.0)  # bicubic reach in source pixels (widened when shrinking)
+    best = None
+    for extra in range(max_extra + 1):
+        start = low - extra * scale
+        x0 = round(start)
+        taps_inside = x0 <= 0 or low + 0.5 * scale - support + 0.5 >= x0
+        # A residual offset of r px moves every sample by r; taps cut at the crop's start or a
+        # copied edge (x0 < 0) change the first two samples only: about what r = 0.005 costs.
+        cost = abs(start - x0) + (0 if taps_inside else 0.005) + (0.01 if x0 < 0 else 0)
+        if best is None or cost < best[0]:
+            best = (cost, extra, x0)
+        if cost < 1e-9:
+            break
+    _, extra, x0 = best
+    return x0, min(length, math.ceil(high + support) + 1), extra, scale
+
+
+def crop_axis(image, dim, start, stop):
+    """image[start:stop] along dim of an [H, W, 3] image; a start below 0 repeats the first row
+    or column. (Indexing the channels-last layout keeps it, which torch's fast uint8 resize reads.)"""
+    if start >= 0:
+        return image.narrow(dim, start, stop - start)
+    index = torch.arange(start, stop, device=image.device).clamp_(min=0)
+    return image.index_select(dim, index)
+
+
+def crop_resize(image, box, size, float_math=None):
     """Crop the box (fractions l, t, r, b) out of image [3, H, W] uint8 and resize it to
-    [3, size, size] uint8 with antialiased bicubic interpolation (Pillow's filter, a = -0.5).
-
-    The box is rounded to whole pixels (exact on the image whose size the box was drawn on;
-    at most half a pixel off on views of another size). On the CPU this is torch's uint8
-    resize kernel; on other devices a float32 resize, rounded. Used by both decode paths."""
+    [3, size, size] uint8 with antialiased bicubic interpolation: Pillow's filter (a = -0.5) at
+    Pillow's sample positions (`resize_plan`), so the crop matches Image.resize(..., box=...)
+    also where the box falls between pixels (the other views of a sample, when their size
+    differs); docs/training.md gives the measured difference. On the CPU torch's uint8 kernel
+    runs; on other devices (or with float_math) the same kernel in float32, rounded. Used by
+    both decode paths."""
     height, width = image.shape[-2:]
-    left, right = round(box[0] * width), round(box[2] * width)
-    top, bottom = round(box[1] * height), round(box[3] * height)
-    left, top = min(left, width - 1), min(top, height - 1)
-    crop = image[:, top:max(bottom, top + 1), left:max(right, left + 1)].unsqueeze(0)
-    if crop.device.type == "cpu":
-        out = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)
-    else:
-        out = resize_float(crop, size)
-    return out[0]
-
-
-def resize_float(crop, size):
-    """[1, 3, h, w] uint8 -> [1, 3, size, size] uint8 through a float32 antialiased bicubic resize."""
-    out = F.interpolate(crop.float(), size=(size, size), mode="bicubic", antialias=True)
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+    y0, y1, extra_y, scale_y = resize_plan(box[1] * height, box[3] * height, height, size)
+    x0, x1, extra_x, scale_x = resize_plan(box[0] * width, box[2] * width, width, size)
+    crop = crop_axis(crop_axis(image.permute(1, 2, 0), 0, y0, y1), 1, x0, x1).permute(2, 0, 1).unsqueeze(0)
+    if float_math or (float_math is None and crop.device.type != "cpu"):
+        crop = crop.float()
+    # One more sample where the crop is as long as the output: torch copies such an axis as is.
+    out_h = extra_y + size + (y1 - y0 == extra_y + size)
+    out_w = extra_x + size + (x1 - x0 == extra_x + size)
+    # The aten op behind F.interpolate(antialias=True), called with both the output size and
+    # the scales, which F.interpolate does not allow together.
+    out = torch.ops.aten._upsample_bicubic2d_aa(crop, [out_h, out_w], False, 1 / scale_y, 1 / scale_x)
+    out = out[0, :, extra_y:extra_y + size, extra_x:extra_x + size]
+    return out if out.dtype == torch.uint8 else out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def crop_views(images, box, flip, size):
@@ -921,8 +960,8 @@ def decode_on_device(blobs, device):
     torchvision is imported here only, so the CPU install does not need it."""
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
     is_jpeg = [b[:2].tolist() == [0xFF, 0xD8] for b in blobs]
-    jpegs = decode_jpeg([b for b, j in zip(blobs, is_jpeg) if j], mode=ImageReadMode.RGB, device=device)
-    jpegs = iter(jpegs)
+    jpegs = [b for b, j in zip(blobs, is_jpeg) if j]
+    jpegs = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
     return [next(jpegs) if j else decode_image(b, mode=ImageReadMode.RGB).to(device) for b, j in zip(blobs, is_jpeg)]
 
 
@@ -1152,7 +1191,7 @@ def get_args_parser():
                    help="regress per-patch normalised pixels")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=checked(int, 1), default=100, help="passes over the bags (Table 6)")
+    g.add_argument("--epochs", type=checked(int, 1), default=100, help="passes over the bags (Table 6) and the cosine's length: a resume may raise it only once the run has finished")
     g.add_argument("--batch-size", type=checked(int, 1), default=2048, help="global batch (all ranks, all accumulation steps)")
     g.add_argument("--accum-iter", type=checked(int, 1), default=1, help="gradient accumulation steps per optimizer step")
     g.add_argument("--blr", type=checked(float, 0, low_open=True), default=1.5e-4, help="base lr; lr = blr * batch_size / 256")
@@ -1167,7 +1206,8 @@ def get_args_parser():
 
     g = p.add_argument_group("output")
     g.add_argument("--output", type=str, default="runs/cdgmae", help="folder for checkpoints, log.jsonl, args.json and reconstruction PNGs")
-    g.add_argument("--resume", type=str, default=None, help="checkpoint to continue from ('auto': OUTPUT/checkpoint-last.pth if present)")
+    g.add_argument("--resume", type=str, default=None, help="checkpoint to continue from ('auto': OUTPUT/checkpoint-last.pth if present); refused if a setting "
+                        "that changes the computation differs")
     g.add_argument("--save-every", type=checked(int, 1), default=25, help="keep a copy of the checkpoint every this many epochs")
     g.add_argument("--vis-every", type=checked(int, 0), default=5, help="reconstruction PNG every this many epochs (0: never)")
     g.add_argument("--log-every", type=checked(int, 1), default=20, help="JSON-lines log every this many steps")
@@ -1570,7 +1610,7 @@ def make_loader(args, dataset, sampler, per_step, device):
     if args.workers > 0:
         extra = dict(persistent_workers=True, prefetch_factor=min(8, max(2, -(-256 // per_step))))
     return torch.utils.data.DataLoader(dataset, batch_size=per_step, sampler=sampler, num_workers=args.workers,
-                                       pin_memory=device.type == "cuda", drop_last=False,
+                                       pin_memory=device.type == "cuda" and args.decode == "cpu", drop_last=False,
                                        collate_fn=collate_encoded if args.decode == "gpu" else None, **extra)
 
 
@@ -1697,6 +1737,11 @@ def main(argv=None):
     check_data_root(args)
 
     rank, world_size, device = setup_distributed(args.dist_timeout)
+    if args.decode == "gpu" and (device.type != "cuda" or importlib.util.find_spec("torchvision") is None):
+        raise SystemExit(f"--decode gpu: needs a CUDA device and torchvision (nvJPEG); this process has "
+                         f"{'a' if device.type == 'cuda' else 'no'} CUDA device and "
+                         f"{'no ' if importlib.util.find_spec('torchvision') is None else ''}torchvision "
+                         "(use --decode cpu)")
     per_step = args.batch_size // (world_size * args.accum_iter)
     if per_step * world_size * args.accum_iter != args.batch_size:
         raise SystemExit(f"--batch-size {args.batch_size}: not divisible by {world_size} ranks x "

@@ -51,7 +51,8 @@ def step_rate(setting, device, batch_size, steps, bf16, compile_model):
     num_anchors, anchor_mask = SETTINGS[setting]
     torch.manual_seed(0)
     model = CDGMAE(num_anchors=num_anchors, anchor_mask_ratio=anchor_mask).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95),
+                                  fused=device.type == "cuda" or None)  # as cdgmae.py trains
     run = torch.compile(model) if compile_model else model
     target = torch.randn(batch_size, 3, 224, 224, device=device)
     anchors = torch.randn(batch_size, num_anchors, 3, 224, 224, device=device)

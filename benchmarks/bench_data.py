@@ -1,0 +1,255 @@
+"""CPU cost of the training data path per sample, by stage, next to a bare decode of the same JPEGs.
+
+It writes synthetic ImageNet-shaped bags into a temporary folder (a 500x375 photo-like real
+image at JPEG quality 90, about 110 KB, and four 256x256 views at quality 95), then, in one
+thread of one process, times for the a1 (N = 1) and a3 (N = 3) settings:
+
+  before  the previous loader: PIL decode + convert, PIL bicubic crop-resize (box), PIL flip,
+          float32 ImageNet normalisation in the worker, float32 collate into shared memory;
+  after   cdgmae.BagDataset: PIL decode to a uint8 array, torch's uint8 antialiased bicubic
+          crop-resize (`cdgmae.crop_resize`), uint8 collate; normalisation on the device;
+  bare    Image.open + load of exactly the files each sample decodes.
+
+Stages are timed on a copy of the dataset's steps (checked to give the dataset's own output);
+the "measured" rows time `dataset[key]` itself. It also reports how far the new crops are from
+the previous PIL crops (same boxes). The machine may be shared: compare ratios to the bare
+decode, which is measured in the same passes.
+
+    python benchmarks/bench_data.py                      # 200 bags, a1 and a3, 3 passes
+    python benchmarks/bench_data.py --bags 100 --passes 1 --settings a3
+"""
+import argparse
+import sys
+import tempfile
+import time
+import warnings
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cdgmae  # noqa: E402
+
+SETTINGS = {"a1": 1, "a3": 3}  # N anchors
+STAGES = ["decode", "crop + resize", "to uint8 / normalise", "rest", "collate (shared memory)"]
+
+
+def photo(rng, width, height):
+    """Photo-like content: a 1/f sum of smooth random fields (correlated channels) plus sensor noise."""
+    img = torch.zeros(1, 3, height, width)
+    for cells, amplitude in [(4, 60), (8, 40), (16, 28), (32, 20), (64, 16), (128, 14), (256, 28)]:
+        field = (0.4 * torch.from_numpy(rng.normal(size=(1, 3, cells, cells)).astype(np.float32))
+                 + torch.from_numpy(rng.normal(size=(1, 1, cells, cells)).astype(np.float32)))
+        img += amplitude * F.interpolate(field, size=(height, width), mode="bicubic", align_corners=False)
+    img += 120 + torch.from_numpy(rng.normal(0, 10, size=(1, 3, height, width)).astype(np.float32))
+    return Image.fromarray(img[0].permute(1, 2, 0).clamp(0, 255).round().byte().numpy())
+
+
+def write_bags(root, count, seed=0):
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        bag = root / f"n{i % 10:08d}" / f"img_{i:05d}"
+        bag.mkdir(parents=True)
+        photo(rng, 500, 375).save(bag / "real.jpg", quality=90)
+        for k in range(4):
+            photo(rng, 256, 256).save(bag / f"view_{k:02d}.jpg", quality=95)
+    return cdgmae.find_bags(root)
+
+
+class Clock:
+    def __init__(self):
+        self.seconds = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, stage):
+        start = time.thread_time()  # CPU time of this thread: what a worker's core spends, even on a busy machine
+        yield
+        self.seconds[stage] += time.thread_time() - start
+
+
+def chosen_paths(ds, key):
+    """The files one sample decodes, and its generator after the view choice (the dataset's order)."""
+    epoch, index = key
+    rng = np.random.default_rng([ds.seed, epoch, index])
+    real, views = cdgmae.bag_files(ds.root / ds.bags[index])
+    paths = [real] + views[:ds.num_views]
+    return [paths[i] for i in ds.choose_views(rng)], rng
+
+
+def draw_rest(ds, rng, width, height):
+    box = cdgmae.sample_crop_box(rng, width, height, ds.crop_scale, ds.crop_ratio)
+    flip = rng.random() < 0.5
+    target_noise = torch.from_numpy(rng.random(ds.num_patches, dtype=np.float32))
+    anchor_noise = torch.from_numpy(rng.random((ds.num_anchors, ds.num_patches), dtype=np.float32))
+    return box, flip, target_noise, anchor_noise
+
+
+def staged_after(ds, key, clock):
+    """cdgmae.BagDataset.__getitem__ (CPU decode), stage by stage."""
+    with clock("rest"):
+        paths, rng = chosen_paths(ds, key)
+    images = []
+    for path in paths:
+        with clock("decode"):
+            im = Image.open(path)
+            im.load()
+        with clock("to uint8 / normalise"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            images.append(torch.from_numpy(np.asarray(im)).permute(2, 0, 1))
+            im.close()
+    with clock("rest"):
+        box, flip, target_noise, anchor_noise = draw_rest(ds, rng, images[0].shape[2], images[0].shape[1])
+    with clock("crop + resize"):
+        crops = [cdgmae.crop_resize(image, box, ds.input_size) for image in images]
+    with clock("rest"):
+        crops = torch.stack(crops)
+        crops = crops.flip(-1) if flip else crops
+    return crops[0], crops[1:], target_noise, anchor_noise
+
+
+def staged_before(ds, key, clock, keep_pixels=None):
+    """The previous loader (PIL crop-resize, float32 normalisation in the worker), stage by stage."""
+    with clock("rest"):
+        paths, rng = chosen_paths(ds, key)
+    with clock("decode"):
+        images = [cdgmae.load_rgb(p) for p in paths]
+    with clock("rest"):
+        box, flip, target_noise, anchor_noise = draw_rest(ds, rng, *images[0].size)
+    crops = []
+    for img in images:
+        with clock("crop + resize"):
+            w, h = img.size
+            img = img.resize((ds.input_size, ds.input_size), Image.BICUBIC,
+                             box=(box[0] * w, box[1] * h, box[2] * w, box[3] * h))
+            if flip:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if keep_pixels is not None:
+            keep_pixels.append(np.asarray(img))
+        with clock("to uint8 / normalise"):
+            crops.append(cdgmae.image_to_tensor(img))
+    with clock("rest"):
+        return crops[0], torch.stack(crops[1:]), target_noise, anchor_noise
+
+
+def collate_shared(samples):
+    """What a DataLoader worker's default_collate does: stack each field into shared memory."""
+    out = []
+    for field in zip(*samples):
+        buffer = torch.empty((len(field), *field[0].shape), dtype=field[0].dtype).share_memory_()
+        out.append(torch.stack(field, out=buffer))
+    return out
+
+
+def bare_decode(paths):
+    for path in paths:
+        with Image.open(path) as im:
+            im.load()
+
+
+def one_pass(ds, keys, batch):
+    """Per-sample seconds of every stage, before and after, the measured dataset, and bare decode."""
+    before, after, measured = Clock(), Clock(), Clock()
+    for start in range(0, len(keys), batch):
+        chunk = keys[start:start + batch]
+        with measured("bare decode"):
+            for key in chunk:
+                bare_decode(chosen_paths(ds, key)[0])
+        old = [staged_before(ds, key, before) for key in chunk]
+        with before("collate (shared memory)"):
+            collate_shared(old)
+        new = [staged_after(ds, key, after) for key in chunk]
+        with after("collate (shared memory)"):
+            collate_shared(new)
+        with measured("dataset[key]"):
+            real = [ds[key] for key in chunk]
+        with measured("collate"):
+            collate_shared(real)
+    n = len(keys)
+    return ({k: v / n for k, v in before.seconds.items()}, {k: v / n for k, v in after.seconds.items()},
+            {k: v / n for k, v in measured.seconds.items()})
+
+
+def pixel_difference(ds, keys):
+    """New crops against the previous PIL crops of the same boxes, (mean |diff|, max, share > 2
+    levels) for the image the box was drawn on (whole-pixel box) and for the others (the box
+    falls between pixels and is rounded: up to half a pixel off)."""
+    diffs = {"box image": [], "other images": []}
+    for key in keys:
+        pil = []
+        staged_before(ds, key, Clock(), keep_pixels=pil)
+        target, anchors, _, _ = ds[key]
+        for i, (ours, theirs) in enumerate(zip([target, *anchors], pil)):
+            d = np.abs(ours.permute(1, 2, 0).numpy().astype(int) - theirs.astype(int)).ravel()
+            same_size = Image.open(chosen_paths(ds, key)[0][i]).size == Image.open(chosen_paths(ds, key)[0][0]).size
+            diffs["box image" if same_size else "other images"].append(d)
+    return {k: (np.concatenate(v).mean(), np.concatenate(v).max(), (np.concatenate(v) > 2).mean())
+            for k, v in diffs.items() if v}
+
+
+def measure(setting, root, bags, args):
+    ds = cdgmae.BagDataset(root, bags, 4, SETTINGS[setting], 224, num_patches=196, seed=0)
+    keys = [(0, i) for i in range(len(bags))]
+    for key in keys[:8]:  # the staged copy is the dataset's own computation
+        assert all(torch.equal(a, b) for a, b in zip(staged_after(ds, key, Clock()), ds[key]))
+    passes = [one_pass(ds, keys, args.batch) for _ in range(args.passes)]
+    before, after, measured = min(passes, key=lambda p: p[2]["dataset[key]"] + p[2]["collate"])
+    return before, after, measured, pixel_difference(ds, keys[:args.pixel_samples])
+
+
+def report(results):
+    ms = lambda s: f"{s * 1e3:.2f}"  # noqa: E731
+    names = list(results)
+    print("\n| stage (CPU ms per sample, 1 thread) | " + " | ".join(f"{n} before | {n} after" for n in names) + " |")
+    print("|---|" + "---|---|" * len(names))
+    for stage in STAGES:
+        print(f"| {stage} | " + " | ".join(f"{ms(results[n][0].get(stage, 0))} | {ms(results[n][1].get(stage, 0))}"
+                                          for n in names) + " |")
+    for label, row in [("total", lambda b, a, m: (sum(b.values()), sum(a.values()))),
+                       ("bare decode of the same JPEGs", lambda b, a, m: (m["bare decode"], m["bare decode"])),
+                       ("total / bare decode", lambda b, a, m: (sum(b.values()) / m["bare decode"],
+                                                                (m["dataset[key]"] + m["collate"]) / m["bare decode"]))]:
+        cells = [row(*results[n][:3]) for n in names]
+        fmt = (lambda x: f"{x:.2f}x") if "/" in label else ms
+        print(f"| {label} | " + " | ".join(f"{fmt(b)} | {fmt(a)}" for b, a in cells) + " |")
+    print("| measured: dataset[key] + collate | " + " | ".join(
+        f"- | {ms(results[n][2]['dataset[key]'] + results[n][2]['collate'])}" for n in names) + " |")
+    print("| samples/s per core | " + " | ".join(
+        f"{1 / sum(results[n][0].values()):.0f} | {1 / (results[n][2]['dataset[key]'] + results[n][2]['collate']):.0f}"
+        for n in names) + " |")
+    if "a3" in results:
+        b, _, m = results["a3"][:3]
+        old, new = sum(b.values()), m["dataset[key]"] + m["collate"]
+        print(f"\ncores per GPU, a3: {317 * old:.1f} before / {317 * new:.1f} after for 317 samples/s (the paper's "
+              f"pace); {4000 * old:.0f} before / {4000 * new:.0f} after for 4,000 samples/s")
+    for n in names:
+        for group, (mean, worst, share) in results[n][3].items():
+            print(f"{n}, {group}: new crops vs the previous PIL crops of the same boxes: mean |diff| {mean:.3f} "
+                  f"levels, max {worst}, {share:.2%} of values differ by more than 2")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bags", type=cdgmae.checked(int, 8), default=200, help="synthetic bags to write")
+    p.add_argument("--passes", type=cdgmae.checked(int, 1), default=3, help="timed passes (the fastest is kept)")
+    p.add_argument("--batch", type=cdgmae.checked(int, 1), default=64, help="samples per collated batch")
+    p.add_argument("--pixel-samples", type=cdgmae.checked(int, 1), default=40, help="samples for the pixel comparison")
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    args = p.parse_args()
+    torch.set_num_threads(1)  # one core: what one DataLoader worker gets
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder) / "bags"
+        bags = write_bags(root, args.bags)
+        real_kb = np.mean([(root / b / "real.jpg").stat().st_size for b in bags]) / 1e3
+        view_kb = np.mean([(root / b / "view_00.jpg").stat().st_size for b in bags]) / 1e3
+        print(f"{len(bags)} bags: real 500x375 q90 {real_kb:.0f} KB, views 256x256 q95 {view_kb:.0f} KB; "
+              f"torch {torch.__version__}, Pillow {Image.__version__}, {args.passes} pass(es), best kept")
+        report({s: measure(s, root, bags, args) for s in args.settings})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""The training data path (issue 10): uint8 crops that match Pillow's box resize, the same
+pixels from the CPU and the device decode paths, normalisation on the device equal to the
+previous float path, persistent workers that resume at the right sample, a start-up scan split
+over ranks and processes and cached in the output folder."""
+import argparse
+import io
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import cdgmae
+
+TINY = ["--embed-dim", "32", "--depth", "1", "--num-heads", "2", "--decoder-dim", "32", "--decoder-depth", "1",
+        "--decoder-heads", "2", "--decoder-ffn-dim", "64", "--patch-size", "8", "--input-size", "32",
+        "--workers", "0", "--log-every", "1", "--vis-every", "0"]
+
+
+def natural(rng, width, height):
+    """Smooth structure at several scales plus sensor noise: an image with photo-like gradients."""
+    img = torch.zeros(1, 3, height, width)
+    for cells, amplitude in [(4, 60), (16, 30), (64, 15)]:
+        img += amplitude * F.interpolate(torch.from_numpy(rng.normal(size=(1, 3, cells, cells)).astype(np.float32)),
+                                         size=(height, width), mode="bicubic", align_corners=False)
+    img += 128 + torch.from_numpy(rng.normal(0, 3, size=(1, 3, height, width)).astype(np.float32))
+    return img[0].permute(1, 2, 0).clamp(0, 255).round().byte().numpy()
+
+
+def pil_crop(array, box, size):
+    """The previous loader's crop: Pillow's bicubic resize of the (fractional) box."""
+    h, w = array.shape[:2]
+    return np.asarray(Image.fromarray(array).resize((size, size), Image.BICUBIC,
+                                                    box=(box[0] * w, box[1] * h, box[2] * w, box[3] * h)))
+
+
+def test_crop_resize_matches_pillows_box_resize_also_between_pixels():
+    rng = np.random.default_rng(0)
+    diffs = []
+    for trial in range(24):
+        size = (500, 375) if trial % 2 else (256, 256)
+        array = natural(rng, *size)
+        # boxes drawn on either image size: whole pixels on one, between pixels on the other
+        box = cdgmae.sample_crop_box(rng, *[(500, 375), (256, 256)][trial % 3 % 2], (0.3, 1.0))
+        ours = cdgmae.crop_resize(torch.from_numpy(array.copy()).permute(2, 0, 1), box, 224)
+        assert ours.dtype == torch.uint8 and ours.shape == (3, 224, 224)
+        diffs.append(np.abs(ours.permute(1, 2, 0).numpy().astype(int) - pil_crop(array, box, 224)))
+    d = np.concatenate([x.ravel() for x in diffs])
+    # Rounding the box to whole pixels instead gives a mean of about 1 level on such content.
+    assert d.mean() < 0.25 and np.quantile(d, 0.999) <= 3
+
+
+def test_whole_pixel_box_inside_the_image_is_pillows_up_to_rounding():
+    array = natural(np.random.default_rng(1), 256, 256)
+    box = (32 / 256, 16 / 256, 224 / 256, 240 / 256)  # 192 x 224 pixels, well inside the image
+    ours = cdgmae.crop_resize(torch.from_numpy(array.copy()).permute(2, 0, 1), box, 112)
+    assert np.abs(ours.permute(1, 2, 0).numpy().astype(int) - pil_crop(array, box, 112)).max() <= 1
+
+
+def test_float_kernel_of_the_device_path_gives_the_uint8_kernels_pixels():
+    rng = np.random.default_rng(2)
+    image = torch.from_numpy(natural(rng, 320, 240).copy()).permute(2, 0, 1)
+    for _ in range(5):
+        box = cdgmae.sample_crop_box(rng, 256, 256)
+        a = cdgmae.crop_resize(image, box, 64).int()
+        b = cdgmae.crop_resize(image, box, 64, float_math=True).int()
+        assert (a - b).abs().max() <= 1
+
+
+def test_normalisation_on_the_device_is_the_previous_float_arithmetic_bit_for_bit():
+    array = natural(np.random.default_rng(3), 40, 30)
+    mean = torch.tensor(cdgmae.IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(cdgmae.IMAGENET_STD).view(3, 1, 1)
+    ours = cdgmae.normalize(torch.from_numpy(array.copy()).permute(2, 0, 1)[None], mean, std)[0]
+    assert torch.equal(ours, cdgmae.image_to_tensor(Image.fromarray(array)))
+
+
+def write_bags(root, num_bags=6, views=3, real_size=(60, 80), view_size=(48, 48), fmt="JPEG"):
+    rng = np.random.default_rng(4)
+    for i in range(num_bags):
+        bag = root / f"class{i % 2}" / f"img{i:03d}"
+        bag.mkdir(parents=True)
+        Image.fromarray(natural(rng, real_size[1], real_size[0])).save(bag / "real.jpg", quality=90)
+        for k in range(views):
+            Image.fromarray(natural(rng, *view_size)).save(bag / f"view_{k:02d}.jpg", quality=95)
+    return root, cdgmae.find_bags(root)
+
+
+def pil_decode(blobs, device):
+    """Stand-in for nvJPEG in tests: Pillow decodes the bytes on the CPU."""
+    return [torch.from_numpy(np.array(Image.open(io.BytesIO(b.numpy().tobytes())).convert("RGB"))).permute(2, 0, 1)
+            .to(device) for b in blobs]
+
+
+def test_device_decode_path_gives_the_cpu_paths_batch(tmp_path):
+    root, bags = write_bags(tmp_path / "bags")
+    cpu = cdgmae.BagDataset(root, bags, 3, num_anchors=2, input_size=32, num_patches=16, seed=5)
+    encoded = cdgmae.BagDataset(root, bags, 3, num_anchors=2, input_size=32, num_patches=16, seed=5, encoded=True)
+    keys = [(1, i) for i in range(len(bags))]
+    expected = torch.utils.data.default_collate([cpu[k] for k in keys])
+    batch = cdgmae.collate_encoded([encoded[k] for k in keys])
+    assert all(isinstance(b, torch.Tensor) and b.dtype == torch.uint8 for sample in batch[0] for b in sample)
+    got = cdgmae.assemble_on_device(batch, 32, torch.device("cpu"), decode=pil_decode)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)  # same bytes, same boxes, flips and noise, same crop code
+
+
+def test_uint8_samples_keep_the_documented_random_choices(tmp_path):
+    """(seed, epoch, index) -> target/anchor choice, then the box, the flip and the masking noise,
+    drawn in this order; the crops are the previous PIL crops of that box."""
+    root, bags = write_bags(tmp_path / "bags", num_bags=2)
+    ds = cdgmae.BagDataset(root, bags, 3, num_anchors=2, input_size=32, num_patches=16, seed=7)
+    for epoch in range(4):
+        rng = np.random.default_rng([7, epoch, 1])
+        target = int(rng.integers(0, 4))
+        anchors = rng.choice([i for i in range(4) if i != target], size=2, replace=False)
+        real, views = cdgmae.bag_files(root / bags[1])
+        arrays = [np.asarray(Image.open(p).convert("RGB")) for p in [[real, *views][i] for i in [target, *anchors]]]
+        box = cdgmae.sample_crop_box(rng, arrays[0].shape[1], arrays[0].shape[0])
+        flip = rng.random() < 0.5
+        noise = rng.random(16, dtype=np.float32)
+        got_target, got_anchors, got_noise, _ = ds[(epoch, 1)]
+        assert np.array_equal(got_noise.numpy(), noise)
+        for ours, array in zip([got_target, *got_anchors], arrays):
+            crop = pil_crop(array, box, 32).astype(int)
+            theirs, mirrored = (crop[:, ::-1], crop) if flip else (crop, crop[:, ::-1])
+            ours = ours.permute(1, 2, 0).numpy().astype(int)
+            assert np.abs(ours - theirs).mean() < 1 < np.abs(ours - mirrored).mean()  # small crops: ~0.6
+
+
+class KeyDataset(torch.utils.data.Dataset):
+    """Returns its key and the worker's process id."""
+
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, key):
+        return torch.tensor(key), os.getpid()
+
+
+def test_persistent_workers_serve_every_epoch_and_a_resume_starts_at_the_right_sample():
+    sampler = cdgmae.GlobalBatchSampler(24, 8, rank=1, world_size=2, seed=3)
+    args = argparse.Namespace(workers=2, decode="cpu")
+    loader = cdgmae.make_loader(args, KeyDataset(), sampler, 4, torch.device("cpu"))
+    assert loader.persistent_workers and loader.prefetch_factor == 8
+    pids, seen = set(), {}
+    for epoch, first in [(0, 0), (1, 1), (2, 2)]:  # epoch 1 resumed after its first global batch
+        sampler.set_epoch(epoch, first)
+        seen[epoch] = []
+        for keys, pid in loader:
+            seen[epoch] += keys.tolist()
+            pids.update(pid.tolist())
+    assert len(pids) == 2  # the same two workers all along
+    for epoch, first in [(0, 0), (1, 1), (2, 2)]:
+        order = torch.randperm(24, generator=torch.Generator().manual_seed(3 * 100_003 + epoch)).tolist()
+        expected = [[epoch, i] for step in range(first, 3) for i in order[step * 8 + 4:step * 8 + 8]]  # rank 1's half
+        assert seen[epoch] == expected
+
+
+def test_prefetch_depth_follows_the_batch_size():
+    args = argparse.Namespace(workers=1, decode="cpu")
+    depth = {b: cdgmae.make_loader(args, KeyDataset(), None, b, torch.device("cpu")).prefetch_factor
+             for b in (1, 64, 128, 256, 1024)}
+    assert depth == {1: 8, 64: 4, 128: 2, 256: 2, 1024: 2}  # about 256 samples in flight per worker, at least 2 batches
+
+
+def test_listing_and_checking_split_over_ranks_and_processes_cover_every_bag_once(tmp_path):
+    root, bags = write_bags(tmp_path / "bags", num_bags=9)
+    (root / "class1" / "img003" / "view_01.jpg").write_bytes(b"\xff\xd8 broken")
+    shares = [cdgmae.find_bags(root, rank, 3, processes=2) for rank in range(3)]
+    assert sorted(b for share in shares for b in share) == bags and sum(map(len, shares)) == len(bags)
+    jobs = [(str(root), bag, 3, 3, "decode") for bag in bags]
+    in_process = [cdgmae._bag_problem(job) for job in jobs]
+    assert cdgmae.parallel_map(cdgmae._bag_problem, jobs, processes=2, chunksize=2) == in_process
+    assert [bag for bag, why in in_process if why] == ["class1/img003"]
+
+
+def test_the_bag_index_is_cached_in_the_output_and_a_changed_folder_is_rescanned(tmp_path, monkeypatch):
+    root, _ = write_bags(tmp_path / "bags", num_bags=8)
+    argv = ["--data", str(root), "--output", str(tmp_path / "run"), "--batch-size", "4", "--epochs", "2",
+            "--anchors", "2", *TINY]
+    cdgmae.main([*argv, "--max-steps", "1"])
+    assert (tmp_path / "run" / "bag-index.json").exists()
+    calls = []
+    real_check = cdgmae.check_bags
+    monkeypatch.setattr(cdgmae, "check_bags", lambda *a, **k: calls.append(a) or real_check(*a, **k))
+    cdgmae.main([*argv, "--max-steps", "2", "--resume", "auto"])
+    assert calls == []  # nothing rescanned
+    write_bags(tmp_path / "more")
+    (tmp_path / "more" / "class0" / "img000").rename(root / "class0" / "img100")  # a bag is added
+    with pytest.raises(SystemExit, match="the bag list 8 bags, sha1 [0-9a-f]+ -> 9 bags"):
+        cdgmae.main([*argv, "--resume", "auto"])
+    assert len(calls) == 1  # rescanned, and the resume on another bag list refused
+
+
+def test_gpu_decode_without_a_cuda_device_is_one_line(tmp_path):
+    root, _ = write_bags(tmp_path / "bags", num_bags=4)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit, match="^--decode gpu: needs a CUDA device"):
+        cdgmae.main(["--data", str(root), "--output", str(tmp_path / "run"), "--decode", "gpu", *TINY])
+    assert not (tmp_path / "run").exists()
