@@ -229,3 +229,12 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
     assert after[Path("checkpoint-last.pth")] == before[Path("checkpoint-last.pth")]
     assert after[Path("log.jsonl")].startswith(before[Path("log.jsonl")])  # steps 1-2 kept as they were
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--num-bags", "-1"), ("--anchors", "5"),
+                                         ("--anchor-mask", "1"), ("--batch-size", "0"), ("--lr", "0")])
+def test_demo_flags_are_checked_when_parsed(tmp_path, flag, value):
+    result = subprocess.run([sys.executable, "demo.py", "--output", str(tmp_path / "demo"), flag, value],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and flag in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "demo").exists()  # stopped before the toy world is drawn
