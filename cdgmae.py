@@ -1368,9 +1368,9 @@ def get_args_parser():
                         "always a generated view (Table 2)")
     g.add_argument("--input-size", type=checked(int, 1), default=224, help="side of the square training crops (pixels)")
     g.add_argument("--crop-scale", type=checked(float, 0, 1, low_open=True), nargs=2, default=None,
-                   help="random resized crop area (default: 0.5 1.0; --pretext crops: the global crop's, 0.10 1.0)")
+                   help="random resized crop area (when not given: 0.5 1.0; --pretext crops, the global crop's: 0.10 1.0)")
     g.add_argument("--crop-ratio", type=checked(float, 0, low_open=True), nargs=2, default=None,
-                   help="crop aspect ratio range (default: 0.75 1.33; --pretext crops and frames: 3/4 4/3)")
+                   help="crop aspect ratio range (when not given: 0.75 1.33; --pretext crops and frames: 3/4 4/3)")
     g.add_argument("--local-scale", type=checked(float, 0, 1, low_open=True), nargs=2, default=(0.3, 0.6),
                    help="--pretext crops: the target's area as a fraction of the global crop (CropMAE)")
     g.add_argument("--workers", type=checked(int, 0), default=8, help="DataLoader worker processes per rank")
@@ -1393,7 +1393,7 @@ def get_args_parser():
     g.add_argument("--anchors", type=checked(int, 1), default=1, help="N anchors per target (Eq. 6-7)")
     g.add_argument("--anchor-mask", type=checked(float, 0, 1, high_open=True), default=0.0, help="anchor mask ratio r_a (Eq. 6)")
     g.add_argument("--target-mask", type=checked(float, 0, 1, low_open=True, high_open=True), default=None,
-                   help="target mask ratio r_t (Eq. 4; default: 0.9; --pretext crops 0.985 as CropMAE, frames 0.95 "
+                   help="target mask ratio r_t (Eq. 4; when not given: 0.9; --pretext crops 0.985 as CropMAE, frames 0.95 "
                         "as SiamMAE)")
     g.add_argument("--decoder-dim", type=checked(int, 1), default=256, help="decoder width (Sec. 4)")
     g.add_argument("--decoder-depth", type=checked(int, 1), default=4, help="decoder blocks (Sec. 4)")

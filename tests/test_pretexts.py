@@ -194,7 +194,8 @@ def test_each_pretext_trains_and_a_resume_with_another_pretext_is_refused(tmp_pa
 
 def test_an_explicit_target_mask_wins_over_the_pretexts_default():
     parser = cdgmae.get_args_parser()
-    for argv, mask in [([], 0.9), (["--pretext", "crops"], 0.985), (["--pretext", "crops", "--target-mask", "0.75"], 0.75)]:
+    cases = [([], 0.9), (["--pretext", "crops"], 0.985), (["--pretext", "crops", "--target-mask", "0.75"], 0.75)]
+    for argv, mask in cases:
         args = parser.parse_args(argv)
         cdgmae.check_args(parser, args)
         assert cdgmae.model_config(args)["target_mask_ratio"] == mask
