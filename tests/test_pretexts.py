@@ -223,3 +223,16 @@ def test_an_unreadable_image_is_replaced_by_the_next_one_deterministically(tmp_p
     second = cdgmae.CropDataset(root, images, input_size=16, num_patches=4, seed=2)
     assert all(torch.equal(x, y) for x, y in zip(first[(0, 1)], second[(0, 1)]))
     assert "image n00/img2.png is replaced by the next image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pretext", ["crops", "frames"])
+def test_a_stopped_and_resumed_run_ends_with_the_uninterrupted_runs_weights(tmp_path, pretext):
+    root = write_images(tmp_path / "data") if pretext == "crops" else write_videos(tmp_path / "data", (10, 8, 6, 5))
+    argv = ["--data", str(root), "--batch-size", "2", "--epochs", "1", "--warmup-epochs", "0.4",
+            "--pretext", pretext, "--anchors", "2", "--anchor-mask", "0.25", *TINY]
+    cdgmae.main([*argv, "--output", str(tmp_path / "whole")])
+    cdgmae.main([*argv, "--output", str(tmp_path / "parts"), "--max-steps", "1"])  # stops after 1 of 2 steps
+    cdgmae.main([*argv, "--output", str(tmp_path / "parts"), "--resume", "auto"])
+    whole, parts = (torch.load(tmp_path / run / "checkpoint-last.pth", weights_only=True)["model"]
+                    for run in ("whole", "parts"))
+    assert all(torch.equal(whole[k], parts[k]) for k in whole)
