@@ -45,6 +45,12 @@ def write_videos(root, lengths=(60, 30, 12, 9), size=(24, 20)):
     return root
 
 
+def pil_decode(blobs, device):
+    """Stand-in for nvJPEG in tests: Pillow decodes the bytes on the CPU."""
+    return [torch.from_numpy(np.array(Image.open(io.BytesIO(b.numpy().tobytes())).convert("RGB"))).permute(2, 0, 1)
+            .to(device) for b in blobs]
+
+
 def area(box):
     return (box[2] - box[0]) * (box[3] - box[1])
 
@@ -127,9 +133,7 @@ def test_crop_samples_are_a_function_of_seed_epoch_and_index_and_the_device_path
     keys = [(2, i) for i in range(len(images))]
     expected = torch.utils.data.default_collate([a[k] for k in keys])
     batch = cdgmae.collate_encoded([make(encoded=True)[k] for k in keys])
-    pil = lambda blobs, device: [torch.from_numpy(np.array(Image.open(io.BytesIO(x.numpy().tobytes())).convert("RGB")))
-                                 .permute(2, 0, 1) for x in blobs]
-    got = cdgmae.assemble_crops_on_device(batch, 32, torch.device("cpu"), decode=pil)
+    got = cdgmae.assemble_crops_on_device(batch, 32, torch.device("cpu"), decode=pil_decode)
     assert all(torch.equal(x, y) for x, y in zip(got, expected))
 
 
@@ -166,6 +170,11 @@ def test_frames_share_one_box_and_flip_and_are_read_in_natural_order(tmp_path):
                 gap = (int(target[2, 0, 0]) - int(anchor[2, 0, 0])) // 4  # blue: 4 x the frame's number
                 assert 4 <= gap <= 48
             assert all(torch.equal(x, y) for x, y in zip(dataset[(epoch, index)], again[(epoch, index)]))
+    encoded = cdgmae.FrameDataset(root, videos, num_anchors=2, input_size=16, num_patches=4, seed=1, encoded=True)
+    keys = [(3, i) for i in range(len(videos))]
+    batch = cdgmae.collate_encoded([encoded[k] for k in keys])
+    got = cdgmae.assemble_on_device(batch, 16, torch.device("cpu"), decode=pil_decode, mode="bilinear")
+    assert all(torch.equal(x, y) for x, y in zip(got, torch.utils.data.default_collate([dataset[k] for k in keys])))
 
 
 # --- Through the trainer --------------------------------------------------------
