@@ -1107,7 +1107,7 @@ class BagDataset(torch.utils.data.Dataset):
             return
         if not self.reported:
             print(f"warning: {error}; {self.ITEM} {bag} is replaced by the next {self.ITEM} in a fixed order "
-                  f"(listed in {self.bad_bags_file or 'no file'}; further such bags are listed there only)",
+                  f"(listed in {self.bad_bags_file or 'no file'}; further such {self.ITEM}s are listed there only)",
                   file=sys.stderr)
         self.reported.add(bag)
         if self.bad_bags_file:
@@ -1603,7 +1603,8 @@ def reconstruction_image(model, target, anchors, pred, mask, max_rows=4):
 RUN_FILES = ("checkpoint-last.pth", "log.jsonl", "args.json")  # a folder holding any of them holds a run
 # Settings that change what a run computes, besides the model's (model_config). The others
 # (workers, verification, cadence of logs, pictures and checkpoints, --max-steps, --compile,
-# --dist-timeout) may differ on resume; --epochs only once the run has finished its epochs.
+# --dist-timeout) may differ on resume; --epochs only once the run has finished its epochs;
+# --local-scale counts for --pretext crops only.
 RESULT_SETTINGS = ("pretext", "input_size", "crop_scale", "crop_ratio", "local_scale", "target_view", "views",
                    "batch_size", "accum_iter", "lr", "min_lr", "warmup_epochs", "weight_decay", "betas", "seed",
                    "decode", "data", "bags")
@@ -1626,7 +1627,7 @@ def settings_differences(args, stored, finished=False):
     the lr from the resumed step on)."""
     current, differences = run_settings(args), {}
     for key in RESULT_SETTINGS + tuple(model_config(args)):
-        if key not in stored or current.get(key) is None:
+        if key not in stored or current.get(key) is None or key == "local_scale" and current["pretext"] != "crops":
             continue
         old, new = stored[key], current[key]
         if key == "data":
