@@ -717,15 +717,27 @@ def _is_bag(filenames):
     return any(f.lower().startswith("real.") and f.lower().endswith(IMAGE_SUFFIXES) for f in filenames)
 
 
+def _folder_items(root, folder, filenames, kind="bags"):
+    """The items one folder holds, as paths relative to root: the folder itself if it is a bag
+    (kind "bags") or a video (kind "frames": it holds images), its image files (kind "crops")."""
+    relative = os.path.relpath(folder, root)
+    if kind == "crops":
+        return [os.path.normpath(os.path.join(relative, f)) for f in sorted(filenames)
+                if f.lower().endswith(IMAGE_SUFFIXES)]
+    if kind == "bags":
+        return [relative] if _is_bag(filenames) else []
+    return [relative] if any(f.lower().endswith(IMAGE_SUFFIXES) for f in filenames) else []
+
+
 def _walk_bags(job):
-    """Relative paths of the bags under root/top (one process's share of the listing)."""
-    root, top = job
-    bags = []
+    """Relative paths of the bags (or images, videos: see _folder_items) under root/top (one
+    process's share of the listing)."""
+    root, top, kind = job
+    items = []
     for dirpath, dirnames, filenames in os.walk(os.path.join(root, top)):
         dirnames.sort()
-        if _is_bag(filenames):
-            bags.append(os.path.relpath(dirpath, root))
-    return bags
+        items += _folder_items(root, dirpath, filenames, kind)
+    return items
 
 
 def parallel_map(function, jobs, processes, chunksize=64):
@@ -739,8 +751,9 @@ def parallel_map(function, jobs, processes, chunksize=64):
         return pool.map(function, jobs, chunksize=chunksize)
 
 
-def find_bags(root, rank=0, world_size=1, processes=1):
-    """Sorted relative paths of the bag folders (those holding real.*) under root.
+def find_bags(root, rank=0, world_size=1, processes=1, kind="bags"):
+    """Sorted relative paths of the bag folders (those holding real.*) under root; kind "crops":
+    of the image files, "frames": of the folders holding images (videos).
 
     With world_size > 1 this returns rank's share only: the top-level folders are dealt out
     round-robin over the ranks and walked by `processes` processes per rank."""
@@ -750,8 +763,9 @@ def find_bags(root, rank=0, world_size=1, processes=1):
     with os.scandir(root) as entries:
         entries = sorted(entries, key=lambda e: e.name)
     tops = [e.name for e in entries if e.is_dir()]
-    bags = ["."] if rank == 0 and _is_bag([e.name for e in entries if e.is_file()]) else []
-    parts = parallel_map(_walk_bags, [(str(root), top) for top in tops[rank::world_size]], processes, chunksize=4)
+    bags = _folder_items(root, root, [e.name for e in entries if e.is_file()], kind) if rank == 0 else []
+    parts = parallel_map(_walk_bags, [(str(root), top, kind) for top in tops[rank::world_size]], processes,
+                         chunksize=4)
     return sorted(bags + [bag for part in parts for bag in part])
 
 
@@ -871,7 +885,7 @@ def sample_crop_box(rng, width, height, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
     return left / width, top / height, (left + w) / width, (top + h) / height
 
 
-def resize_plan(low, high, length, size, max_extra=32):
+def resize_plan(low, high, length, size, max_extra=32, taps=2):
     """How to resample [low, high) of an axis of `length` pixels to `size` samples the way
     Pillow's box resize does (sample i centred at low + (i + 0.5) * scale, scale = (high - low)
     / size) with torch's resize, which centres sample i of a crop starting at a whole pixel x0
@@ -881,9 +895,9 @@ def resize_plan(low, high, length, size, max_extra=32):
     negative (the crop then repeats the edge pixel). The residual offset is 0 for a box in whole
     pixels and usually a few hundredths of a pixel otherwise, but up to 0.5 px when the scale
     is within about 1% of a whole number (every `extra` then leaves the same fraction).
-    Returns (x0, x1, extra, scale)."""
+    `taps`: the filter's reach in output samples (bicubic 2, bilinear 1). Returns (x0, x1, extra, scale)."""
     scale = (high - low) / size
-    support = 2 * max(scale, 1.0)  # bicubic reach in source pixels (widened when shrinking)
+    support = taps * max(scale, 1.0)  # the filter's reach in source pixels (widened when shrinking)
     best = None
     for extra in range(max_extra + 1):
         start = low - extra * scale
@@ -909,17 +923,24 @@ def crop_axis(image, dim, start, stop):
     return image.index_select(dim, index)
 
 
-def crop_resize(image, box, size, float_math=None):
+# mode -> (the filter's reach in output samples, the aten op behind F.interpolate(antialias=True))
+RESAMPLING = {"bicubic": (2, torch.ops.aten._upsample_bicubic2d_aa),
+              "bilinear": (1, torch.ops.aten._upsample_bilinear2d_aa)}
+
+
+def crop_resize(image, box, size, float_math=None, mode="bicubic"):
     """Crop the box (fractions l, t, r, b) out of image [3, H, W] uint8 and resize it to
-    [3, size, size] uint8 with antialiased bicubic interpolation: Pillow's filter (a = -0.5) at
+    [3, size, size] uint8 with antialiased bicubic interpolation (mode "bilinear": antialiased
+    bilinear, Pillow's BILINEAR, for --pretext crops and frames): Pillow's filter (a = -0.5) at
     Pillow's sample positions (`resize_plan`), so the crop matches Image.resize(..., box=...)
     also where the box falls between pixels (the other views of a sample, when their size
     differs); docs/training.md gives the measured difference. On the CPU torch's uint8 kernel
     runs; on other devices (or with float_math) the same kernel in float32, rounded. Used by
     both decode paths."""
+    taps, resample = RESAMPLING[mode]
     height, width = image.shape[-2:]
-    y0, y1, extra_y, scale_y = resize_plan(box[1] * height, box[3] * height, height, size)
-    x0, x1, extra_x, scale_x = resize_plan(box[0] * width, box[2] * width, width, size)
+    y0, y1, extra_y, scale_y = resize_plan(box[1] * height, box[3] * height, height, size, taps=taps)
+    x0, x1, extra_x, scale_x = resize_plan(box[0] * width, box[2] * width, width, size, taps=taps)
     crop = crop_axis(crop_axis(image.permute(1, 2, 0), 0, y0, y1), 1, x0, x1).permute(2, 0, 1).unsqueeze(0)
     if float_math or (float_math is None and crop.device.type != "cpu"):
         crop = crop.float()
@@ -928,15 +949,15 @@ def crop_resize(image, box, size, float_math=None):
     out_w = extra_x + size + (x1 - x0 == extra_x + size)
     # The aten op behind F.interpolate(antialias=True), called with both the output size and
     # the scales, which F.interpolate does not allow together.
-    out = torch.ops.aten._upsample_bicubic2d_aa(crop, [out_h, out_w], False, 1 / scale_y, 1 / scale_x)
+    out = resample(crop, [out_h, out_w], False, 1 / scale_y, 1 / scale_x)
     out = out[0, :, extra_y:extra_y + size, extra_x:extra_x + size]
     return out if out.dtype == torch.uint8 else out.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def crop_views(images, box, flip, size):
+def crop_views(images, box, flip, size, mode="bicubic"):
     """The views of one sample, cut with one shared box and flip: [3, H_i, W_i] uint8 images
     (any sizes, any device) -> [V, 3, size, size] uint8."""
-    crops = torch.stack([crop_resize(image, box, size) for image in images])
+    crops = torch.stack([crop_resize(image, box, size, mode=mode) for image in images])
     return crops.flip(-1) if flip else crops
 
 
@@ -965,7 +986,7 @@ def decode_on_device(blobs, device):
     return [next(jpegs) if j else decode_image(b, mode=ImageReadMode.RGB).to(device) for b, j in zip(blobs, is_jpeg)]
 
 
-def assemble_on_device(batch, size, device, decode=decode_on_device):
+def assemble_on_device(batch, size, device, decode=decode_on_device, mode="bicubic"):
     """--decode gpu: a batch of encoded samples (see `collate_encoded`) -> the uint8 batch
     that the CPU path delivers: target [B, 3, S, S], anchors [B, N, 3, S, S], noise. `decode`
     maps a list of byte tensors to [3, H, W] uint8 images (injectable: tests decode on CPU)."""
@@ -973,7 +994,7 @@ def assemble_on_device(batch, size, device, decode=decode_on_device):
     per_sample = len(blobs[0])
     images = decode([b for sample in blobs for b in sample], device)
     crops = torch.stack([crop_views(images[i * per_sample:(i + 1) * per_sample], boxes[i].tolist(),
-                                    bool(flips[i]), size) for i in range(len(blobs))])
+                                    bool(flips[i]), size, mode) for i in range(len(blobs))])
     return (crops[:, 0], crops[:, 1:], target_noise.to(device, non_blocking=True),
             anchor_noise.to(device, non_blocking=True))
 
@@ -1008,6 +1029,8 @@ class BagDataset(torch.utils.data.Dataset):
     """
 
     MAX_SUBSTITUTES = 16
+    ITEM = "bag"         # what an item is, in messages
+    MODE = "bicubic"     # crop_resize's interpolation
 
     def __init__(self, root, bags, num_views, num_anchors=1, input_size=224, target_choice="any",
                  crop_scale=(0.5, 1.0), crop_ratio=(3 / 4, 4 / 3), num_patches=196, seed=0,
@@ -1048,13 +1071,21 @@ class BagDataset(torch.utils.data.Dataset):
                 return self.sample(bag, rng)
             except UnreadableImage as e:
                 self.report_bad(bag, e)
-        raise RuntimeError(f"{self.root / self.bags[index]}: it and the next {self.MAX_SUBSTITUTES} bags "
-                           "cannot be decoded (list them with --verify-images decode)")
+        raise RuntimeError(f"{self.root / self.bags[index]}: it and the next {self.MAX_SUBSTITUTES} "
+                           f"{self.ITEM}s cannot be decoded (list them with --verify-images decode)")
 
     def sample(self, bag, rng):
         real, views = bag_files(self.root / bag)
         paths = [real] + views[:self.num_views]
-        chosen = [paths[i] for i in self.choose_views(rng)]
+        return self.cut_views([paths[i] for i in self.choose_views(rng)], rng)
+
+    def draw_noise(self, rng):
+        """The masking noise of the target [L] and of the anchors [N, L] (after the crops' draws)."""
+        return (torch.from_numpy(rng.random(self.num_patches, dtype=np.float32)),
+                torch.from_numpy(rng.random((self.num_anchors, self.num_patches), dtype=np.float32)))
+
+    def cut_views(self, chosen, rng):
+        """The item of the image files [target, anchor_1, ..., anchor_N]: one box and one flip for all."""
         if self.encoded:
             blobs, sizes = zip(*[read_encoded(p) for p in chosen])
             width, height = sizes[0]
@@ -1064,11 +1095,10 @@ class BagDataset(torch.utils.data.Dataset):
         # One crop box (relative to each image's size) and one flip for all views of the sample.
         box = sample_crop_box(rng, width, height, self.crop_scale, self.crop_ratio)
         flip = rng.random() < 0.5
-        target_noise = torch.from_numpy(rng.random(self.num_patches, dtype=np.float32))
-        anchor_noise = torch.from_numpy(rng.random((self.num_anchors, self.num_patches), dtype=np.float32))
+        target_noise, anchor_noise = self.draw_noise(rng)
         if self.encoded:
             return list(blobs), torch.tensor(box, dtype=torch.float64), torch.tensor(flip), target_noise, anchor_noise
-        crops = crop_views(images, box, flip, self.input_size)
+        crops = crop_views(images, box, flip, self.input_size, self.MODE)
         return crops[0], crops[1:], target_noise, anchor_noise
 
     def report_bad(self, bag, error):
@@ -1076,13 +1106,188 @@ class BagDataset(torch.utils.data.Dataset):
         if bag in self.reported:
             return
         if not self.reported:
-            print(f"warning: {error}; bag {bag} is replaced by the next bag in a fixed order "
-                  f"(listed in {self.bad_bags_file or 'no file'}; further such bags are listed there only)",
+            print(f"warning: {error}; {self.ITEM} {bag} is replaced by the next {self.ITEM} in a fixed order "
+                  f"(listed in {self.bad_bags_file or 'no file'}; further such {self.ITEM}s are listed there only)",
                   file=sys.stderr)
         self.reported.add(bag)
         if self.bad_bags_file:
             with open(self.bad_bags_file, "a") as f:  # one short append: whole lines from many processes
                 f.write(f"{bag}\t{error}\n")
+
+
+# -----------------------------------------------------------------------------
+# Pretext data of the family (Table 5): CropMAE's crops and SiamMAE's video frames
+# -----------------------------------------------------------------------------
+# The same model and trainer, other data: --pretext crops reads a plain image folder (any
+# depth, ImageNet layout), --pretext frames a folder of videos stored as frame folders
+# (DAVIS/Kinetics style: ROOT/<video>/<frame>.jpg, at any depth). An item is one image or one
+# video; an epoch is one sample per item. Both keep BagDataset's properties: every draw comes
+# from the generator of (seed, epoch, index), uint8 output, substitution of unreadable items.
+
+PRETEXTS = ("bags", "crops", "frames")
+PRETEXT_ITEMS = {"bags": "bag", "crops": "image", "frames": "video"}
+# The flags left unset (None) take their pretext's value: bags the paper's (Table 6), crops
+# CropMAE's ImageNet script (GlobalToLocal: global area [0.10, 1], mask 98.5%), frames
+# SiamMAE's (CropMAE's SiamMAE script: area [0.5, 1], mask 95%).
+PRETEXT_DEFAULTS = {"bags": dict(target_mask=0.9, crop_scale=(0.5, 1.0), crop_ratio=(0.75, 1.33)),
+                    "crops": dict(target_mask=0.985, crop_scale=(0.10, 1.0), crop_ratio=(3 / 4, 4 / 3)),
+                    "frames": dict(target_mask=0.95, crop_scale=(0.5, 1.0), crop_ratio=(3 / 4, 4 / 3))}
+FRAME_GAP = (4, 48)  # SiamMAE: the target is 4 to 48 frames after its unmasked frame
+
+
+def pretext_default(args, name):
+    """args.<name>, or the pretext's default where the flag was not given."""
+    value = getattr(args, name)
+    return PRETEXT_DEFAULTS[getattr(args, "pretext", "bags")][name] if value is None else value
+
+
+def natural_key(name):
+    """Sort key that orders 'frame2' before 'frame10'."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def video_frames(folder):
+    """The image files of a frame folder, in natural order (paths)."""
+    names = [e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)]
+    return [os.path.join(folder, name) for name in sorted(names, key=natural_key)]
+
+
+def compose_box(outer, inner):
+    """The box `inner` (fractions of the crop `outer`) as fractions of the image `outer` is cut from."""
+    width, height = outer[2] - outer[0], outer[3] - outer[1]
+    return (outer[0] + inner[0] * width, outer[1] + inner[1] * height,
+            outer[0] + inner[2] * width, outer[1] + inner[3] * height)
+
+
+def sample_crop_params(rng, width, height, num_anchors, size, global_scale=(0.10, 1.0), local_scale=(0.3, 0.6),
+                       ratio=(3 / 4, 4 / 3)):
+    """CropMAE's GlobalToLocal draws for one image of width x height: N global boxes (fractions
+    of the image; area `global_scale`), one local box (fractions of the first global crop once
+    resized to size x size, in whole pixels of it; area `local_scale` of it), and N + 1 flips
+    drawn one per view (target first), as CropMAE flips each view on its own.
+    Returns ([N boxes], local box, [N + 1 bools])."""
+    global_boxes = [sample_crop_box(rng, width, height, global_scale, ratio) for _ in range(num_anchors)]
+    local_box = sample_crop_box(rng, size, size, local_scale, ratio)
+    flips = [bool(rng.random() < 0.5) for _ in range(num_anchors + 1)]
+    return global_boxes, local_box, flips
+
+
+def cut_crops(image, global_boxes, local_box, flips, size):
+    """CropMAE's views of one image [3, H, W] uint8: the anchors are the global crops [N, 3, S, S],
+    the target a crop of the first global crop after its resize (as CropMAE crops the resized
+    global view), all antialiased bilinear; then each view is flipped by its own draw.
+    Returns (target [3, S, S], anchors [N, 3, S, S]) uint8."""
+    anchors = [crop_resize(image, box, size, mode="bilinear") for box in global_boxes]
+    views = [crop_resize(anchors[0], local_box, size, mode="bilinear")] + anchors
+    views = torch.stack([view.flip(-1) if flip else view for view, flip in zip(views, flips)])
+    return views[0], views[1:]
+
+
+def assemble_crops_on_device(batch, size, device, decode=decode_on_device):
+    """--decode gpu for --pretext crops: encoded samples of CropDataset (one byte tensor, the
+    boxes [N + 1, 4]: the global ones, then the local one, flips [N + 1]) -> the uint8 batch of
+    the CPU path (see `assemble_on_device`)."""
+    blobs, boxes, flips, target_noise, anchor_noise = batch
+    images = decode([sample[0] for sample in blobs], device)
+    views = [cut_crops(image, box[:-1].tolist(), box[-1].tolist(), flip.tolist(), size)
+             for image, box, flip in zip(images, boxes, flips)]
+    return (torch.stack([v[0] for v in views]), torch.stack([v[1] for v in views]),
+            target_noise.to(device, non_blocking=True), anchor_noise.to(device, non_blocking=True))
+
+
+def sample_frame_indices(rng, num_frames, num_anchors=1, gap=FRAME_GAP):
+    """[target, anchor_1, ..., anchor_N] frame indices of a video of num_frames frames.
+
+    The first pair is SiamMAE's: a gap g uniform in [gap[0], min(gap[1], n - 1)] (both ends
+    included), the unmasked frame a uniform in [0, n - 1 - g], the target the later frame a + g.
+    Anchors 2..N are other frames before the target, each at its own gap within the same range
+    (distinct frames when the window before the target holds enough, else drawn with repeats)."""
+    if num_frames < gap[0] + 1:
+        raise ValueError(f"{num_frames} frames, needs at least {gap[0] + 1} (a gap of {gap[0]})")
+    g = int(rng.integers(gap[0], min(gap[1], num_frames - 1) + 1))
+    first = int(rng.integers(0, num_frames - g))
+    target = first + g
+    others = []
+    if num_anchors > 1:
+        window = [i for i in range(max(0, target - gap[1]), target - gap[0] + 1) if i != first] or [first]
+        others = rng.choice(window, size=num_anchors - 1, replace=len(window) < num_anchors - 1).tolist()
+    return [target, first] + [int(i) for i in others]
+
+
+class CropDataset(BagDataset):
+    """--pretext crops: CropMAE's GlobalToLocal (the paper's Table 5 baseline) on a plain image
+    folder. The N anchors are global random resized crops of the image (area `crop_scale`),
+    the target a random resized crop of the first one (area `local_scale` of it); see
+    `sample_crop_params` and `cut_crops`. Items, noise, determinism and substitution as in
+    BagDataset; encoded=True gives ([bytes], boxes [N + 1, 4], flips [N + 1], noises)."""
+
+    ITEM, MODE = "image", "bilinear"
+
+    def __init__(self, root, images, num_anchors=1, input_size=224, crop_scale=(0.10, 1.0), local_scale=(0.3, 0.6),
+                 crop_ratio=(3 / 4, 4 / 3), num_patches=196, seed=0, encoded=False, bad_bags_file=None):
+        super().__init__(root, images, 0, num_anchors, input_size, "any", crop_scale, crop_ratio, num_patches,
+                         seed, encoded, bad_bags_file)
+        self.local_scale = local_scale
+
+    def sample(self, image, rng):
+        path = self.root / image
+        if self.encoded:
+            blob, (width, height) = read_encoded(path)
+        else:
+            pixels = decode_rgb(path)
+            height, width = pixels.shape[-2:]
+        global_boxes, local_box, flips = sample_crop_params(rng, width, height, self.num_anchors, self.input_size,
+                                                            self.crop_scale, self.local_scale, self.crop_ratio)
+        target_noise, anchor_noise = self.draw_noise(rng)
+        if self.encoded:
+            boxes = torch.tensor(global_boxes + [local_box], dtype=torch.float64)
+            return [blob], boxes, torch.tensor(flips), target_noise, anchor_noise
+        return (*cut_crops(pixels, global_boxes, local_box, flips, self.input_size), target_noise, anchor_noise)
+
+
+class FrameDataset(BagDataset):
+    """--pretext frames: SiamMAE's frame pairs from videos stored as frame folders. The target
+    is a frame 4 to 48 frames after its unmasked anchor (`sample_frame_indices`); one random
+    resized crop box (area `crop_scale`) and one flip are shared by all frames of the sample,
+    antialiased bilinear, as SiamMAE's data pipe does. Items, noise, determinism, substitution
+    (a video with an unreadable frame, or fewer frames than it had at start-up) and the encoded
+    form as in BagDataset."""
+
+    ITEM, MODE = "video", "bilinear"
+
+    def __init__(self, root, videos, num_anchors=1, input_size=224, crop_scale=(0.5, 1.0), crop_ratio=(3 / 4, 4 / 3),
+                 num_patches=196, seed=0, encoded=False, bad_bags_file=None, gap=FRAME_GAP):
+        super().__init__(root, videos, 0, num_anchors, input_size, "any", crop_scale, crop_ratio, num_patches,
+                         seed, encoded, bad_bags_file)
+        self.gap = gap
+
+    def sample(self, video, rng):
+        frames = video_frames(self.root / video)
+        if len(frames) < self.gap[0] + 1:
+            raise UnreadableImage(f"{self.root / video}: {len(frames)} frames, needs at least {self.gap[0] + 1}")
+        return self.cut_views([frames[i] for i in sample_frame_indices(rng, len(frames), self.num_anchors, self.gap)],
+                              rng)
+
+
+def _item_problem(job):
+    """(item, reason or None) for one image (--pretext crops) or video (frames); see check_items."""
+    root, item, pretext, level = job
+    path = Path(root) / item
+    paths = [path] if pretext == "crops" else video_frames(path)
+    if pretext == "frames" and len(paths) < FRAME_GAP[0] + 1:
+        return item, f"{len(paths)} frames, needs at least {FRAME_GAP[0] + 1} (a gap of {FRAME_GAP[0]} frames)"
+    if level != "none":
+        for frame in paths:
+            if (problem := _image_problem(frame, level)):
+                return item, problem if pretext == "crops" else f"{os.path.basename(frame)}: {problem}"
+    return item, None
+
+
+def check_items(root, items, pretext, verify_images="header", processes=1):
+    """check_bags for --pretext crops (each image opens) and frames (each video has at least 5
+    frames and each frame opens): {item: reason}."""
+    jobs = [(str(root), item, pretext, verify_images) for item in items]
+    return {item: reason for item, reason in parallel_map(_item_problem, jobs, processes) if reason}
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
@@ -1144,11 +1349,17 @@ def checked(kind, low=None, high=None, *, low_open=False, high_open=False):
 def get_args_parser():
     p = argparse.ArgumentParser(
         description="CDG-MAE pre-training on bags of views (defaults: the paper's single-anchor "
-                    "setting, Table 6). Run with python (one process) or torchrun (DDP).",
+                    "setting, Table 6), or on the family's other pretext data (--pretext crops: CropMAE, "
+                    "frames: SiamMAE). Run with python (one process) or torchrun (DDP).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", type=str, default=DEFAULT_DATA,
-                   help="bag root (layout: see README, 'Bags of views'; relative to the working folder)")
+                   help="bag root (layout: see README, 'Bags of views'; relative to the working folder); "
+                        "--pretext crops: an image folder, frames: a folder of frame folders")
+    g.add_argument("--pretext", choices=PRETEXTS, default="bags",
+                   help="bags: target and anchors among a bag's views (the paper); crops: CropMAE's global crop "
+                        "as anchor, a crop of it as target; frames: SiamMAE's frames 4 to 48 apart "
+                        "(see docs/training.md, 'Pretext data')")
     g.add_argument("--views", type=checked(int, 1), default=None,
                    help="M generated views per bag to use (default: the largest count found; "
                         "a bag with fewer is an error)")
@@ -1156,8 +1367,12 @@ def get_args_parser():
                    help="target chosen among all views of the bag / always the real image / "
                         "always a generated view (Table 2)")
     g.add_argument("--input-size", type=checked(int, 1), default=224, help="side of the square training crops (pixels)")
-    g.add_argument("--crop-scale", type=checked(float, 0, 1, low_open=True), nargs=2, default=(0.5, 1.0), help="random resized crop area")
-    g.add_argument("--crop-ratio", type=checked(float, 0, low_open=True), nargs=2, default=(0.75, 1.33), help="crop aspect ratio range")
+    g.add_argument("--crop-scale", type=checked(float, 0, 1, low_open=True), nargs=2, default=None,
+                   help="random resized crop area (when not given: 0.5 1.0; --pretext crops, the global crop's: 0.10 1.0)")
+    g.add_argument("--crop-ratio", type=checked(float, 0, low_open=True), nargs=2, default=None,
+                   help="crop aspect ratio range (when not given: 0.75 1.33; --pretext crops and frames: 3/4 4/3)")
+    g.add_argument("--local-scale", type=checked(float, 0, 1, low_open=True), nargs=2, default=(0.3, 0.6),
+                   help="--pretext crops: the target's area as a fraction of the global crop (CropMAE)")
     g.add_argument("--workers", type=checked(int, 0), default=8, help="DataLoader worker processes per rank")
     g.add_argument("--verify-images", choices=VERIFY_LEVELS, default="header",
                    help="at start-up, open every image's header or decode every image (split over ranks "
@@ -1177,7 +1392,9 @@ def get_args_parser():
     g.add_argument("--patch-size", type=checked(int, 1), default=16, help="ViT patch size P (16: ViT-S/16, 8: ViT-S/8)")
     g.add_argument("--anchors", type=checked(int, 1), default=1, help="N anchors per target (Eq. 6-7)")
     g.add_argument("--anchor-mask", type=checked(float, 0, 1, high_open=True), default=0.0, help="anchor mask ratio r_a (Eq. 6)")
-    g.add_argument("--target-mask", type=checked(float, 0, 1, low_open=True, high_open=True), default=0.9, help="target mask ratio r_t (Eq. 4)")
+    g.add_argument("--target-mask", type=checked(float, 0, 1, low_open=True, high_open=True), default=None,
+                   help="target mask ratio r_t (Eq. 4; when not given: 0.9; --pretext crops 0.985 as CropMAE, frames 0.95 "
+                        "as SiamMAE)")
     g.add_argument("--decoder-dim", type=checked(int, 1), default=256, help="decoder width (Sec. 4)")
     g.add_argument("--decoder-depth", type=checked(int, 1), default=4, help="decoder blocks (Sec. 4)")
     g.add_argument("--decoder-heads", type=checked(int, 1), default=8, help="decoder attention heads")
@@ -1220,7 +1437,10 @@ def get_args_parser():
 
 
 def check_args(parser, args):
-    """Checks that involve several flags, right after parsing (parser.error: one line, exit 2)."""
+    """Checks that involve several flags, right after parsing (parser.error: one line, exit 2);
+    fills in the pretext's defaults of the flags not given."""
+    for name in PRETEXT_DEFAULTS[args.pretext]:
+        setattr(args, name, pretext_default(args, name))
     width, _, heads = VIT_SIZES[args.model]
     width, heads = args.embed_dim or width, args.num_heads or heads
     if args.input_size % args.patch_size:
@@ -1231,7 +1451,8 @@ def check_args(parser, args):
             parser.error(f"argument {heads_flag}: {heads} heads do not divide the width {width} ({width_flag})")
         if width % 4:
             parser.error(f"argument {width_flag}: {width} is not divisible by 4 (sine-cosine position embedding)")
-    for flag, (low, high) in (("--crop-scale", args.crop_scale), ("--crop-ratio", args.crop_ratio)):
+    for flag, (low, high) in (("--crop-scale", args.crop_scale), ("--crop-ratio", args.crop_ratio),
+                              ("--local-scale", args.local_scale)):
         if low > high:
             parser.error(f"argument {flag}: {low:g} {high:g} is not LOW <= HIGH")
     if args.batch_size % args.accum_iter:
@@ -1242,7 +1463,7 @@ def model_config(args):
     """The CDGMAE constructor arguments implied by the command line (sizes resolved)."""
     embed_dim, depth, num_heads = VIT_SIZES[args.model]
     return dict(num_anchors=args.anchors, anchor_mask_ratio=args.anchor_mask,
-                target_mask_ratio=args.target_mask, img_size=args.input_size, patch_size=args.patch_size,
+                target_mask_ratio=pretext_default(args, "target_mask"), img_size=args.input_size, patch_size=args.patch_size,
                 embed_dim=args.embed_dim or embed_dim, depth=args.depth or depth,
                 num_heads=args.num_heads or num_heads, decoder_embed_dim=args.decoder_dim,
                 decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_heads,
@@ -1382,9 +1603,11 @@ def reconstruction_image(model, target, anchors, pred, mask, max_rows=4):
 RUN_FILES = ("checkpoint-last.pth", "log.jsonl", "args.json")  # a folder holding any of them holds a run
 # Settings that change what a run computes, besides the model's (model_config). The others
 # (workers, verification, cadence of logs, pictures and checkpoints, --max-steps, --compile,
-# --dist-timeout) may differ on resume; --epochs only once the run has finished its epochs.
-RESULT_SETTINGS = ("input_size", "crop_scale", "crop_ratio", "target_view", "views", "batch_size", "accum_iter",
-                   "lr", "min_lr", "warmup_epochs", "weight_decay", "betas", "seed", "decode", "data", "bags")
+# --dist-timeout) may differ on resume; --epochs only once the run has finished its epochs;
+# --local-scale counts for --pretext crops only.
+RESULT_SETTINGS = ("pretext", "input_size", "crop_scale", "crop_ratio", "local_scale", "target_view", "views",
+                   "batch_size", "accum_iter", "lr", "min_lr", "warmup_epochs", "weight_decay", "betas", "seed",
+                   "decode", "data", "bags")
 FLAG_NAMES = {"num_anchors": "--anchors", "anchor_mask_ratio": "--anchor-mask", "target_mask_ratio": "--target-mask",
               "img_size": "--input-size", "decoder_embed_dim": "--decoder-dim", "decoder_num_heads": "--decoder-heads",
               "bags": "the bag list"}
@@ -1404,7 +1627,7 @@ def settings_differences(args, stored, finished=False):
     the lr from the resumed step on)."""
     current, differences = run_settings(args), {}
     for key in RESULT_SETTINGS + tuple(model_config(args)):
-        if key not in stored or current.get(key) is None:
+        if key not in stored or current.get(key) is None or key == "local_scale" and current["pretext"] != "crops":
             continue
         old, new = stored[key], current[key]
         if key == "data":
@@ -1513,6 +1736,10 @@ def check_data_root(args):
     root = Path(args.data)
     if root.is_dir():
         return
+    if args.pretext != "bags":
+        what = "image folder" if args.pretext == "crops" else "folder of frame folders"
+        raise SystemExit(f"{root}: {what} not found (--pretext {args.pretext} reads the "
+                         f"{'images' if args.pretext == 'crops' else 'videos, one folder of frames each,'} under --data)")
     if args.data == DEFAULT_DATA:
         raise SystemExit(f"{root}: no bag folder (the default --data, relative to the working folder; make one with "
                          f"`python generate_views.py --images IMAGES --model SLDM --output {root}`, toy bags with "
@@ -1534,7 +1761,7 @@ def bag_index_key(args):
         stamps = sorted((e.name, e.stat().st_mtime_ns) for e in entries if e.is_dir())
     return {"data": os.path.realpath(root), "root_mtime_ns": root.stat().st_mtime_ns,
             "folders": hashlib.sha1(json.dumps(stamps).encode()).hexdigest(),
-            "views": args.views, "anchors": args.anchors, "target_view": args.target_view}
+            "views": args.views, "anchors": args.anchors, "target_view": args.target_view, "pretext": args.pretext}
 
 
 def read_bag_index(path, key, level):
@@ -1562,40 +1789,52 @@ def gather(part, world_size):
 def scan_bag_root(args, rank, world_size, output):
     """List the bags and check every one (both split over ranks and over --workers processes
     per rank), or reuse OUTPUT/bag-index.json when nothing it depends on changed. Fails with
-    the bags' names before any training if one cannot be used. Returns (bags, num_views)."""
+    the bags' names before any training if one cannot be used. Returns (bags, num_views).
+    --pretext crops / frames: the images / videos instead (`check_items`), num_views None."""
     cache, key = output / "bag-index.json", bag_index_key(args)
     cached = read_bag_index(cache, key, args.verify_images)
     if world_size > 1 and not all(gather([cached is not None], world_size)):
         cached = None  # every rank uses the cache, or none does
     if cached:
         return cached
-    processes = max(1, args.workers)
-    bags = sorted(gather(find_bags(args.data, rank, world_size, processes), world_size))
+    processes, item = max(1, args.workers), PRETEXT_ITEMS[args.pretext]
+    bags = sorted(gather(find_bags(args.data, rank, world_size, processes, kind=args.pretext), world_size))
     if not bags:
-        raise SystemExit(f"{args.data}: no bags found (a bag is a folder holding real.* and view_NN.jpg files)")
-    num_views = args.views or max(len(bag_files(Path(args.data) / b)[1]) for b in bags[:1000])
-    problems = dict(gather(check_bags(args.data, bags[rank::world_size], num_views, 1 + args.anchors,
-                                      args.verify_images, processes).items(), world_size))
-    if args.target_view == "real" and num_views < args.anchors:
+        raise SystemExit(f"{args.data}: no {item}s found ({EXPECTED_LAYOUT[args.pretext]})")
+    num_views, setting = None, ""
+    if args.pretext == "bags":
+        num_views = args.views or max(len(bag_files(Path(args.data) / b)[1]) for b in bags[:1000])
+        setting = f" (M = {num_views} views, N = {args.anchors} anchors)"
+        problems = check_bags(args.data, bags[rank::world_size], num_views, 1 + args.anchors,
+                              args.verify_images, processes)
+    else:
+        problems = check_items(args.data, bags[rank::world_size], args.pretext, args.verify_images, processes)
+    problems = dict(gather(problems.items(), world_size))
+    if args.pretext == "bags" and args.target_view == "real" and num_views < args.anchors:
         problems["(all)"] = f"--target-view real needs at least {args.anchors} generated views, bags have {num_views}"
     if problems:
         listed = sorted(problems.items())
         if rank == 0:
-            save_or_exit(output / "bag-problems.txt",
+            save_or_exit(output / f"{item}-problems.txt",
                          lambda tmp: Path(tmp).write_text("".join(f"{b}\t{why}\n" for b, why in listed)), "a list")
         shown = "; ".join(f"{bag}: {why}" for bag, why in listed[:3])
-        raise SystemExit(f"{args.data}: {len(problems)} of {len(bags)} bags cannot be used (M = {num_views} views, "
-                         f"N = {args.anchors} anchors): {shown}{' ...' if len(listed) > 3 else ''} "
-                         f"(fix or remove them; all are listed in {output / 'bag-problems.txt'})")
+        raise SystemExit(f"{args.data}: {len(problems)} of {len(bags)} {item}s cannot be used{setting}: "
+                         f"{shown}{' ...' if len(listed) > 3 else ''} "
+                         f"(fix or remove them; all are listed in {output / f'{item}-problems.txt'})")
     if rank == 0:
         index = {"key": key, "verified": args.verify_images, "num_views": num_views, "bags": bags}
         save_or_exit(cache, lambda tmp: Path(tmp).write_text(json.dumps(index)), "the bag index")
     return bags, num_views
 
 
-def bag_list_id(bags):
+EXPECTED_LAYOUT = {"bags": "a bag is a folder holding real.* and view_NN.jpg files",
+                   "crops": f"--pretext crops reads the image files ({', '.join(IMAGE_SUFFIXES)}) at any depth",
+                   "frames": "--pretext frames reads ROOT/<video>/<frame>.jpg: a video is a folder holding images"}
+
+
+def bag_list_id(bags, item="bag"):
     """'<count> bags, sha1 <12 hex>': recorded with the run, so a resume on another bag list is refused."""
-    return f"{len(bags)} bags, sha1 {hashlib.sha1(chr(10).join(bags).encode()).hexdigest()[:12]}"
+    return f"{len(bags)} {item}s, sha1 {hashlib.sha1(chr(10).join(bags).encode()).hexdigest()[:12]}"
 
 
 # -----------------------------------------------------------------------------
@@ -1620,8 +1859,11 @@ def batch_mover(args, device):
     std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
 
     def move(batch):
-        if args.decode == "gpu":
-            target, anchors, target_noise, anchor_noise = assemble_on_device(batch, args.input_size, device)
+        if args.decode == "gpu" and args.pretext == "crops":
+            target, anchors, target_noise, anchor_noise = assemble_crops_on_device(batch, args.input_size, device)
+        elif args.decode == "gpu":
+            target, anchors, target_noise, anchor_noise = assemble_on_device(
+                batch, args.input_size, device, mode="bicubic" if args.pretext == "bags" else "bilinear")
         else:
             target, anchors, target_noise, anchor_noise = [t.to(device, non_blocking=True) for t in batch]
         return normalize(target, mean, std), normalize(anchors, mean, std), target_noise, anchor_noise
@@ -1750,17 +1992,31 @@ def main(argv=None):
         output.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(output)
     bags, args.views = scan_bag_root(args, rank, world_size, output)
-    args.bags = bag_list_id(bags)
+    args.bags = bag_list_id(bags, PRETEXT_ITEMS[args.pretext])
     refuse_changed_settings(args, ckpt, resume, output)  # now with the views and the bag list known
     return train(args, bags, rank, world_size, device, per_step, output, ckpt, resume)
 
 
+def make_dataset(args, items, num_patches, output):
+    """The dataset of --pretext: BagDataset, CropDataset or FrameDataset."""
+    common = dict(num_patches=num_patches, seed=args.seed, encoded=args.decode == "gpu",
+                  bad_bags_file=output / ("bad_bags.txt" if args.pretext == "bags" else f"bad_{args.pretext}.txt"))
+    scale, ratio = tuple(args.crop_scale), tuple(args.crop_ratio)
+    if args.pretext == "crops":
+        return CropDataset(args.data, items, args.anchors, args.input_size, scale, tuple(args.local_scale), ratio,
+                           **common)
+    if args.pretext == "frames":
+        return FrameDataset(args.data, items, args.anchors, args.input_size, scale, ratio, **common)
+    return BagDataset(args.data, items, args.views, args.anchors, args.input_size, args.target_view, scale, ratio,
+                      **common)
+
+
 def train(args, bags, rank, world_size, device, per_step, output, ckpt, resume):
     """Model, optimizer, loader and the epoch loop (Table 6); returns the model."""
-    steps_per_epoch = len(bags) // args.batch_size
+    steps_per_epoch, item = len(bags) // args.batch_size, PRETEXT_ITEMS[args.pretext]
     if steps_per_epoch == 0:
-        raise SystemExit(f"{args.data}: {len(bags)} bags is fewer than one global batch of {args.batch_size} "
-                         "(lower --batch-size or add bags)")
+        raise SystemExit(f"{args.data}: {len(bags)} {item}s is fewer than one global batch of {args.batch_size} "
+                         f"(lower --batch-size or add {item}s)")
     config = model_config(args)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = CDGMAE(**config).to(device)
@@ -1780,9 +2036,7 @@ def train(args, bags, rank, world_size, device, per_step, output, ckpt, resume):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    dataset = BagDataset(args.data, bags, args.views, args.anchors, args.input_size, args.target_view,
-                         tuple(args.crop_scale), tuple(args.crop_ratio), model.num_patches, args.seed,
-                         encoded=args.decode == "gpu", bad_bags_file=output / "bad_bags.txt")
+    dataset = make_dataset(args, bags, model.num_patches, output)
     sampler = GlobalBatchSampler(len(bags), args.batch_size, rank, world_size, seed=args.seed)
     loader = make_loader(args, dataset, sampler, per_step, device)
     run = argparse.Namespace(model=model, train_model=train_model, optimizer=optimizer, rank=rank,
@@ -1790,7 +2044,9 @@ def train(args, bags, rank, world_size, device, per_step, output, ckpt, resume):
                              settings=run_settings(args), move=batch_mover(args, device), log=None)
     if rank == 0:
         counts = count_flops(CDGMAE(**{**config, "decoder_dropout": 0.0}))
-        print(f"{len(bags)} bags of 1 real + {args.views} views; {world_size} rank(s) x {per_step} samples x "
+        data = {"bags": f"{len(bags)} bags of 1 real + {args.views} views",
+                "crops": f"{len(bags)} images (CropMAE crops)", "frames": f"{len(bags)} videos (SiamMAE frames)"}
+        print(f"{data[args.pretext]}; {world_size} rank(s) x {per_step} samples x "
               f"{args.accum_iter} accumulation = global batch {args.batch_size}; {steps_per_epoch} steps/epoch; "
               f"lr {args.lr:.3g}; {counts['fvcore'] / 1e9:.3g} GFLOPs/sample (fvcore)")
         if ckpt:
