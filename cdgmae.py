@@ -1947,6 +1947,19 @@ def save_checkpoint(args, run, epoch, step, global_step, last):
                      lambda tmp: picture.save(tmp, format="PNG"), "the reconstruction picture")
 
 
+def save_initial_checkpoint(run):
+    """checkpoint-0000.pth: the weights before the first step, in the format of the other
+    checkpoints (a run can also resume from it), so that the random-init baseline of a run is
+    read from a file rather than re-derived from the seed."""
+    ckpt = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "next_epoch": 0,
+            "next_step": 0, "global_step": 0, "args": run.settings}
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+    save_or_exit(run.output / "checkpoint-0000.pth", write, "the initial checkpoint")
+
+
 def resume_from(ckpt, resume, model, optimizer):
     """Load a checkpoint's model and optimizer states; returns (next_epoch, next_step, global_step)."""
     try:
@@ -2055,6 +2068,8 @@ def train(args, bags, rank, world_size, device, per_step, output, ckpt, resume):
                      "the settings")
         truncate_log(output / "log.jsonl", global_step)
         run.log = open(output / "log.jsonl", "a")
+        if global_step == 0:  # the initial weights: the random-init baseline of the same run
+            save_initial_checkpoint(run)
     try:
         for epoch in range(start_epoch, args.epochs):
             first = start_step if epoch == start_epoch else 0

@@ -108,14 +108,12 @@ def training_argv(root, run, args):
 
 
 def initial_encoder(run):
-    """The trained encoder's exact starting point: cdgmae.main seeds the generator with --seed,
-    then builds the model, so doing the same here gives the same random initialisation."""
-    args = json.loads((Path(run) / "args.json").read_text())
-    parsed = cdgmae.get_args_parser().parse_args(["--data", "x"])
-    for key, value in args.items():
-        setattr(parsed, key, value)
-    torch.manual_seed(parsed.seed)
-    return cdgmae.CDGMAE(**cdgmae.model_config(parsed)).eval()
+    """The trained encoder's exact starting point: the weights the trainer saved before its
+    first step (checkpoint-0000.pth)."""
+    path = Path(run) / "checkpoint-0000.pth"
+    if not path.is_file():
+        raise SystemExit(f"{path}: no initial checkpoint (this run folder predates it; use another --output)")
+    return cdgmae.encoder_from_checkpoint(path).eval()
 
 
 def score(features, root, out, datasets, visualize=False):

@@ -439,3 +439,16 @@ def test_checked_flag_types_hold_values_to_their_range():
                         (ratio, "nan"), (ratio, "inf"), (ratio, "x")]:
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
+
+
+def test_the_initial_checkpoint_holds_the_weights_before_the_first_step(tmp_path):
+    root = write_bags(tmp_path / "bags")
+    cdgmae.main(["--data", str(root), "--output", str(tmp_path / "run"), "--batch-size", "4",
+                 "--epochs", "1", "--seed", "3", *TINY_CLI])
+    initial = torch.load(tmp_path / "run" / "checkpoint-0000.pth", weights_only=True)
+    assert (initial["global_step"], initial["next_epoch"], initial["next_step"]) == (0, 0, 0)
+    torch.manual_seed(3)  # the trainer seeds with --seed, then builds the model
+    built = CDGMAE(**{**TINY, "img_size": 32, "patch_size": 8}).state_dict()
+    assert all(torch.equal(initial["model"][k], built[k]) for k in built)
+    trained, _ = final_state(tmp_path / "run")
+    assert any(not torch.equal(trained[k], built[k]) for k in built)  # the later checkpoints moved on
