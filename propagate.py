@@ -1115,15 +1115,8 @@ def propagate_own_video(source, output, encoder, *, mask=None, keypoints=None, d
 # Command line
 # -----------------------------------------------------------------------------
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows the module docstring as written and the defaults that are not None."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=ev.HelpFormatter)
     p.add_argument("--dataset", choices=ev.DATASETS, help="the benchmark (or --video for your own clip)")
     p.add_argument("--data-root", type=Path,
                    help="dataset folder in its native layout: DAVIS (JPEGImages/480p, Annotations/480p, "

@@ -45,22 +45,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from evaluate import atomic_save, davis_palette  # DAVIS / PASCAL VOC colour map of the official PNGs
+from evaluate import JHMDB_JOINTS, VIP_CLASSES, atomic_save, davis_palette  # classes, joints, DAVIS colour map
 
 # -----------------------------------------------------------------------------
 # Dataset conventions
 # -----------------------------------------------------------------------------
 
-# VIP's 20 classes (background included), in the order of its Category_ids PNGs.
-VIP_CLASSES = ["background", "hat", "hair", "sun-glasses", "upper-clothes", "dress", "coat",
-               "socks", "pants", "gloves", "scarf", "skirt", "torso-skin", "face", "right-arm",
-               "left-arm", "right-leg", "left-leg", "right-shoe", "left-shoe"]
-VIP = {name: i for i, name in enumerate(VIP_CLASSES)}
-
-# JHMDB's 15 joints, in the order of pos_img's second axis.
-JHMDB_JOINTS = ["neck", "belly", "face", "right shoulder", "left shoulder", "right hip", "left hip",
-                "right elbow", "left elbow", "right knee", "left knee", "right wrist", "left wrist",
-                "right ankle", "left ankle"]
+VIP = {name: i for i, name in enumerate(VIP_CLASSES)}  # VIP's 20 classes, in the order of its Category_ids PNGs
 
 # Toy JHMDB action classes (folder names); each has its own joint motion, see figure_motion().
 JHMDB_ACTIONS = ["walk", "wave", "jump", "clap"]
