@@ -1527,13 +1527,13 @@ def remove_stale_temporaries(folder):
     removed, host = 0, socket.gethostname()
     for entry in os.scandir(folder) if os.path.isdir(folder) else ():
         match = TEMPORARY_NAME.match(entry.name)
-        if match and match["host"] == host and not _process_alive(int(match["pid"])):
+        if match and match["host"] == host and not process_alive(int(match["pid"])):
             Path(entry.path).unlink(missing_ok=True)
             removed += 1
     return removed
 
 
-def _process_alive(pid):
+def process_alive(pid):
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -1663,6 +1663,14 @@ def find_resume(args, output):
         raise SystemExit(f"{output}: holds another run ({', '.join(existing)}) and --resume {path} is not one of "
                          "its checkpoints (resume into an empty --output, or use --resume auto)")
     return path
+
+
+def one_line(error):
+    """An expected error's message on one line: `path: what is wrong (what to do)` (generate_views.py
+    and metrics.py use it too; evaluate.py keeps a torch-free twin)."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror} (check the path, its permissions and the free disk space)"
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
 
 
 def first_line(error):

@@ -187,13 +187,6 @@ SLDM_FILES = ["sldm.json", "unet/config.json", "unet/diffusion_pytorch_model.saf
               "conditioner/projection.pth"]
 
 
-def one_line(error):
-    """An expected error's message on one line: `path: what is wrong (what to do)`."""
-    if isinstance(error, OSError) and error.filename is not None and error.strerror:
-        return f"{error.filename}: {error.strerror} (check the path, its permissions and the free disk space)"
-    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
-
-
 def read_sldm_meta(folder):
     """sldm.json of an S-LDM folder, checked: every piece present, the keys load_sldm reads."""
     folder = Path(folder)
@@ -206,7 +199,7 @@ def read_sldm_meta(folder):
     try:
         meta = json.loads((folder / "sldm.json").read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"{folder}/sldm.json: cannot read ({one_line(e)}) (re-create the folder with convert)") from e
+        raise ValueError(f"{folder}/sldm.json: cannot read ({cdgmae.one_line(e)}) (re-create the folder with convert)") from e
     if not isinstance(meta, dict) or meta.get("format") != SLDM_FORMAT:
         format_ = meta.get("format") if isinstance(meta, dict) else None
         raise ValueError(f"{folder}/sldm.json: format is {format_!r}, expected {SLDM_FORMAT!r}")
@@ -224,7 +217,7 @@ def load_piece(path, load):
     try:
         return load()
     except (OSError, ValueError, RuntimeError) as e:  # diffusers: OSError / ValueError; torch: RuntimeError
-        raise ValueError(f"{path}: cannot load ({one_line(e)}) (re-create the model folder)") from e
+        raise ValueError(f"{path}: cannot load ({cdgmae.one_line(e)}) (re-create the model folder)") from e
 
 
 def load_sldm(folder, device="cpu", dtype=torch.float32):
@@ -269,7 +262,7 @@ def read_ldm_checkpoint(path, trust=False):
     except Exception as e:  # noqa: BLE001 -- re-raised with the file's name and the way out
         hint = "" if trust else (" -- if the file holds pickled Python objects and you trust it, "
                                  "pass --trust-checkpoint")
-        raise ValueError(f"{path}: cannot read checkpoint ({one_line(e)}){hint}") from e
+        raise ValueError(f"{path}: cannot read checkpoint ({cdgmae.one_line(e)}){hint}") from e
     while isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
         ckpt = ckpt["state_dict"]
     if not isinstance(ckpt, dict) or not any(k.startswith("model.diffusion_model.") for k in ckpt):
@@ -414,7 +407,7 @@ def convert_ldm(ldm_checkpoint, ldm_config, dino_checkpoint, output, cond_image_
         with open(ldm_config) as f:
             original_config = yaml.safe_load(f)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ValueError(f"{ldm_config}: cannot read the LDM config ({one_line(e)}) (give the checkpoint's yaml)") from e
+        raise ValueError(f"{ldm_config}: cannot read the LDM config ({cdgmae.one_line(e)}) (give the checkpoint's yaml)") from e
     params = original_config.get("model") if isinstance(original_config, dict) else None
     if not isinstance(params, dict) or "unet_config" not in (params.get("params") or {}):
         raise ValueError(f"{ldm_config}: not a CompVis LDM config (model.params.unet_config missing)")
@@ -856,7 +849,7 @@ def check_output(output, settings):
     try:
         recorded = json.loads(record.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"{record}: cannot read the settings record ({one_line(e)}) (give another --output)") from e
+        raise ValueError(f"{record}: cannot read the settings record ({cdgmae.one_line(e)}) (give another --output)") from e
     if not isinstance(recorded, dict):
         raise ValueError(f"{record}: not a settings record (give another --output)")
     keys = [k for k in dict.fromkeys([*settings, *recorded]) if k not in NOT_COMPARED]
@@ -1050,7 +1043,7 @@ def knn_command(argv):
     try:
         rel_paths, vit, device, folder = prepare_knn(args)
     except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: an unreadable checkpoint
-        raise SystemExit(one_line(e)) from None
+        raise SystemExit(cdgmae.one_line(e)) from None
     start = time.time()
     try:
         embeddings = knn_embeddings(vit, args.images, rel_paths, folder, args.input_size, args.batch_size,
@@ -1061,7 +1054,7 @@ def knn_command(argv):
         raise SystemExit(f"{e.filename or args.output}: cannot write ({e.strerror or e}) (free disk space or fix "
                          f"permissions, then rerun: saved shards and complete bags are kept)") from None
     except ValueError as e:  # a saved shard that does not fit the listing (load_shard)
-        raise SystemExit(one_line(e)) from None
+        raise SystemExit(cdgmae.one_line(e)) from None
     print(f"{len(rel_paths)} images, k = {args.k}: {written} bags written, {complete} already complete "
           f"({time.time() - start:.1f} s, {device})", file=sys.stderr)
     return {"images": len(rel_paths), "written": written, "complete_before": complete}
@@ -1148,7 +1141,7 @@ def pick_device_and_dtype(device, precision):
     try:
         device = torch.device(device)
     except RuntimeError as e:
-        raise ValueError(f"--device {device}: not a torch device ({one_line(e)})") from None
+        raise ValueError(f"--device {device}: not a torch device ({cdgmae.one_line(e)})") from None
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: {torch.cuda.device_count()} CUDA devices here (give --device cpu)")
     if precision == "auto":
@@ -1202,7 +1195,7 @@ def convert_command(argv):
         convert_ldm(args.ldm_checkpoint, args.ldm_config, args.dino, args.output, args.cond_image_size,
                     args.ema, args.trust_checkpoint)
     except (ValueError, OSError) as e:
-        raise SystemExit(one_line(e)) from None
+        raise SystemExit(cdgmae.one_line(e)) from None
     print(f"wrote {args.output}")
 
 
@@ -1217,7 +1210,7 @@ def main(argv=None):
     try:
         mine, index, count, backend = prepare_generation(args)
     except (ValueError, OSError) as e:  # expected failures, each with its path and the way out
-        raise SystemExit(one_line(e)) from None
+        raise SystemExit(cdgmae.one_line(e)) from None
     try:
         summary = generate_bags(backend, args.images, mine, args.output, args.views, args.batch_size, args.seed,
                                 args.jpeg_quality, args.workers,

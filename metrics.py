@@ -586,13 +586,6 @@ def draw_pair_sets(args, names):
     return pair_sets
 
 
-def one_line(error):
-    """An expected error's message on one line: `path: what is wrong (what to do)`."""
-    if isinstance(error, OSError) and error.filename is not None and error.strerror:
-        return f"{error.filename}: {error.strerror} (check the path, its permissions and the free disk space)"
-    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["overlap"]:  # python metrics.py overlap A B
@@ -616,13 +609,13 @@ def main(argv=None):
             raise ValueError(f"--device {device}: {torch.cuda.device_count()} CUDA devices here (give --device cpu)")
         vit = load_vit(args.checkpoint, args.input_size).to(device).eval()
     except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: cdgmae.load_checkpoint, torch.device
-        raise SystemExit(one_line(e)) from None
+        raise SystemExit(cdgmae.one_line(e)) from None
     try:
         pair_sets = draw_pair_sets(args, names)
         check_images_decode([p for name, pairs in pair_sets  # the k-NN entry: every image of its pool
                              for group in ([pairs[0]] if name == "K-nn images" else pairs) for p in group])
     except (ValueError, OSError) as e:
-        raise SystemExit(one_line(e)) from None
+        raise SystemExit(cdgmae.one_line(e)) from None
 
     common = dict(size=args.input_size, center_crop=args.center_crop, batch_size=args.batch_size,
                   workers=args.workers, device=device)

@@ -85,7 +85,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import evaluate as ev
-from cdgmae import (IMAGENET_MEAN, IMAGENET_STD, _process_alive, checked, encoder_from_checkpoint, image_to_tensor,
+from cdgmae import (IMAGENET_MEAN, IMAGENET_STD, process_alive, checked, encoder_from_checkpoint, image_to_tensor,
                     load_rgb, remove_stale_temporaries)
 
 # Table 7 and CropMAE's input sizes. input_size: (height, width), or (long side,).
@@ -530,9 +530,9 @@ def remove_stale_writes(folder):
     host = socket.gethostname()
     for entry in os.scandir(folder) if os.path.isdir(folder) else ():
         partial, legacy = PARTIAL_NAME.match(entry.name), LEGACY_TEMPORARY.match(entry.name)
-        if partial and partial["host"] == host and not _process_alive(int(partial["pid"])):
+        if partial and partial["host"] == host and not process_alive(int(partial["pid"])):
             shutil.rmtree(entry.path, ignore_errors=True)
-        elif legacy and entry.is_file() and not _process_alive(int(legacy["pid"])):
+        elif legacy and entry.is_file() and not process_alive(int(legacy["pid"])):
             os.unlink(entry.path)
     remove_stale_temporaries(folder)
 
