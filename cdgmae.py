@@ -202,6 +202,18 @@ class DecoderBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps=1e-6)
         self.drop = nn.Dropout(dropout)
 
+    def init_weights(self):
+        """CropMAE's init: xavier-uniform Linears (MAE's rule), zero biases, unit LayerNorms.
+        CropMAE's cross-attention is an `nn.MultiheadAttention`, whose fused q/k/v in-projection
+        [3D, D] gets one xavier draw (bound sqrt(6 / 4D)) that MAE's init leaves alone; here q
+        is the first D rows of that draw and kv the other 2D (separate draws would give the
+        wider bounds sqrt(6 / 2D) and sqrt(6 / 3D)). The self-attention's qkv is [3D, D] already."""
+        self.apply(_init_linear_and_norm)
+        dim = self.cross_attn.q.weight.shape[1]
+        fused = nn.init.xavier_uniform_(torch.empty(3 * dim, dim))
+        self.cross_attn.q.weight.data.copy_(fused[:dim])
+        self.cross_attn.kv.weight.data.copy_(fused[dim:])
+
     def forward(self, x, memory):  # x [B, 1+L, Dd] target stream, memory [B, M, Dd] anchor tokens
         x = self.norm1(x + self.drop(self.cross_attn(x, memory)))
         x = self.norm2(x + self.drop(self.mlp(x)))
@@ -430,11 +442,11 @@ class CDGMAE(VisionTransformer):
         self.decoder_pos_embed.data.copy_(
             sincos_pos_embed(decoder_embed_dim, self.grid_size, self.grid_size).unsqueeze(0))
         nn.init.normal_(self.mask_token, std=0.02)
-        for m in [self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred]:
+        self.decoder_embed.apply(_init_linear_and_norm)
+        for block in self.decoder_blocks:
+            block.init_weights()
+        for m in [self.decoder_norm, self.decoder_pred]:
             m.apply(_init_linear_and_norm)
-        if decoder_block == "croco":
-            for block in self.decoder_blocks:
-                block.init_weights()
 
     # -- pixels <-> patches ---------------------------------------------------
     def patchify(self, imgs):
@@ -1480,13 +1492,13 @@ def learning_rate(args, epoch_float):
 
 
 def param_groups(model, weight_decay):
-    """AdamW groups: no weight decay on biases and 1-D parameters (norms, cls/mask tokens)."""
+    """AdamW groups by timm's rule, which MAE and CropMAE train with: no weight decay on biases
+    and 1-D parameters (LayerNorms) only. The [1, 1, D] cls and mask tokens are decayed."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 or name.endswith(".bias") or name in ("cls_token", "mask_token")
-         else decay).append(param)
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

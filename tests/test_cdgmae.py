@@ -348,14 +348,19 @@ def test_learning_rate_schedule_warmup_then_cosine():
     assert cdgmae.learning_rate(args, 100.0) == pytest.approx(0.0, abs=1e-12)
 
 
-def test_no_weight_decay_on_biases_and_one_dimensional_parameters():
+def test_weight_decay_follows_timms_rule_as_mae_and_cropmae():
+    """timm's rule (MAE, CropMAE): no decay exactly for biases and 1-D parameters; the [1, 1, D]
+    cls and mask tokens are decayed."""
     model = CDGMAE(**TINY)
     decay, no_decay = cdgmae.param_groups(model, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
-    assert all(p.ndim >= 2 for p in decay["params"])
-    assert {names[id(p)] for p in no_decay["params"]} >= {"cls_token", "mask_token", "norm.bias", "norm.weight",
-                                                          "blocks.0.attn.qkv.bias", "decoder_pred.bias"}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected_no_decay = {n for n in trainable if n.endswith(".bias") or dict(model.named_parameters())[n].ndim == 1}
+    assert {names[id(p)] for p in no_decay["params"]} == expected_no_decay
+    assert {names[id(p)] for p in decay["params"]} == trainable - expected_no_decay
+    assert {"cls_token", "mask_token"} <= {names[id(p)] for p in decay["params"]}
+    assert {"norm.bias", "norm.weight", "blocks.0.attn.qkv.bias", "decoder_pred.bias"} <= expected_no_decay
     # The fixed sin-cos position embeddings are not trained at all.
     assert not model.pos_embed.requires_grad and not model.decoder_pos_embed.requires_grad
 
@@ -452,3 +457,20 @@ def test_the_initial_checkpoint_holds_the_weights_before_the_first_step(tmp_path
     assert all(torch.equal(initial["model"][k], built[k]) for k in built)
     trained, _ = final_state(tmp_path / "run")
     assert any(not torch.equal(trained[k], built[k]) for k in built)  # the later checkpoints moved on
+
+
+def test_decoder_cross_attention_is_one_fused_xavier_draw_like_multihead_attention():
+    """CropMAE's cross-attention is nn.MultiheadAttention: q, k and v come from one [3D, D] weight
+    drawn xavier-uniform, bound sqrt(6 / (D + 3D)); MAE's Linear init does not touch it."""
+    torch.manual_seed(0)
+    dim = 256
+    model = CDGMAE(**{**TINY, "decoder_embed_dim": dim, "decoder_num_heads": 8})
+    bound = math.sqrt(6 / (dim + 3 * dim))  # 0.0765 at D = 256; separate draws: 0.108 (q), 0.088 (kv)
+    for block in model.decoder_blocks:
+        fused = torch.cat([block.cross_attn.q.weight, block.cross_attn.kv.weight])
+        assert fused.shape == (3 * dim, dim)
+        assert fused.abs().max() <= bound
+        assert fused.abs().max() > 0.99 * bound  # 196,608 uniform draws reach the bound
+        assert abs(fused.std().item() - bound / math.sqrt(3)) < 0.01 * bound  # std of U(-a, a) is a / sqrt(3)
+    reference = torch.nn.MultiheadAttention(dim, 8).in_proj_weight  # the module CropMAE uses, for comparison
+    assert reference.shape == fused.shape and 0.99 * bound < reference.abs().max() <= bound
