@@ -23,15 +23,18 @@ is resumable: a rerun skips what is done.
 """
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
+from PIL import Image, ImageDraw
 
 import cdgmae
 import evaluate
+import generate_views
 import metrics
 import propagate
 import toyworld
@@ -60,7 +63,8 @@ class RawPixels(nn.Module):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output", default="runs/demo", help="folder for the toy world, the run and the results")
+    p.add_argument("--output", default=None, help="folder for the toy world, the run and the results "
+                                                 "(default: runs/demo, with --compare runs/compare)")
     p.add_argument("--seed", type=cdgmae.checked(int, 0), default=0, help="seeds the toy world and the training run")
     g = p.add_argument_group("toy world")
     g.add_argument("--num-bags", type=cdgmae.checked(int, 1), default=2000, help="bags of 1 real + 4 views, 64x64")
@@ -79,6 +83,14 @@ def get_args_parser():
     g.add_argument("--datasets", nargs="+", default=["davis", "vip", "jhmdb"], choices=["davis", "vip", "jhmdb"])
     g.add_argument("--metric-pairs", type=cdgmae.checked(int, 1), default=200, help="pairs per set for GS / LS / NPS")
     g.add_argument("--threads", type=cdgmae.checked(int, 1), default=None, help="torch CPU threads (default: torch's)")
+    g = p.add_argument_group("the paper's comparisons in miniature (--compare; see docs/comparisons.md)")
+    g.add_argument("--compare", action="store_true",
+                   help="train the same encoder on every pretext data of --methods for every seed of --seeds and "
+                        "print Tables 5, 2 and 4 in miniature (output: runs/compare unless --output)")
+    g.add_argument("--seeds", type=cdgmae.checked(int, 0), nargs="+", default=[0, 1, 2], help="--compare: seeds")
+    g.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="--compare: pretexts")
+    g.add_argument("--train-videos", type=cdgmae.checked(int, 1), default=256,
+                   help="--compare: unlabelled toy videos of 20 frames for the SiamMAE pretext (never evaluated ones)")
     return p
 
 
@@ -93,9 +105,11 @@ def make_world(root, args):
         write(root / name, count, 20, height, width, args.seed, progress=False)
 
 
-def training_argv(root, run, args):
+def training_argv(root, run, args, data="bags", extra=()):
+    """cdgmae.py's command line for the toy model, trained on root/<data>; `extra` flags come last
+    (argparse keeps the last value of a flag given twice)."""
     m = TOY_MODEL
-    return ["--data", str(root / "bags"), "--output", str(run), "--seed", str(args.seed),
+    return ["--data", str(root / data), "--output", str(run), "--seed", str(args.seed),
             "--embed-dim", str(m["embed_dim"]), "--depth", str(m["depth"]), "--num-heads", str(m["num_heads"]),
             "--patch-size", str(m["patch_size"]), "--input-size", str(m["input_size"]),
             "--decoder-dim", str(m["decoder_dim"]), "--decoder-depth", str(m["decoder_depth"]),
@@ -104,7 +118,7 @@ def training_argv(root, run, args):
             "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
             "--warmup-epochs", str(args.warmup_epochs), "--workers", str(args.workers),
             "--vis-every", str(args.epochs), "--save-every", str(args.epochs), "--log-every", "10",
-            "--resume", "auto"]
+            "--resume", "auto", *extra]
 
 
 def initial_encoder(run):
@@ -160,11 +174,241 @@ def format_results(results):
     return "\n".join(lines)
 
 
+# -----------------------------------------------------------------------------
+# The paper's comparisons in miniature (--compare): Tables 5, 2 and 4 on the toy world
+# -----------------------------------------------------------------------------
+
+# The same toy ViT and trainer on the pretext data of the family (cdgmae.py --pretext):
+# name -> (row label, --pretext, training data under the seed's toy world, N, r_a, r_t).
+# Every method takes as many optimizer steps as the bags' run (--epochs passes over --num-bags).
+# r_t: the pretexts' own ratios, kept as a share of the 8x8 = 64 target patches: CropMAE's 98.5%
+# keeps 2 of 196 patches, which at 64 patches would keep none, so 97.5% (1 patch) stands in;
+# SiamMAE's 95% keeps 3 of 64 (9 of 196); CDG-MAE's 90% keeps 6 (19 of 196).
+METHODS = {
+    "cropmae": ("CropMAE (crops of one image)", "crops", "images", 1, 0.0, 0.975),
+    "siammae": ("SiamMAE (toy video frames)", "frames", "videos", 1, 0.0, 0.95),
+    "knn": ("k-NN images (k = 5)", "bags", "knn_bags", 1, 0.0, 0.9),
+    "a1": ("CDG-MAE-a1 (generated views)", "bags", "bags", 1, 0.0, 0.9),
+    "a3": ("CDG-MAE-a3 (N = 3, r_a = 0.25)", "bags", "bags", 3, 0.25, 0.9),
+}
+BASELINES = {"random init": "same ViT, random init", "raw pixels": "raw pixels"}
+SHORT = {"cropmae": "CropMAE", "siammae": "SiamMAE", "knn": "k-NN images", "a1": "CDG-MAE-a1", "a3": "CDG-MAE-a3",
+         "random init": "random init", "raw pixels": "raw pixels"}
+# The k-NN embedding: the paper uses MAE's ViT-B/16, trained on ImageNet itself; here the encoder
+# that the CropMAE pretext trained on the same toy images (no generated view) stands in for it.
+KNN_ENCODER = "cropmae"
+
+
+def compare_settings(args):
+    """What the comparison's numbers depend on; a rerun into the same folder must match it."""
+    return {"num_bags": args.num_bags, "davis_videos": args.davis_videos, "vip_videos": args.vip_videos,
+            "jhmdb_videos": args.jhmdb_videos, "train_videos": args.train_videos, "epochs": args.epochs,
+            "batch_size": args.batch_size, "lr": args.lr, "warmup_epochs": args.warmup_epochs,
+            "datasets": sorted(args.datasets), "model": TOY_MODEL}
+
+
+def claim_compare_folder(out, settings):
+    """Records the settings in out/compare.json, or refuses a folder made with other ones."""
+    record = out / "compare.json"
+    if record.exists():
+        stored = json.loads(record.read_text())
+        changed = [k for k in settings if stored.get(k) != settings[k]]
+        if changed:
+            raise SystemExit(f"{record}: this comparison was made with other settings ({', '.join(changed)}) "
+                             "(pass the same flags, or another --output)")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    cdgmae.atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=1)))
+
+
+def make_training_data(root, args, methods):
+    """The pretexts' data beside the bags: the bags' real images as a plain folder (CropMAE),
+    unlabelled toy videos that are not evaluated (SiamMAE)."""
+    if "cropmae" in methods or "knn" in methods:
+        for bag in cdgmae.find_bags(root / "bags"):
+            link = root / "images" / f"{bag}.jpg"
+            if not link.exists():
+                link.parent.mkdir(parents=True, exist_ok=True)
+                os.link(root / "bags" / bag / "real.jpg", link)
+    if "siammae" in methods:
+        toyworld.write_videos(root / "videos", args.train_videos, 20, *VIDEO_SIZE["davis"], args.seed, progress=False)
+
+
+def make_knn_bags(root, checkpoint, args):
+    """Table 2's k-NN bags: each toy image with its 5 nearest other toy images by the cls
+    embedding of `checkpoint` (generate_views.py knn, resumable)."""
+    generate_views.knn_command(["--images", str(root / "images"), "--checkpoint", str(checkpoint),
+                                "--output", str(root / "knn_bags"), "--input-size", str(TOY_MODEL["input_size"]),
+                                "--workers", "0", "--device", "cpu", "--no-progress"])
+
+
+def method_argv(name, root, run, args):
+    """cdgmae.py's command line for one method: its pretext, data, anchors and target mask, and
+    the epochs that give it the bags' number of optimizer steps."""
+    _, pretext, data, anchors, anchor_mask, target_mask = METHODS[name]
+    items = args.train_videos if pretext == "frames" else args.num_bags
+    steps_per_epoch = max(1, items // args.batch_size)
+    steps = args.epochs * max(1, args.num_bags // args.batch_size)
+    epochs = -(-steps // steps_per_epoch)
+    warmup = args.warmup_epochs * epochs / args.epochs
+    extra = ["--pretext", pretext, "--anchors", str(anchors), "--anchor-mask", str(anchor_mask),
+             "--target-mask", str(target_mask), "--epochs", str(epochs), "--warmup-epochs", f"{warmup:g}",
+             "--vis-every", str(epochs), "--save-every", str(epochs)]
+    return training_argv(root, run, args, data, extra)
+
+
+def save_json(path, value):
+    cdgmae.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=1)))
+
+
+def compare_seed(args, seed_dir, methods):
+    """Every method of one seed: world, training, propagation, scores; each result is saved in
+    seed_dir/<method>/results.json and skipped on a rerun."""
+    root = seed_dir / "toy"
+    make_world(root, args)
+    make_training_data(root, args, methods)
+    order = sorted(methods, key=lambda m: m != KNN_ENCODER)  # the k-NN encoder trains first
+    for name in order:
+        result = seed_dir / name / "results.json"
+        if result.exists():
+            continue
+        run = seed_dir / name / "train"
+        if name == "knn":
+            encoder_run = seed_dir / KNN_ENCODER / "train"
+            if not (encoder_run / "checkpoint-last.pth").exists():
+                cdgmae.main(method_argv(KNN_ENCODER, root, encoder_run, args))
+            make_knn_bags(root, encoder_run / "checkpoint-last.pth", args)
+        print(f"seed {args.seed}, {METHODS[name][0]}")
+        start = time.time()
+        cdgmae.main(method_argv(name, root, run, args))
+        seconds = time.time() - start
+        encoder = cdgmae.encoder_from_checkpoint(run / "checkpoint-last.pth").eval()
+        scores = score(encoder, root, seed_dir / name / "predictions", args.datasets)
+        save_json(result, {"method": name, "seed": args.seed, "train_seconds": seconds, "scores": scores})
+    result = seed_dir / "baselines.json"
+    if not result.exists():
+        run = seed_dir / order[0] / "train"  # every method starts from these weights (same seed, same model)
+        scores = {name: score(features, root, seed_dir / "baselines" / name.replace(" ", "_"), args.datasets)
+                  for name, features in (("random init", initial_encoder(run)),
+                                         ("raw pixels", RawPixels(TOY_MODEL["patch_size"])))}
+        save_json(result, {"seed": args.seed, "scores": scores})
+
+
+def collect(out, seeds, methods):
+    """{row: {dataset: {metric: [value per seed]}}} for the methods and the two baselines."""
+    table = {}
+    for seed in seeds:
+        seed_dir = out / f"seed-{seed}"
+        rows = {name: json.loads((seed_dir / name / "results.json").read_text())["scores"] for name in methods}
+        rows.update(json.loads((seed_dir / "baselines.json").read_text())["scores"])
+        for row, scores in rows.items():
+            for dataset, values in scores.items():
+                for metric, value in values.items():
+                    table.setdefault(row, {}).setdefault(dataset, {}).setdefault(metric, []).append(value)
+    return table
+
+
+COLUMNS = [("davis", "J&F_m", "DAVIS J&F"), ("davis", "J_m", "J"), ("davis", "F_m", "F"),
+           ("vip", "mIoU", "VIP mIoU"), ("jhmdb", "PCK@0.1", "PCK@0.1"), ("jhmdb", "PCK@0.2", "PCK@0.2")]
+
+
+def mean_sd(values):
+    """'m ± sd' (sample standard deviation over the seeds), or 'm' for one seed."""
+    values = np.asarray(values, dtype=float)
+    return f"{values.mean():.1f}" + (f" ± {values.std(ddof=1):.1f}" if len(values) > 1 else "")
+
+
+def text_table(header, rows):
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
+                               for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(header), "-" * len(line(header))] + [line(r) for r in rows])
+
+
+def format_comparison(table, methods, seeds):
+    """Table 5 (all methods), Table 2 (the anchor/target data at N = 1) and Table 4 (a1 vs a3)."""
+    labels = {**{m: METHODS[m][0] for m in methods}, **BASELINES}
+    cell = lambda row, d, k: mean_sd(table[row][d][k]) if d in table.get(row, {}) else "-"  # noqa: E731
+    five = [[labels[r]] + [cell(r, d, k) for d, k, _ in COLUMNS] for r in list(methods) + list(BASELINES)]
+    parts = [f"Table 5 in miniature (toy world, mean ± sd over seeds {', '.join(map(str, seeds))})",
+             text_table(["method"] + [c for _, _, c in COLUMNS], five)]
+    two = [[labels[r], cell(r, "davis", "J&F_m"), cell(r, "vip", "mIoU"), cell(r, "jhmdb", "PCK@0.1")]
+           for r in ("a1", "knn", "cropmae", "siammae") if r in methods]
+    if len(two) > 1:
+        parts += ["", "Table 2 in miniature (N = 1: where the anchor and the target come from)",
+                  text_table(["pretext data", "DAVIS J&F", "VIP mIoU", "PCK@0.1"], two)]
+    if "a1" in methods and "a3" in methods and "davis" in table["a1"]:
+        four = [[f"{METHODS[r][3]}", f"{METHODS[r][4]:g}", cell(r, "davis", "J&F_m"), cell(r, "vip", "mIoU"),
+                 cell(r, "jhmdb", "PCK@0.1")] for r in ("a1", "a3")]
+        diff = np.asarray(table["a3"]["davis"]["J&F_m"]) - np.asarray(table["a1"]["davis"]["J&F_m"])
+        parts += ["", "Table 4 in miniature (multiple anchors and anchor masking)",
+                  text_table(["N", "r_a", "DAVIS J&F", "VIP mIoU", "PCK@0.1"], four),
+                  "a3 - a1, DAVIS J&F per seed: " + ", ".join(f"{d:+.1f}" for d in diff)]
+    return "\n".join(parts)
+
+
+def draw_comparison(table, rows, path, panels=(("davis", "J&F_m", "DAVIS J&F"), ("vip", "mIoU", "VIP mIoU"),
+                                                ("jhmdb", "PCK@0.1", "JHMDB PCK@0.1"))):
+    """A bar chart (Pillow only) of rows [(key in table, label)]: one panel per benchmark, a bar
+    per row at the mean over the seeds, a dot per seed; bars start 5 points below the lowest value."""
+    colours = [(70, 110, 180), (90, 160, 90), (200, 150, 60), (200, 80, 70), (140, 80, 170), (150, 150, 150),
+               (100, 100, 100)]
+    bar, gap, top, bottom, width = 26, 10, 30, 100, 240
+    height = top + len(rows) * (bar + gap) + 20
+    image = Image.new("RGB", (bottom + width * len(panels) + 20, height), "white")
+    draw = ImageDraw.Draw(image)
+    for i, (_, label) in enumerate(rows):
+        draw.text((6, top + i * (bar + gap) + bar // 2 - 5), label[:24], fill="black")
+    for p, (dataset, key, title) in enumerate(panels):
+        x0 = bottom + p * width
+        values = [v for row, _ in rows for v in table.get(row, {}).get(dataset, {}).get(key, [])]
+        if not values:
+            continue
+        low, high = min(values) - 5, max(values) + 2
+        scale = (width - 40) / (high - low)
+        draw.text((x0, 8), title, fill="black")
+        for i, (row, _) in enumerate(rows):
+            seeds = table.get(row, {}).get(dataset, {}).get(key, [])
+            if not seeds:
+                continue
+            y = top + i * (bar + gap)
+            draw.rectangle([x0, y, x0 + (np.mean(seeds) - low) * scale, y + bar], fill=colours[i % len(colours)])
+            for v in seeds:
+                cx = x0 + (v - low) * scale
+                draw.ellipse([cx - 3, y + bar // 2 - 3, cx + 3, y + bar // 2 + 3], fill="black")
+            end = x0 + (max(max(seeds), np.mean(seeds)) - low) * scale
+            draw.text((end + 6, y + bar // 2 - 5), f"{np.mean(seeds):.1f}", fill="black")
+    image.save(path)
+
+
+def compare(args):
+    """--compare: every method of --methods on every seed of --seeds; prints the tables, saves
+    out/comparison.json, out/comparison.txt and the picture out/comparison.png."""
+    out = Path(args.output or "runs/compare")
+    methods = [m for m in METHODS if m in args.methods]
+    if "knn" in methods and KNN_ENCODER not in methods:
+        methods.insert(0, KNN_ENCODER)  # the k-NN bags need its encoder
+    claim_compare_folder(out, compare_settings(args))
+    start = time.time()
+    for seed in args.seeds:
+        args.seed = seed
+        compare_seed(args, out / f"seed-{seed}", methods)
+    table = collect(out, args.seeds, methods)
+    text = format_comparison(table, methods, args.seeds)
+    save_json(out / "comparison.json", {"seeds": args.seeds, "methods": methods, "table": table})
+    cdgmae.atomic_write(out / "comparison.txt", lambda tmp: Path(tmp).write_text(text + "\n"))
+    draw_comparison(table, [(row, SHORT[row]) for row in methods + list(BASELINES)], out / "comparison.png")
+    print(f"\n{text}\n\n({(time.time() - start) / 60:.1f} min; {out / 'comparison.txt'}, {out / 'comparison.png'})")
+    return table
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.output)
+    if args.compare:
+        return compare(args)
+    out = Path(args.output or "runs/demo")
     root, run = out / "toy", out / "train"
     start = time.time()
 

@@ -945,6 +945,28 @@ def write_jhmdb(output, num_videos=10, frames=20, height=96, width=128, seed=0, 
     return videos
 
 
+TRAINING_VIDEO_INDEX = 10 ** 6  # training video i is drawn as video 10^6 + i: never an evaluated one
+
+
+def write_videos(output, num_videos=256, frames=20, height=96, width=160, seed=0, quality=95, progress=True):
+    """Unlabelled toy videos for video pre-training (SiamMAE's data, `cdgmae.py --pretext
+    frames`), as frame folders: output/video_000000/00000.jpg ... Video i is drawn like toy
+    DAVIS, VIP and JHMDB videos in turn (i % 3), from the generator of video 10^6 + i, so
+    it is never one of the evaluated videos (whose indices are the first few hundred).
+    Finished videos (the last frame exists) are skipped. Returns the folder names."""
+    output = Path(output)
+    names = [f"video_{i:06d}" for i in range(num_videos)]
+    for i, name in enumerate(tqdm(names, desc="videos", disable=not progress)):
+        folder = output / name
+        if (folder / f"{frames - 1:05d}.jpg").exists():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        scenes, _ = sample_video(seed, ("davis", "vip", "jhmdb")[i % 3], TRAINING_VIDEO_INDEX + i, frames, height, width)
+        for t, (image, _, _) in enumerate(_video_frames(scenes, height, width)):
+            save_image(to_uint8(image), folder / f"{t:05d}.jpg", "JPEG", quality=quality, subsampling=0)
+    return names
+
+
 # -----------------------------------------------------------------------------
 # Command line
 # -----------------------------------------------------------------------------
