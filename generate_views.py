@@ -27,7 +27,7 @@ What you may copy: the method comes first in this file, the plumbing after it.
 a diffusers UNet2DConditionModel, DDIMScheduler and VQModel / AutoencoderKL (or objects with
 the same calls); `view_seed` / `view_noise` need torch and hashlib; `Conditioner` (Sec. 3.1)
 needs torch and a ViT with `forward_features` and `embed_dim` (cdgmae.VisionTransformer), and
-`conditioning_tensor` PIL and cdgmae.image_to_tensor. `SLDMBackend` wraps an `SLDM` (UNet,
+`conditioning_tensor` metrics.evaluation_tensor. `SLDMBackend` wraps an `SLDM` (UNet,
 first stage, scheduler, conditioner) for `generate_bags`, which takes any backend with
 `prepare`, `latent_shape()`, `generate(prepared, noise)` and `unet_calls`; it and `write_bag`
 use cdgmae's file helpers (atomic_write, remove_stale_temporaries, bag_files, load_rgb) and
@@ -128,13 +128,9 @@ class Conditioner(nn.Module):
 
 def conditioning_tensor(img, size=224):
     """PIL RGB -> [3, size, size]: shorter side resized to `size` (bicubic), centre crop,
-    ImageNet normalisation. An assumption: the S-LDM papers do not state their transform."""
-    w, h = img.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((new_w, new_h), Image.BICUBIC)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return cdgmae.image_to_tensor(img.crop((left, top, left + size, top + size)))
+    ImageNet normalisation (metrics.evaluation_tensor's crop). An assumption: the S-LDM papers
+    do not state their transform."""
+    return metrics.evaluation_tensor(img, size, center_crop=True)
 
 
 # -----------------------------------------------------------------------------
