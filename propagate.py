@@ -1117,11 +1117,7 @@ def propagate_own_video(source, output, encoder, *, mask=None, keypoints=None, d
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=ev.HelpFormatter)
-    p.add_argument("--dataset", choices=ev.DATASETS, help="the benchmark (or --video for your own clip)")
-    p.add_argument("--data-root", type=Path,
-                   help="dataset folder in its native layout: DAVIS (JPEGImages/480p, Annotations/480p, "
-                        "ImageSets/2017), VIP_Fine (Images, Annotations/Category_ids, lists), JHMDB "
-                        "(Rename_Images, joint_positions, splits)")
+    ev.add_dataset_arguments(p, required=False)
     p.add_argument("--checkpoint", required=True, type=Path,
                    help="encoder checkpoint: CDG-MAE (cdgmae.py), MAE, CropMAE or DINO (plain backbone or "
                         "training checkpoint with 'teacher'); with --features dift, a diffusion model folder "
@@ -1129,13 +1125,6 @@ def get_args_parser():
     p.add_argument("--output", required=True, type=Path,
                    help="prediction folder: DAVIS <seq>/<frame>.png (palette), VIP <video>/<frame>.png "
                         "(class ids), JHMDB <class>/<video>/joint_positions.mat; visualize/ holds the strips")
-    p.add_argument("--list", dest="list_file", type=Path, default=None,
-                   help="video list: one name per line, or CropMAE's two-column lists (davis_vallist_480_880.txt, "
-                        "vip_vallist.txt, jhmdb_vallist.txt). Default: DAVIS ImageSets/2017/<subset>.txt, VIP "
-                        "lists/<subset>_videos.txt (else all), JHMDB splits/*_test_split1.txt test videos (else all)")
-    p.add_argument("--videos", nargs="+", default=None, help="only these videos (JHMDB: <class>/<video>)")
-    p.add_argument("--subset", default="val", help="DAVIS / VIP list name")
-    p.add_argument("--resolution", default="480p", help="DAVIS resolution folder")
     g = p.add_argument_group("protocol (default: the dataset's value)")
     g.add_argument("--topk", type=checked(int, 1), default=None,
                    help="neighbours whose labels are averaged, >= 1 (7 / 10 / 7)")
