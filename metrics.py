@@ -28,7 +28,6 @@ Generator and file paths (`bag_pairs`: cdgmae.find_bags / bag_files). Of the MIM
 `mimic_overlap` adds OpenCV's SIFT and RANSAC and PIL. The rest is plumbing: the input
 checks, the table and CSV, and the command line.
 
-
 Usage:
     python metrics.py --checkpoint mae_pretrain_vit_base.pth --video DAVIS --bags bags/ \\
         --images imagenet/train --csv table1.csv      # an existing table1.csv: refused unless --overwrite
