@@ -45,6 +45,15 @@ line prints one line `path: what is wrong (what to do)` and exits 1):
   * JHMDB: pos_img is 2x15xT with T = the number of frames (annotation, finite) or of the
     annotation (prediction; NaN = not visible).
 
+What you may copy: the whole file imports no torch and no other file of this repository, so
+it can be copied alone (numpy, scipy, Pillow; tqdm for progress bars). The scores come first:
+`region_similarity` (J), `confusion_matrix` / `mean_iou` (VIP mIoU) and `joint_visibility` /
+`normalized_joint_distances` / `pck` (JHMDB PCK) need only numpy arrays; `contour_accuracy`
+(F, with `boundary_map` and `dilate_disk`) adds scipy.ndimage. Then the dataset scorers
+(`evaluate_davis`, `evaluate_vip`, `evaluate_jhmdb`, `evaluate_dataset`), which use the
+plumbing after them: the file formats (label PNGs, joint_positions.mat, `atomic_save`), the
+dataset layouts and checks, and the command line.
+
 Usage:
     python evaluate.py --dataset davis --data-root DAVIS --predictions runs/davis
     python evaluate.py --dataset vip   --data-root VIP_Fine --predictions runs/vip
@@ -84,6 +93,262 @@ LABEL_MODES = ("P", "L")  # indexed or 8-bit single-channel PNG: the stored valu
 class InputError(ValueError):
     """A dataset, prediction or checkpoint file that cannot be used, or a bad setting. The
     message reads `path: what is wrong (what to do)`; the command lines print it as one line."""
+
+
+# -----------------------------------------------------------------------------
+# The scores on numpy arrays: J and F (DAVIS), mIoU (VIP), PCK (JHMDB)
+# -----------------------------------------------------------------------------
+
+
+def region_similarity(gt, pred, void=None):
+    """J, the Jaccard index of binary masks [..., H, W] (one value per leading index).
+
+    Pixels where `void` is true count in neither intersection nor union; an empty union
+    gives 1 (an object correctly predicted absent)."""
+    gt, pred = np.asarray(gt, bool), np.asarray(pred, bool)
+    if gt.shape != pred.shape:
+        raise ValueError(f"ground truth {gt.shape} and prediction {pred.shape} differ in shape")
+    keep = ~np.asarray(void, bool) if void is not None else np.ones_like(gt)
+    inter = (gt & pred & keep).sum(axis=(-2, -1))
+    union = ((gt | pred) & keep).sum(axis=(-2, -1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+
+
+def boundary_map(mask):
+    """seg2bmap: [H, W] bool -> the pixels that differ from their east, south or south-east
+    neighbour; on the last row only the east neighbour counts, on the last column only the
+    south one, and the bottom-right pixel is never a boundary."""
+    mask = np.asarray(mask, bool)
+    east, south, south_east = np.zeros_like(mask), np.zeros_like(mask), np.zeros_like(mask)
+    east[:, :-1] = mask[:, 1:]
+    south[:-1, :] = mask[1:, :]
+    south_east[:-1, :-1] = mask[1:, 1:]
+    boundary = (mask ^ east) | (mask ^ south) | (mask ^ south_east)
+    boundary[-1, :] = mask[-1, :] ^ east[-1, :]
+    boundary[:, -1] = mask[:, -1] ^ south[:, -1]
+    boundary[-1, -1] = False
+    return boundary
+
+
+def dilate_disk(boundary, radius):
+    """Binary dilation by a disk {x^2 + y^2 <= radius^2} (skimage's disk(radius)), computed as
+    'Euclidean distance to the nearest true pixel <= radius'."""
+    if not boundary.any():
+        return np.zeros_like(boundary)
+    return ndimage.distance_transform_edt(~boundary) <= radius
+
+
+def contour_accuracy(gt, pred, void=None, bound_th=0.008):
+    """F, the boundary F-measure of binary masks [H, W] (or [T, H, W] -> [T]).
+
+    Tolerance: bound_th pixels if >= 1, else ceil(bound_th * image diagonal). Void pixels
+    are cleared from both masks before their boundaries are taken."""
+    gt, pred = np.asarray(gt, bool), np.asarray(pred, bool)
+    if gt.shape != pred.shape:
+        raise ValueError(f"ground truth {gt.shape} and prediction {pred.shape} differ in shape")
+    if gt.ndim == 3:
+        return np.array([contour_accuracy(g, p, None if void is None else void[i], bound_th)
+                         for i, (g, p) in enumerate(zip(gt, pred))])
+    if void is not None:
+        gt, pred = gt & ~np.asarray(void, bool), pred & ~np.asarray(void, bool)
+    radius = bound_th if bound_th >= 1 else math.ceil(bound_th * math.hypot(*gt.shape))
+    gt_boundary, pred_boundary = boundary_map(gt), boundary_map(pred)
+    n_gt, n_pred = gt_boundary.sum(), pred_boundary.sum()
+    if n_gt == 0 and n_pred == 0:
+        return 1.0
+    if n_gt == 0 or n_pred == 0:
+        return 0.0
+    precision = (pred_boundary & dilate_disk(gt_boundary, radius)).sum() / n_pred
+    recall = (gt_boundary & dilate_disk(pred_boundary, radius)).sum() / n_gt
+    return 0.0 if precision + recall == 0 else float(2 * precision * recall / (precision + recall))
+
+
+def confusion_matrix(gt, pred, num_classes=VIP_NUM_CLASSES):
+    """[num_classes, num_classes] pixel counts, rows = ground truth, columns = prediction.
+    Ground-truth values outside 0..num_classes-1 are ignored (CRW's fast_hist)."""
+    gt, pred = np.asarray(gt).astype(np.int64).ravel(), np.asarray(pred).astype(np.int64).ravel()
+    keep = (gt >= 0) & (gt < num_classes)
+    if (pred[keep] >= num_classes).any() or (pred[keep] < 0).any():
+        raise ValueError(f"prediction holds a class id outside 0..{num_classes - 1}")
+    counts = np.bincount(num_classes * gt[keep] + pred[keep], minlength=num_classes ** 2)
+    return counts.reshape(num_classes, num_classes)
+
+
+def mean_iou(confusion):
+    """(mIoU, per-class IoU [C]) of a confusion matrix; a class with an empty union (absent
+    from both ground truth and prediction) has IoU NaN and is left out of the mean."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    inter = np.diag(confusion)
+    union = confusion.sum(0) + confusion.sum(1) - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = inter / union
+    return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"), iou
+
+
+def joint_visibility(pred_xy, visible=None):
+    """[N, J] bool: the given mask, else "the predicted position is finite" (CRW decides
+    visibility from the prediction: an all-zero propagated heat map)."""
+    return np.isfinite(np.asarray(pred_xy, np.float64)).all(-1) if visible is None else np.asarray(visible, bool)
+
+
+def normalized_joint_distances(pred_xy, gt_xy, visible=None):
+    """Distances [N, J] between predicted and true joints, divided by 0.6 x the diagonal of
+    the box around the frame's ground-truth joints that are visible; NaN where not visible.
+
+    pred_xy, gt_xy [N, J, 2]; visible [N, J] bool (default: joint_visibility). As in CRW's
+    eval_pck.py the box starts as (min x, min y) = (1e6, 1e6), (max x, max y) = (-1, -1), and a
+    zero normaliser gives NaN (0 / 0) or inf, which no threshold accepts."""
+    pred_xy, gt_xy = np.asarray(pred_xy, np.float64), np.asarray(gt_xy, np.float64)
+    visible = joint_visibility(pred_xy, visible)
+    low = np.minimum(np.where(visible[..., None], gt_xy, np.inf).min(axis=1), 1e6)     # [N, 2]
+    high = np.maximum(np.where(visible[..., None], gt_xy, -np.inf).max(axis=1), -1.0)  # [N, 2]
+    normaliser = 0.6 * np.linalg.norm(high - low, axis=-1)  # [N]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dist = np.linalg.norm(pred_xy - gt_xy, axis=-1) / normaliser[:, None]
+    return np.where(visible, dist, np.nan)
+
+
+def pck(pred_xy, gt_xy, alphas=(0.1, 0.2), visible=None):
+    """Percentage of correct keypoints as fractions: {alpha: PCK}.
+
+    pred_xy, gt_xy [N, J, 2] over N frames (of any videos); a visible joint is correct when
+    its normalised distance (normalized_joint_distances) is <= alpha. Each joint's fraction
+    is taken over the frames where it is visible, then averaged over the joints (a joint
+    never visible is left out)."""
+    visible = joint_visibility(pred_xy, visible)
+    dist = normalized_joint_distances(pred_xy, gt_xy, visible)
+    counts = visible.sum(0).astype(np.float64)
+    scores = {}
+    for alpha in alphas:
+        with np.errstate(invalid="ignore"):
+            correct = ((dist <= alpha) & visible).sum(0)
+        per_joint = correct / np.where(counts > 0, counts, np.nan)
+        scores[alpha] = float(np.nanmean(per_joint))
+    return scores
+
+
+# -----------------------------------------------------------------------------
+# Dataset-level scorers
+# -----------------------------------------------------------------------------
+
+def evaluate_davis(data_root, predictions, videos, resolution="480p", exclude_void=False, progress=True):
+    """Semi-supervised DAVIS-2017 scores. Predictions: <predictions>/<seq>/<frame>.png id maps
+    (palette or grayscale) at annotation size. Returns (summary, rows): summary {"J&F_m",
+    "J_m", "F_m"} in %, one row per object."""
+    rows = []
+    for seq in _progress(videos, progress, "davis"):
+        frames, annotations = davis_video(data_root, seq, resolution, require_all=True)
+        first, num_objects, size = check_segmentation_video("davis", frames, annotations)
+        gt = np.stack([first] + [read_label_png(a, size) for a in annotations[1:]])  # checked above
+        void = gt == DAVIS_VOID
+        gt[void] = 0
+        scored = list(range(1, len(frames) - 1))  # the first and the last frame are not scored
+        pred = []
+        for t in scored:
+            path = Path(predictions) / seq / f"{annotations[t].stem}.png"
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: prediction missing (run propagate.py, or check --predictions)")
+            pred.append(read_label_png(path, size, "prediction"))
+            davis_ids_check(path, pred[-1], num_objects, "prediction")
+        pred = np.stack(pred) if pred else np.zeros((0,) + gt.shape[1:], np.uint8)
+        for obj in range(1, num_objects + 1):
+            v = void[scored] if exclude_void else None
+            j = region_similarity(gt[scored] == obj, pred == obj, v)
+            f = contour_accuracy(gt[scored] == obj, pred == obj, v)
+            j_mean = float(np.mean(j)) if len(scored) else float("nan")
+            f_mean = float(np.mean(f)) if len(scored) else float("nan")
+            rows.append({"sequence": f"{seq}_{obj}", "J&F": 100 * (j_mean + f_mean) / 2,
+                         "J": 100 * j_mean, "F": 100 * f_mean})
+    j_m = float(np.nanmean([r["J"] for r in rows]))
+    f_m = float(np.nanmean([r["F"] for r in rows]))
+    return {"J&F_m": (j_m + f_m) / 2, "J_m": j_m, "F_m": f_m, "objects": len(rows)}, rows
+
+
+def read_vip_prediction(path, size):
+    """A VIP prediction [H, W] uint8 at the annotation's size (width, height): another size is
+    resized with PIL's nearest neighbour, as CRW's eval_vip.py does; ids must be 0..19."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: prediction missing (run propagate.py, or check --predictions)")
+    check_label_header(path, what="prediction")
+    try:
+        with Image.open(path) as image:
+            if image.size != tuple(size):
+                image = image.resize(tuple(size), Image.NEAREST)
+            pred = np.array(image, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"{path}: cannot decode prediction ({e}) (replace the file)") from None
+    vip_ids_check(path, pred, "prediction")
+    return pred
+
+
+def evaluate_vip(data_root, predictions, videos, progress=True):
+    """VIP mIoU over 20 classes from one confusion matrix over all frames of all videos.
+    Predictions: <predictions>/<video>/<frame>.png class ids. Returns (summary {"mIoU"} in %,
+    one row per video with that video's own mIoU, for reading only)."""
+    total = np.zeros((VIP_NUM_CLASSES, VIP_NUM_CLASSES), np.int64)
+    rows = []
+    for video in _progress(videos, progress, "vip"):
+        frames, annotations = vip_video(data_root, video)
+        _, _, size = check_segmentation_video("vip", frames, annotations)
+        confusion = np.zeros_like(total)
+        for annotation in annotations:
+            gt = read_label_png(annotation, size)  # checked by check_segmentation_video
+            pred = read_vip_prediction(Path(predictions) / video / f"{annotation.stem}.png", size)
+            confusion += confusion_matrix(gt, pred)
+        total += confusion
+        rows.append({"video": video, "frames": len(frames), "mIoU": 100 * mean_iou(confusion)[0]})
+    miou, per_class = mean_iou(total)
+    summary = {"mIoU": 100 * miou, "videos": len(rows)}
+    summary.update({f"IoU_{name}": 100 * float(v) for name, v in zip(VIP_CLASSES, per_class)})
+    return summary, rows
+
+
+def evaluate_jhmdb(data_root, predictions, videos, alphas=(0.1, 0.2), progress=True):
+    """JHMDB PCK@alpha. Predictions: <predictions>/<class>/<video>/joint_positions.mat
+    (pos_img [2, 15, T], 1-based, NaN = not visible). Returns (summary {"PCK@0.1", ...} in %,
+    one row per video, for reading only)."""
+    all_pred, all_gt, rows = [], [], []
+    for video in _progress(videos, progress, "jhmdb"):
+        _, _, gt = jhmdb_video(data_root, video)
+        path = Path(predictions) / video / "joint_positions.mat"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: prediction missing (run propagate.py, or check --predictions)")
+        pred = read_joints_mat(path, len(gt), what="prediction")
+        pred, gt = pred[1:], gt[1:]  # the first frame is given, not scored
+        all_pred.append(pred)
+        all_gt.append(gt)
+        scores = pck(pred, gt, alphas)
+        rows.append({"video": video, **{f"PCK@{a}": 100 * scores[a] for a in alphas}})
+    scores = pck(np.concatenate(all_pred), np.concatenate(all_gt), alphas)
+    return {**{f"PCK@{a}": 100 * scores[a] for a in alphas}, "videos": len(rows)}, rows
+
+
+def evaluate_dataset(dataset, data_root, predictions, list_file=None, videos=None,
+                     resolution="480p", subset="val", exclude_void=False, progress=True, alphas=(0.1, 0.2)):
+    """Score the predictions of one benchmark. Returns the summary dict (percentages) with
+    the per-sequence rows under "rows". A file that cannot be scored raises InputError or
+    FileNotFoundError naming it; no partial score is returned."""
+    if videos is None:
+        videos = list_videos(dataset, data_root, list_file, subset)
+    if not Path(predictions).is_dir():
+        raise FileNotFoundError(f"{predictions}: predictions folder not found (run propagate.py, or check --predictions)")
+    if dataset == "davis":
+        summary, rows = evaluate_davis(data_root, predictions, videos, resolution, exclude_void, progress)
+    elif dataset == "vip":
+        summary, rows = evaluate_vip(data_root, predictions, videos, progress)
+    elif dataset == "jhmdb":
+        summary, rows = evaluate_jhmdb(data_root, predictions, videos, alphas, progress=progress)
+    else:
+        raise InputError(f"unknown dataset {dataset!r} (expected one of {', '.join(DATASETS)})")
+    return {"dataset": dataset, **summary, "rows": rows}
+
+
+def _progress(items, enabled, desc):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+    return tqdm(items, desc=desc, leave=False)
 
 
 # -----------------------------------------------------------------------------
@@ -462,261 +727,6 @@ def davis_ids_check(path, ids, num_objects, what="annotation"):
 
 
 # -----------------------------------------------------------------------------
-# Metrics on numpy arrays
-# -----------------------------------------------------------------------------
-
-def region_similarity(gt, pred, void=None):
-    """J, the Jaccard index of binary masks [..., H, W] (one value per leading index).
-
-    Pixels where `void` is true count in neither intersection nor union; an empty union
-    gives 1 (an object correctly predicted absent)."""
-    gt, pred = np.asarray(gt, bool), np.asarray(pred, bool)
-    if gt.shape != pred.shape:
-        raise ValueError(f"ground truth {gt.shape} and prediction {pred.shape} differ in shape")
-    keep = ~np.asarray(void, bool) if void is not None else np.ones_like(gt)
-    inter = (gt & pred & keep).sum(axis=(-2, -1))
-    union = ((gt | pred) & keep).sum(axis=(-2, -1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
-
-
-def boundary_map(mask):
-    """seg2bmap: [H, W] bool -> the pixels that differ from their east, south or south-east
-    neighbour; on the last row only the east neighbour counts, on the last column only the
-    south one, and the bottom-right pixel is never a boundary."""
-    mask = np.asarray(mask, bool)
-    east, south, south_east = np.zeros_like(mask), np.zeros_like(mask), np.zeros_like(mask)
-    east[:, :-1] = mask[:, 1:]
-    south[:-1, :] = mask[1:, :]
-    south_east[:-1, :-1] = mask[1:, 1:]
-    boundary = (mask ^ east) | (mask ^ south) | (mask ^ south_east)
-    boundary[-1, :] = mask[-1, :] ^ east[-1, :]
-    boundary[:, -1] = mask[:, -1] ^ south[:, -1]
-    boundary[-1, -1] = False
-    return boundary
-
-
-def dilate_disk(boundary, radius):
-    """Binary dilation by a disk {x^2 + y^2 <= radius^2} (skimage's disk(radius)), computed as
-    'Euclidean distance to the nearest true pixel <= radius'."""
-    if not boundary.any():
-        return np.zeros_like(boundary)
-    return ndimage.distance_transform_edt(~boundary) <= radius
-
-
-def contour_accuracy(gt, pred, void=None, bound_th=0.008):
-    """F, the boundary F-measure of binary masks [H, W] (or [T, H, W] -> [T]).
-
-    Tolerance: bound_th pixels if >= 1, else ceil(bound_th * image diagonal). Void pixels
-    are cleared from both masks before their boundaries are taken."""
-    gt, pred = np.asarray(gt, bool), np.asarray(pred, bool)
-    if gt.shape != pred.shape:
-        raise ValueError(f"ground truth {gt.shape} and prediction {pred.shape} differ in shape")
-    if gt.ndim == 3:
-        return np.array([contour_accuracy(g, p, None if void is None else void[i], bound_th)
-                         for i, (g, p) in enumerate(zip(gt, pred))])
-    if void is not None:
-        gt, pred = gt & ~np.asarray(void, bool), pred & ~np.asarray(void, bool)
-    radius = bound_th if bound_th >= 1 else math.ceil(bound_th * math.hypot(*gt.shape))
-    gt_boundary, pred_boundary = boundary_map(gt), boundary_map(pred)
-    n_gt, n_pred = gt_boundary.sum(), pred_boundary.sum()
-    if n_gt == 0 and n_pred == 0:
-        return 1.0
-    if n_gt == 0 or n_pred == 0:
-        return 0.0
-    precision = (pred_boundary & dilate_disk(gt_boundary, radius)).sum() / n_pred
-    recall = (gt_boundary & dilate_disk(pred_boundary, radius)).sum() / n_gt
-    return 0.0 if precision + recall == 0 else float(2 * precision * recall / (precision + recall))
-
-
-def confusion_matrix(gt, pred, num_classes=VIP_NUM_CLASSES):
-    """[num_classes, num_classes] pixel counts, rows = ground truth, columns = prediction.
-    Ground-truth values outside 0..num_classes-1 are ignored (CRW's fast_hist)."""
-    gt, pred = np.asarray(gt).astype(np.int64).ravel(), np.asarray(pred).astype(np.int64).ravel()
-    keep = (gt >= 0) & (gt < num_classes)
-    if (pred[keep] >= num_classes).any() or (pred[keep] < 0).any():
-        raise ValueError(f"prediction holds a class id outside 0..{num_classes - 1}")
-    counts = np.bincount(num_classes * gt[keep] + pred[keep], minlength=num_classes ** 2)
-    return counts.reshape(num_classes, num_classes)
-
-
-def mean_iou(confusion):
-    """(mIoU, per-class IoU [C]) of a confusion matrix; a class with an empty union (absent
-    from both ground truth and prediction) has IoU NaN and is left out of the mean."""
-    confusion = np.asarray(confusion, dtype=np.float64)
-    inter = np.diag(confusion)
-    union = confusion.sum(0) + confusion.sum(1) - inter
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = inter / union
-    return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"), iou
-
-
-def joint_visibility(pred_xy, visible=None):
-    """[N, J] bool: the given mask, else "the predicted position is finite" (CRW decides
-    visibility from the prediction: an all-zero propagated heat map)."""
-    return np.isfinite(np.asarray(pred_xy, np.float64)).all(-1) if visible is None else np.asarray(visible, bool)
-
-
-def normalized_joint_distances(pred_xy, gt_xy, visible=None):
-    """Distances [N, J] between predicted and true joints, divided by 0.6 x the diagonal of
-    the box around the frame's ground-truth joints that are visible; NaN where not visible.
-
-    pred_xy, gt_xy [N, J, 2]; visible [N, J] bool (default: joint_visibility). As in CRW's
-    eval_pck.py the box starts as (min x, min y) = (1e6, 1e6), (max x, max y) = (-1, -1), and a
-    zero normaliser gives NaN (0 / 0) or inf, which no threshold accepts."""
-    pred_xy, gt_xy = np.asarray(pred_xy, np.float64), np.asarray(gt_xy, np.float64)
-    visible = joint_visibility(pred_xy, visible)
-    low = np.minimum(np.where(visible[..., None], gt_xy, np.inf).min(axis=1), 1e6)     # [N, 2]
-    high = np.maximum(np.where(visible[..., None], gt_xy, -np.inf).max(axis=1), -1.0)  # [N, 2]
-    normaliser = 0.6 * np.linalg.norm(high - low, axis=-1)  # [N]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        dist = np.linalg.norm(pred_xy - gt_xy, axis=-1) / normaliser[:, None]
-    return np.where(visible, dist, np.nan)
-
-
-def pck(pred_xy, gt_xy, alphas=(0.1, 0.2), visible=None):
-    """Percentage of correct keypoints as fractions: {alpha: PCK}.
-
-    pred_xy, gt_xy [N, J, 2] over N frames (of any videos); a visible joint is correct when
-    its normalised distance (normalized_joint_distances) is <= alpha. Each joint's fraction
-    is taken over the frames where it is visible, then averaged over the joints (a joint
-    never visible is left out)."""
-    visible = joint_visibility(pred_xy, visible)
-    dist = normalized_joint_distances(pred_xy, gt_xy, visible)
-    counts = visible.sum(0).astype(np.float64)
-    scores = {}
-    for alpha in alphas:
-        with np.errstate(invalid="ignore"):
-            correct = ((dist <= alpha) & visible).sum(0)
-        per_joint = correct / np.where(counts > 0, counts, np.nan)
-        scores[alpha] = float(np.nanmean(per_joint))
-    return scores
-
-
-# -----------------------------------------------------------------------------
-# Dataset-level scorers
-# -----------------------------------------------------------------------------
-
-def evaluate_davis(data_root, predictions, videos, resolution="480p", exclude_void=False, progress=True):
-    """Semi-supervised DAVIS-2017 scores. Predictions: <predictions>/<seq>/<frame>.png id maps
-    (palette or grayscale) at annotation size. Returns (summary, rows): summary {"J&F_m",
-    "J_m", "F_m"} in %, one row per object."""
-    rows = []
-    for seq in _progress(videos, progress, "davis"):
-        frames, annotations = davis_video(data_root, seq, resolution, require_all=True)
-        first, num_objects, size = check_segmentation_video("davis", frames, annotations)
-        gt = np.stack([first] + [read_label_png(a, size) for a in annotations[1:]])  # checked above
-        void = gt == DAVIS_VOID
-        gt[void] = 0
-        scored = list(range(1, len(frames) - 1))  # the first and the last frame are not scored
-        pred = []
-        for t in scored:
-            path = Path(predictions) / seq / f"{annotations[t].stem}.png"
-            if not path.exists():
-                raise FileNotFoundError(f"{path}: prediction missing (run propagate.py, or check --predictions)")
-            pred.append(read_label_png(path, size, "prediction"))
-            davis_ids_check(path, pred[-1], num_objects, "prediction")
-        pred = np.stack(pred) if pred else np.zeros((0,) + gt.shape[1:], np.uint8)
-        for obj in range(1, num_objects + 1):
-            v = void[scored] if exclude_void else None
-            j = region_similarity(gt[scored] == obj, pred == obj, v)
-            f = contour_accuracy(gt[scored] == obj, pred == obj, v)
-            j_mean = float(np.mean(j)) if len(scored) else float("nan")
-            f_mean = float(np.mean(f)) if len(scored) else float("nan")
-            rows.append({"sequence": f"{seq}_{obj}", "J&F": 100 * (j_mean + f_mean) / 2,
-                         "J": 100 * j_mean, "F": 100 * f_mean})
-    j_m = float(np.nanmean([r["J"] for r in rows]))
-    f_m = float(np.nanmean([r["F"] for r in rows]))
-    return {"J&F_m": (j_m + f_m) / 2, "J_m": j_m, "F_m": f_m, "objects": len(rows)}, rows
-
-
-def read_vip_prediction(path, size):
-    """A VIP prediction [H, W] uint8 at the annotation's size (width, height): another size is
-    resized with PIL's nearest neighbour, as CRW's eval_vip.py does; ids must be 0..19."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: prediction missing (run propagate.py, or check --predictions)")
-    check_label_header(path, what="prediction")
-    try:
-        with Image.open(path) as image:
-            if image.size != tuple(size):
-                image = image.resize(tuple(size), Image.NEAREST)
-            pred = np.array(image, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise InputError(f"{path}: cannot decode prediction ({e}) (replace the file)") from None
-    vip_ids_check(path, pred, "prediction")
-    return pred
-
-
-def evaluate_vip(data_root, predictions, videos, progress=True):
-    """VIP mIoU over 20 classes from one confusion matrix over all frames of all videos.
-    Predictions: <predictions>/<video>/<frame>.png class ids. Returns (summary {"mIoU"} in %,
-    one row per video with that video's own mIoU, for reading only)."""
-    total = np.zeros((VIP_NUM_CLASSES, VIP_NUM_CLASSES), np.int64)
-    rows = []
-    for video in _progress(videos, progress, "vip"):
-        frames, annotations = vip_video(data_root, video)
-        _, _, size = check_segmentation_video("vip", frames, annotations)
-        confusion = np.zeros_like(total)
-        for annotation in annotations:
-            gt = read_label_png(annotation, size)  # checked by check_segmentation_video
-            pred = read_vip_prediction(Path(predictions) / video / f"{annotation.stem}.png", size)
-            confusion += confusion_matrix(gt, pred)
-        total += confusion
-        rows.append({"video": video, "frames": len(frames), "mIoU": 100 * mean_iou(confusion)[0]})
-    miou, per_class = mean_iou(total)
-    summary = {"mIoU": 100 * miou, "videos": len(rows)}
-    summary.update({f"IoU_{name}": 100 * float(v) for name, v in zip(VIP_CLASSES, per_class)})
-    return summary, rows
-
-
-def evaluate_jhmdb(data_root, predictions, videos, alphas=(0.1, 0.2), progress=True):
-    """JHMDB PCK@alpha. Predictions: <predictions>/<class>/<video>/joint_positions.mat
-    (pos_img [2, 15, T], 1-based, NaN = not visible). Returns (summary {"PCK@0.1", ...} in %,
-    one row per video, for reading only)."""
-    all_pred, all_gt, rows = [], [], []
-    for video in _progress(videos, progress, "jhmdb"):
-        _, _, gt = jhmdb_video(data_root, video)
-        path = Path(predictions) / video / "joint_positions.mat"
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: prediction missing (run propagate.py, or check --predictions)")
-        pred = read_joints_mat(path, len(gt), what="prediction")
-        pred, gt = pred[1:], gt[1:]  # the first frame is given, not scored
-        all_pred.append(pred)
-        all_gt.append(gt)
-        scores = pck(pred, gt, alphas)
-        rows.append({"video": video, **{f"PCK@{a}": 100 * scores[a] for a in alphas}})
-    scores = pck(np.concatenate(all_pred), np.concatenate(all_gt), alphas)
-    return {**{f"PCK@{a}": 100 * scores[a] for a in alphas}, "videos": len(rows)}, rows
-
-
-def evaluate_dataset(dataset, data_root, predictions, list_file=None, videos=None,
-                     resolution="480p", subset="val", exclude_void=False, progress=True, alphas=(0.1, 0.2)):
-    """Score the predictions of one benchmark. Returns the summary dict (percentages) with
-    the per-sequence rows under "rows". A file that cannot be scored raises InputError or
-    FileNotFoundError naming it; no partial score is returned."""
-    if videos is None:
-        videos = list_videos(dataset, data_root, list_file, subset)
-    if not Path(predictions).is_dir():
-        raise FileNotFoundError(f"{predictions}: predictions folder not found (run propagate.py, or check --predictions)")
-    if dataset == "davis":
-        summary, rows = evaluate_davis(data_root, predictions, videos, resolution, exclude_void, progress)
-    elif dataset == "vip":
-        summary, rows = evaluate_vip(data_root, predictions, videos, progress)
-    elif dataset == "jhmdb":
-        summary, rows = evaluate_jhmdb(data_root, predictions, videos, alphas, progress=progress)
-    else:
-        raise InputError(f"unknown dataset {dataset!r} (expected one of {', '.join(DATASETS)})")
-    return {"dataset": dataset, **summary, "rows": rows}
-
-
-def _progress(items, enabled, desc):
-    if not enabled:
-        return items
-    from tqdm import tqdm
-    return tqdm(items, desc=desc, leave=False)
-
-
-# -----------------------------------------------------------------------------
 # Command line
 # -----------------------------------------------------------------------------
 
@@ -765,21 +775,30 @@ def pck_threshold(text):
     return value
 
 
+def add_dataset_arguments(parser, required=True):
+    """The benchmark and its videos, read alike by evaluate.py and propagate.py: --dataset,
+    --data-root, --list, --videos, --subset, --resolution (required=False: propagate.py, whose
+    --video replaces the first two)."""
+    parser.add_argument("--dataset", required=required, choices=DATASETS, help="the benchmark")
+    parser.add_argument("--data-root", required=required, type=Path,
+                        help="dataset folder in its native layout: DAVIS (JPEGImages/480p, Annotations/480p, "
+                             "ImageSets/2017), VIP_Fine (Images, Annotations/Category_ids, lists), JHMDB "
+                             "(Rename_Images, joint_positions, splits)")
+    parser.add_argument("--list", dest="list_file", type=Path, default=None,
+                        help="video list: one name per line, or CropMAE's two-column lists (davis_vallist_480_880.txt, "
+                             "vip_vallist.txt, jhmdb_vallist.txt). Default: DAVIS ImageSets/2017/<subset>.txt, VIP "
+                             "lists/<subset>_videos.txt (else all), JHMDB splits/*_test_split1.txt test videos (else all)")
+    parser.add_argument("--videos", nargs="+", default=None, help="only these videos (JHMDB: <class>/<video>)")
+    parser.add_argument("--subset", default="val", help="DAVIS ImageSets/2017/<subset>.txt, VIP lists/<subset>_videos.txt")
+    parser.add_argument("--resolution", default="480p", help="DAVIS resolution folder")
+
+
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--dataset", required=True, choices=DATASETS)
-    parser.add_argument("--data-root", required=True, type=Path,
-                        help="dataset folder in its native layout (DAVIS: JPEGImages/Annotations/ImageSets; "
-                             "VIP_Fine: Images/Annotations/Category_ids; JHMDB: Rename_Images/joint_positions)")
+    add_dataset_arguments(parser)
     parser.add_argument("--predictions", required=True, type=Path,
                         help="folder written by propagate.py (DAVIS <seq>/<frame>.png, VIP <video>/<frame>.png, "
                              "JHMDB <class>/<video>/joint_positions.mat)")
-    parser.add_argument("--list", dest="list_file", type=Path, default=None,
-                        help="video list (one name per line, or CropMAE's two-column lists); default: the "
-                             "dataset's own list, see list_videos()")
-    parser.add_argument("--videos", nargs="+", default=None, help="score only these videos")
-    parser.add_argument("--subset", default="val", help="DAVIS ImageSets/2017/<subset>.txt, VIP lists/<subset>_videos.txt")
-    parser.add_argument("--resolution", default="480p", help="DAVIS resolution folder")
     parser.add_argument("--exclude-void", action=argparse.BooleanOptionalAction, default=False,
                         help="DAVIS: leave void (255) pixels out of J and F; the official semi-supervised "
                              "scorer does not (it counts them as background)")

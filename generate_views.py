@@ -22,6 +22,20 @@ Ho & Salimans write the same rule as (1 + w') eps_cond - w' eps_uncond, so w = 1
 (the lab's Large-Image-Diffusion notebooks use the w' form). The paper does not say which
 form its "weight of 6" is in; the default here is w = 6 (w' = 5); pass --guidance 7 for w' = 6.
 
+What you may copy: the method comes first in this file, the plumbing after it.
+`guided_noise_prediction`, `sample_latents` and `decode_latents` (Sec. 4) need only torch and
+a diffusers UNet2DConditionModel, DDIMScheduler and VQModel / AutoencoderKL (or objects with
+the same calls); `view_seed` / `view_noise` need torch and hashlib; `Conditioner` (Sec. 3.1)
+needs torch and a ViT with `forward_features` and `embed_dim` (cdgmae.VisionTransformer), and
+`conditioning_tensor` metrics.evaluation_tensor. `SLDMBackend` wraps an `SLDM` (UNet,
+first stage, scheduler, conditioner) for `generate_bags`, which takes any backend with
+`prepare`, `latent_shape()`, `generate(prepared, noise)` and `unet_calls`; it and `write_bag`
+use cdgmae's file helpers (atomic_write, remove_stale_temporaries, bag_files, load_rgb) and
+tqdm. After them: the S-LDM folder (`load_sldm` / `save_sldm`: diffusers), the CompVis
+checkpoint converter (`convert_ldm`: diffusers and pyyaml), the image-variation backend
+(diffusers and transformers), the input listing and shards, the output's settings record,
+k-NN image bags (metrics.py) and the command line.
+
 Commands:
     # a CompVis-LDM checkpoint (UNet + VQ/KL first stage + Linear projection) -> S-LDM folder
     python generate_views.py convert --ldm-checkpoint model.ckpt --ldm-config model.yaml \\
@@ -114,26 +128,14 @@ class Conditioner(nn.Module):
 
 def conditioning_tensor(img, size=224):
     """PIL RGB -> [3, size, size]: shorter side resized to `size` (bicubic), centre crop,
-    ImageNet normalisation. An assumption: the S-LDM papers do not state their transform."""
-    w, h = img.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((new_w, new_h), Image.BICUBIC)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return cdgmae.image_to_tensor(img.crop((left, top, left + size, top + size)))
+    ImageNet normalisation (metrics.evaluation_tensor's crop). An assumption: the S-LDM papers
+    do not state their transform."""
+    return metrics.evaluation_tensor(img, size, center_crop=True)
 
 
 # -----------------------------------------------------------------------------
-# The S-LDM folder (diffusers layout)
+# The S-LDM: UNet, first stage (VQ or KL autoencoder), DDIM scheduler and conditioner
 # -----------------------------------------------------------------------------
-#
-#   MODEL/sldm.json                  {"format": "cdgmae-sldm", "vae_class": "VQModel" | "AutoencoderKL",
-#                                     "conditioner": {"embed_dim", "context_dim", "normalize", "image_size"}}
-#   MODEL/unet/                      UNet2DConditionModel.save_pretrained (config.json + safetensors)
-#   MODEL/vae/                       VQModel or AutoencoderKL.save_pretrained
-#   MODEL/scheduler/                 DDIMScheduler.save_pretrained (scheduler_config.json)
-#   MODEL/conditioner/vit.pth        {"model": ViT state dict (MAE/DINO keys), "args": {"num_heads": H}}
-#   MODEL/conditioner/projection.pth {"weight": [D, E], "bias": [D]}
 
 @dataclass
 class SLDM:
@@ -148,6 +150,209 @@ class SLDM:
         size = (size, size) if isinstance(size, int) else tuple(size)
         return (self.unet.config.in_channels, *size)
 
+
+# -----------------------------------------------------------------------------
+# Sampling (Sec. 4: 50 DDIM steps, classifier-free guidance)
+# -----------------------------------------------------------------------------
+
+def guided_noise_prediction(unet, latents, t, context, uncond_context, guidance):
+    """Classifier-free guidance: eps_u + w (eps_c - eps_u), both branches in ONE UNet call.
+
+    latents [N, C, h, w], context [N, 1, D], uncond_context [1, 1, D] -> eps [N, C, h, w] (float32).
+    """
+    n = latents.shape[0]
+    x = torch.cat([latents, latents]).to(unet.dtype)
+    ctx = torch.cat([context, uncond_context.expand(n, -1, -1)]).to(unet.dtype)
+    eps_cond, eps_uncond = unet(x, t, encoder_hidden_states=ctx).sample.float().chunk(2)
+    return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+
+@torch.no_grad()
+def sample_latents(unet, scheduler, noise, context, uncond_context, guidance=PAPER_GUIDANCE, steps=PAPER_STEPS):
+    """DDIM (eta = 0) from `noise` [N, C, h, w] with contexts [N, 1, D] -> latents [N, C, h, w].
+    One UNet call per step: N samples x 2 guidance branches."""
+    if steps < 1:  # zero steps would return the initial noise as if it were a sample
+        raise ValueError(f"steps {steps}: DDIM needs at least one step")
+    scheduler.set_timesteps(steps, device=noise.device)
+    latents = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        eps = guided_noise_prediction(unet, scheduler.scale_model_input(latents, t), t, context, uncond_context,
+                                      guidance)
+        latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
+    return latents
+
+
+@torch.no_grad()
+def decode_latents(vae, latents):
+    """latents [N, C, h, w] -> uint8 images [N, H, W, 3]. A VQ first stage quantises first, as LDM does."""
+    x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float()
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def view_seed(seed, rel_path, view_index):
+    """63-bit seed of one view: a hash of (seed, the image's relative path, the view index), so that
+    a view does not depend on the batch, the shard, the number of views asked or the machine."""
+    digest = hashlib.sha256(f"{seed}:{rel_path}:{view_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
+
+
+def view_noise(seed, rel_path, num_views, shape):
+    """Initial latents of the M views of one image: [M, *shape], float32, drawn on the CPU."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(view_seed(seed, rel_path, k)))
+                        for k in range(num_views)])
+
+
+class SLDMBackend:
+    """Views from an S-LDM (an SLDM, e.g. load_sldm's). `prepare` runs in the data-loading workers."""
+
+    def __init__(self, sldm, steps=PAPER_STEPS, guidance=PAPER_GUIDANCE):
+        self.sldm, self.steps, self.guidance = sldm, steps, guidance
+        self.device = sldm.unet.device
+        self.unet_calls = 0
+        sldm.unet.register_forward_pre_hook(self._count_call)
+        self.prepare = partial(conditioning_tensor, size=sldm.conditioner.image_size)
+
+    def _count_call(self, module, inputs):
+        self.unet_calls += 1
+
+    def latent_shape(self):
+        return self.sldm.latent_shape()
+
+    @torch.no_grad()
+    def generate(self, prepared, noise):
+        """prepared: B conditioning tensors [3, S, S]; noise [B, M, C, h, w] -> B lists of M PIL images."""
+        B, M = noise.shape[:2]
+        context = self.sldm.conditioner(torch.stack(prepared).to(self.device))        # [B, 1, D]
+        context = context.repeat_interleave(M, dim=0)                                   # [B*M, 1, D], image-major
+        uncond = self.sldm.conditioner.unconditional()
+        latents = sample_latents(self.sldm.unet, self.sldm.scheduler, noise.flatten(0, 1).to(self.device),
+                                 context, uncond, self.guidance, self.steps)
+        images = decode_latents(self.sldm.vae, latents).numpy()
+        return [[Image.fromarray(images[b * M + k]) for k in range(M)] for b in range(B)]
+
+
+# -----------------------------------------------------------------------------
+# Bags of views on disk (the layout in the docstring)
+# -----------------------------------------------------------------------------
+
+def bag_name(rel_path):
+    """Relative bag folder of an image: its folder / its stem (Sec. 3.1 layout in cdgmae.py)."""
+    p = Path(rel_path)
+    return (p.parent / p.stem).as_posix()
+
+
+def bag_is_complete(bag_dir, num_views):
+    """True when the bag holds real.* and view_00 .. view_{M-1}."""
+    if not os.path.isdir(bag_dir):
+        return False
+    real, views = cdgmae.bag_files(bag_dir)
+    indices = {int(cdgmae.VIEW_NAME.match(os.path.basename(v)).group(1)) for v in views}
+    return real is not None and indices >= set(range(num_views))
+
+
+def write_bag(bag_dir, real_path, views, quality=JPEG_QUALITY, link=False):
+    """Write one bag: the views first, the real image last, each under a hidden temporary
+    name then renamed. A bag folder holding real.* (what cdgmae.find_bags looks for) is
+    therefore always complete, and a killed run never leaves a truncated file under a final name.
+
+    views: PIL images (saved as view_XX.jpg) or image files (view_XX.<their suffix>, e.g. the
+    k-NN images). link: files (views and the real image) are hard-linked where the filesystem
+    allows it, else copied."""
+    bag_dir = Path(bag_dir)
+    bag_dir.mkdir(parents=True, exist_ok=True)
+    cdgmae.remove_stale_temporaries(bag_dir)   # left by a run killed while writing this bag
+    for k, view in enumerate(views):
+        if isinstance(view, Image.Image):
+            cdgmae.atomic_write(bag_dir / f"view_{k:02d}.jpg",
+                                lambda tmp: view.save(tmp, format="JPEG", quality=quality))
+        else:
+            cdgmae.atomic_write(bag_dir / f"view_{k:02d}{Path(view).suffix.lower()}",
+                                partial(place_file, view, link=link))
+    real_name = "real" + Path(real_path).suffix.lower()
+    cdgmae.atomic_write(bag_dir / real_name, partial(place_file, real_path, link=link))
+
+
+def place_file(source, destination, link=False):
+    """Copy `source` to `destination`, or hard-link it when `link` and the filesystem allows it
+    (same filesystem, links supported)."""
+    if link:
+        try:
+            os.link(source, destination)
+            return
+        except OSError:  # another filesystem (EXDEV), no hard links there, too many links: copy
+            pass
+    shutil.copyfile(source, destination)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """(index, prepared image or None, error or None): decoding runs in the DataLoader workers."""
+
+    def __init__(self, root, rel_paths, prepare=None):
+        self.root, self.rel_paths, self.prepare = Path(root), rel_paths, prepare
+
+    def __len__(self):
+        return len(self.rel_paths)
+
+    def __getitem__(self, i):
+        try:
+            img = cdgmae.load_rgb(self.root / self.rel_paths[i])
+            return i, (self.prepare(img) if self.prepare else img), None
+        except Exception as e:  # noqa: BLE001 -- reported and skipped, the run goes on
+            return i, None, str(e)
+
+
+def generate_bags(backend, images_root, rel_paths, output, num_views=PAPER_VIEWS, batch_size=8, seed=0,
+                  quality=JPEG_QUALITY, workers=4, progress=True):
+    """Generate the bags of `rel_paths` (relative to images_root) under `output`, skipping complete bags.
+
+    Returns a summary: {"images", "complete_before", "generated", "unreadable": [(path, reason)],
+    "unet_calls", "seconds"}.
+    """
+    if not 1 <= num_views <= 100:
+        raise ValueError(f"--views {num_views}: the layout names views view_00 .. view_99")
+    start, calls_before = time.time(), backend.unet_calls
+    output = Path(output)
+    todo = [p for p in tqdm(rel_paths, desc="checking bags", unit="bag", disable=not progress, leave=False)
+            if not bag_is_complete(output / bag_name(p), num_views)]
+    summary = {"images": len(rel_paths), "complete_before": len(rel_paths) - len(todo), "generated": 0,
+               "unreadable": []}
+    loader = torch.utils.data.DataLoader(ImageFiles(images_root, todo, backend.prepare), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=list)
+    shape = backend.latent_shape()
+    bar = tqdm(total=len(todo), unit="img", desc="generating views", disable=not progress, dynamic_ncols=True)
+    for batch in loader:
+        good = []
+        for i, prepared, error in batch:
+            if error is None:
+                good.append((i, prepared))
+            else:
+                summary["unreadable"].append((todo[i], error))
+                tqdm.write(f"skipping {todo[i]}: {error}", file=sys.stderr)
+        if good:
+            noise = torch.stack([view_noise(seed, todo[i], num_views, shape) for i, _ in good])
+            views = backend.generate([prepared for _, prepared in good], noise)
+            for (i, _), bag_views in zip(good, views):
+                write_bag(output / bag_name(todo[i]), Path(images_root) / todo[i], bag_views, quality)
+            summary["generated"] += len(good)
+        bar.update(len(batch))
+        bar.set_postfix(unreadable=len(summary["unreadable"]))
+    bar.close()
+    summary["unet_calls"] = backend.unet_calls - calls_before
+    summary["seconds"] = time.time() - start
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# The S-LDM folder (diffusers layout)
+# -----------------------------------------------------------------------------
+#
+#   MODEL/sldm.json                  {"format": "cdgmae-sldm", "vae_class": "VQModel" | "AutoencoderKL",
+#                                     "conditioner": {"embed_dim", "context_dim", "normalize", "image_size"}}
+#   MODEL/unet/                      UNet2DConditionModel.save_pretrained (config.json + safetensors)
+#   MODEL/vae/                       VQModel or AutoencoderKL.save_pretrained
+#   MODEL/scheduler/                 DDIMScheduler.save_pretrained (scheduler_config.json)
+#   MODEL/conditioner/vit.pth        {"model": ViT state dict (MAE/DINO keys), "args": {"num_heads": H}}
+#   MODEL/conditioner/projection.pth {"weight": [D, E], "bias": [D]}
 
 def check_new_folder(folder):
     """Refuse to write a model into an existing file or non-empty folder (nothing is overwritten)."""
@@ -437,86 +642,6 @@ def convert_ldm(ldm_checkpoint, ldm_config, dino_checkpoint, output, cond_image_
 
 
 # -----------------------------------------------------------------------------
-# Sampling (Sec. 4: 50 DDIM steps, classifier-free guidance)
-# -----------------------------------------------------------------------------
-
-def guided_noise_prediction(unet, latents, t, context, uncond_context, guidance):
-    """Classifier-free guidance: eps_u + w (eps_c - eps_u), both branches in ONE UNet call.
-
-    latents [N, C, h, w], context [N, 1, D], uncond_context [1, 1, D] -> eps [N, C, h, w] (float32).
-    """
-    n = latents.shape[0]
-    x = torch.cat([latents, latents]).to(unet.dtype)
-    ctx = torch.cat([context, uncond_context.expand(n, -1, -1)]).to(unet.dtype)
-    eps_cond, eps_uncond = unet(x, t, encoder_hidden_states=ctx).sample.float().chunk(2)
-    return eps_uncond + guidance * (eps_cond - eps_uncond)
-
-
-@torch.no_grad()
-def sample_latents(unet, scheduler, noise, context, uncond_context, guidance=PAPER_GUIDANCE, steps=PAPER_STEPS):
-    """DDIM (eta = 0) from `noise` [N, C, h, w] with contexts [N, 1, D] -> latents [N, C, h, w].
-    One UNet call per step: N samples x 2 guidance branches."""
-    if steps < 1:  # zero steps would return the initial noise as if it were a sample
-        raise ValueError(f"steps {steps}: DDIM needs at least one step")
-    scheduler.set_timesteps(steps, device=noise.device)
-    latents = noise * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        eps = guided_noise_prediction(unet, scheduler.scale_model_input(latents, t), t, context, uncond_context,
-                                      guidance)
-        latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
-    return latents
-
-
-@torch.no_grad()
-def decode_latents(vae, latents):
-    """latents [N, C, h, w] -> uint8 images [N, H, W, 3]. A VQ first stage quantises first, as LDM does."""
-    x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float()
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
-def view_seed(seed, rel_path, view_index):
-    """63-bit seed of one view: a hash of (seed, the image's relative path, the view index), so that
-    a view does not depend on the batch, the shard, the number of views asked or the machine."""
-    digest = hashlib.sha256(f"{seed}:{rel_path}:{view_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
-
-
-def view_noise(seed, rel_path, num_views, shape):
-    """Initial latents of the M views of one image: [M, *shape], float32, drawn on the CPU."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(view_seed(seed, rel_path, k)))
-                        for k in range(num_views)])
-
-
-class SLDMBackend:
-    """Views from an S-LDM folder. `prepare` runs in the data-loading workers."""
-
-    def __init__(self, sldm, steps=PAPER_STEPS, guidance=PAPER_GUIDANCE):
-        self.sldm, self.steps, self.guidance = sldm, steps, guidance
-        self.device = sldm.unet.device
-        self.unet_calls = 0
-        sldm.unet.register_forward_pre_hook(self._count_call)
-        self.prepare = partial(conditioning_tensor, size=sldm.conditioner.image_size)
-
-    def _count_call(self, module, inputs):
-        self.unet_calls += 1
-
-    def latent_shape(self):
-        return self.sldm.latent_shape()
-
-    @torch.no_grad()
-    def generate(self, prepared, noise):
-        """prepared: B conditioning tensors [3, S, S]; noise [B, M, C, h, w] -> B lists of M PIL images."""
-        B, M = noise.shape[:2]
-        context = self.sldm.conditioner(torch.stack(prepared).to(self.device))        # [B, 1, D]
-        context = context.repeat_interleave(M, dim=0)                                   # [B*M, 1, D], image-major
-        uncond = self.sldm.conditioner.unconditional()
-        latents = sample_latents(self.sldm.unet, self.sldm.scheduler, noise.flatten(0, 1).to(self.device),
-                                 context, uncond, self.guidance, self.steps)
-        images = decode_latents(self.sldm.vae, latents).numpy()
-        return [[Image.fromarray(images[b * M + k]) for k in range(M)] for b in range(B)]
-
-
-# -----------------------------------------------------------------------------
 # The public image-variation model (not the paper's S-LDM): diffusers'
 # StableDiffusionImageVariationPipeline folder, e.g. lambdalabs/sd-image-variations-diffusers:
 #   MODEL/model_index.json, unet/, vae/ (AutoencoderKL), scheduler/ (any; replaced by DDIM below),
@@ -610,8 +735,9 @@ class ImageVariationBackend:
 
 
 # -----------------------------------------------------------------------------
-# Inputs, shards and bags on disk
+# Inputs and shards
 # -----------------------------------------------------------------------------
+
 
 def list_images(root, file_list=None):
     """Sorted relative paths (POSIX strings) of the images under `root`, or of those named in
@@ -667,12 +793,6 @@ def raise_error(error):
     raise error
 
 
-def bag_name(rel_path):
-    """Relative bag folder of an image: its folder / its stem (Sec. 3.1 layout in cdgmae.py)."""
-    p = Path(rel_path)
-    return (p.parent / p.stem).as_posix()
-
-
 def resolve_shard(shard=None, env=None):
     """(index, count) of this process's share of the work: a --shard i/n split further by the
     torchrun rank (RANK / WORLD_SIZE), giving shard i * world + rank of n * world."""
@@ -687,107 +807,6 @@ def shard_items(items, index, count):
     if not 0 <= index < count:
         raise ValueError(f"shard {index} of {count} does not exist")
     return items[index::count]
-
-
-def bag_is_complete(bag_dir, num_views):
-    """True when the bag holds real.* and view_00 .. view_{M-1}."""
-    if not os.path.isdir(bag_dir):
-        return False
-    real, views = cdgmae.bag_files(bag_dir)
-    indices = {int(cdgmae.VIEW_NAME.match(os.path.basename(v)).group(1)) for v in views}
-    return real is not None and indices >= set(range(num_views))
-
-
-def write_bag(bag_dir, real_path, views, quality=JPEG_QUALITY, link=False):
-    """Write one bag: the views first, the real image last, each under a hidden temporary
-    name then renamed. A bag folder holding real.* (what cdgmae.find_bags looks for) is
-    therefore always complete, and a killed run never leaves a truncated file under a final name.
-
-    views: PIL images (saved as view_XX.jpg) or image files (view_XX.<their suffix>, e.g. the
-    k-NN images). link: files (views and the real image) are hard-linked where the filesystem
-    allows it, else copied."""
-    bag_dir = Path(bag_dir)
-    bag_dir.mkdir(parents=True, exist_ok=True)
-    cdgmae.remove_stale_temporaries(bag_dir)   # left by a run killed while writing this bag
-    for k, view in enumerate(views):
-        if isinstance(view, Image.Image):
-            cdgmae.atomic_write(bag_dir / f"view_{k:02d}.jpg",
-                                lambda tmp: view.save(tmp, format="JPEG", quality=quality))
-        else:
-            cdgmae.atomic_write(bag_dir / f"view_{k:02d}{Path(view).suffix.lower()}",
-                                partial(place_file, view, link=link))
-    real_name = "real" + Path(real_path).suffix.lower()
-    cdgmae.atomic_write(bag_dir / real_name, partial(place_file, real_path, link=link))
-
-
-def place_file(source, destination, link=False):
-    """Copy `source` to `destination`, or hard-link it when `link` and the filesystem allows it
-    (same filesystem, links supported)."""
-    if link:
-        try:
-            os.link(source, destination)
-            return
-        except OSError:  # another filesystem (EXDEV), no hard links there, too many links: copy
-            pass
-    shutil.copyfile(source, destination)
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """(index, prepared image or None, error or None): decoding runs in the DataLoader workers."""
-
-    def __init__(self, root, rel_paths, prepare=None):
-        self.root, self.rel_paths, self.prepare = Path(root), rel_paths, prepare
-
-    def __len__(self):
-        return len(self.rel_paths)
-
-    def __getitem__(self, i):
-        try:
-            img = cdgmae.load_rgb(self.root / self.rel_paths[i])
-            return i, (self.prepare(img) if self.prepare else img), None
-        except Exception as e:  # noqa: BLE001 -- reported and skipped, the run goes on
-            return i, None, str(e)
-
-
-def generate_bags(backend, images_root, rel_paths, output, num_views=PAPER_VIEWS, batch_size=8, seed=0,
-                  quality=JPEG_QUALITY, workers=4, progress=True):
-    """Generate the bags of `rel_paths` (relative to images_root) under `output`, skipping complete bags.
-
-    Returns a summary: {"images", "complete_before", "generated", "unreadable": [(path, reason)],
-    "unet_calls", "seconds"}.
-    """
-    if not 1 <= num_views <= 100:
-        raise ValueError(f"--views {num_views}: the layout names views view_00 .. view_99")
-    start, calls_before = time.time(), backend.unet_calls
-    output = Path(output)
-    todo = [p for p in tqdm(rel_paths, desc="checking bags", unit="bag", disable=not progress, leave=False)
-            if not bag_is_complete(output / bag_name(p), num_views)]
-    summary = {"images": len(rel_paths), "complete_before": len(rel_paths) - len(todo), "generated": 0,
-               "unreadable": []}
-    loader = torch.utils.data.DataLoader(ImageFiles(images_root, todo, backend.prepare), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=list)
-    shape = backend.latent_shape()
-    bar = tqdm(total=len(todo), unit="img", desc="generating views", disable=not progress, dynamic_ncols=True)
-    for batch in loader:
-        good = []
-        for i, prepared, error in batch:
-            if error is None:
-                good.append((i, prepared))
-            else:
-                summary["unreadable"].append((todo[i], error))
-                tqdm.write(f"skipping {todo[i]}: {error}", file=sys.stderr)
-        if good:
-            noise = torch.stack([view_noise(seed, todo[i], num_views, shape) for i, _ in good])
-            views = backend.generate([prepared for _, prepared in good], noise)
-            for (i, _), bag_views in zip(good, views):
-                write_bag(output / bag_name(todo[i]), Path(images_root) / todo[i], bag_views, quality)
-            summary["generated"] += len(good)
-        bar.update(len(batch))
-        bar.set_postfix(unreadable=len(summary["unreadable"]))
-    bar.close()
-    summary["unet_calls"] = backend.unet_calls - calls_before
-    summary["seconds"] = time.time() - start
-    return summary
 
 
 # -----------------------------------------------------------------------------
@@ -1011,55 +1030,6 @@ def prepare_knn(args):
     return rel_paths, vit.to(device).eval(), device, folder
 
 
-def get_knn_parser():
-    p = argparse.ArgumentParser(
-        prog="generate_views.py knn",
-        description="k-NN image bags (CDG-MAE Table 2, last row): for every image under --images, a bag of its k "
-                    "nearest other images by cosine similarity of a ViT's cls embedding (the paper: MAE ViT-B/16), "
-                    "nearest first: OUTPUT/<folder>/<stem>/{view_00.<ext> ..., real.<ext>}, hard links where "
-                    "possible. Resumable: embeddings and neighbours are saved in shards under OUTPUT/.knn, "
-                    "complete bags are skipped.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--images", required=True, help="root of the images (e.g. ImageNet train/, any depth)")
-    p.add_argument("--file-list", default=None, help="text file of image paths relative to --images, one a line; "
-                                                      "without it, every image under --images")
-    p.add_argument("--checkpoint", required=True, help="ViT checkpoint (MAE, DINO, CropMAE or CDG-MAE)")
-    p.add_argument("--output", required=True, help="bag root to write")
-    p.add_argument("--k", type=cdgmae.checked(int, 1, 100), default=PAPER_KNN,
-                   help="neighbours per image (1..100: view_00 .. view_99)")
-    p.add_argument("--input-size", type=cdgmae.checked(int, 1), default=224,
-                   help="side of the centre crop the ViT embeds, a multiple of its patch size")
-    p.add_argument("--batch-size", type=cdgmae.checked(int, 1), default=64, help="images per ViT forward pass")
-    p.add_argument("--chunk", type=cdgmae.checked(int, 1), default=4096,
-                   help="rows per side of one [chunk, D] x [D, chunk] similarity product of the search")
-    p.add_argument("--workers", type=cdgmae.checked(int, 0), default=4, help="image-decoding DataLoader workers")
-    p.add_argument("--device", default=None, help="torch device; unset: cuda if available, else cpu")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
-    return p
-
-
-def knn_command(argv):
-    args = get_knn_parser().parse_args(argv)
-    try:
-        rel_paths, vit, device, folder = prepare_knn(args)
-    except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: an unreadable checkpoint
-        raise SystemExit(cdgmae.one_line(e)) from None
-    start = time.time()
-    try:
-        embeddings = knn_embeddings(vit, args.images, rel_paths, folder, args.input_size, args.batch_size,
-                                    args.workers, device, args.progress)
-        neighbours = knn_search(embeddings, args.k, folder, args.chunk, device, args.progress)
-        written, complete = write_knn_bags(args.images, rel_paths, neighbours, args.output, args.progress)
-    except OSError as e:  # disk full, output not writable: saved shards and complete bags stay
-        raise SystemExit(f"{e.filename or args.output}: cannot write ({e.strerror or e}) (free disk space or fix "
-                         f"permissions, then rerun: saved shards and complete bags are kept)") from None
-    except ValueError as e:  # a saved shard that does not fit the listing (load_shard)
-        raise SystemExit(cdgmae.one_line(e)) from None
-    print(f"{len(rel_paths)} images, k = {args.k}: {written} bags written, {complete} already complete "
-          f"({time.time() - start:.1f} s, {device})", file=sys.stderr)
-    return {"images": len(rel_paths), "written": written, "complete_before": complete}
-
-
 # -----------------------------------------------------------------------------
 # Command line
 # -----------------------------------------------------------------------------
@@ -1074,6 +1044,13 @@ def parse_shard(text):
     return index, count
 
 
+def add_image_arguments(p):
+    """--images and --file-list, the input of both the generation and the k-NN command."""
+    p.add_argument("--images", required=True, help="root of the real images (e.g. ImageNet train/, any depth)")
+    p.add_argument("--file-list", default=None, help="text file of image paths relative to --images, one a line; "
+                                                      "without it, every image under --images")
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(
         description="Generate bags of views (CDG-MAE Sec. 3.1): M views per real image from an S-LDM, "
@@ -1082,9 +1059,7 @@ def get_args_parser():
                     "from a CompVis-LDM checkpoint, see `python generate_views.py convert --help`; for bags of k-NN "
                     "images (Table 2), `python generate_views.py knn --help`.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--images", required=True, help="root of the real images (e.g. ImageNet train/, any depth)")
-    p.add_argument("--file-list", default=None, help="text file of image paths relative to --images, one a line; "
-                                                      "without it, every image under --images")
+    add_image_arguments(p)
     p.add_argument("--model", required=True, help="S-LDM folder (or a diffusers pipeline folder for "
                                                   "--backend sd-image-variation)")
     p.add_argument("--backend", choices=["sldm", "sd-image-variation"], default="sldm",
@@ -1132,6 +1107,31 @@ def get_convert_parser():
                    help="take the UNet's model_ema.* weights")
     p.add_argument("--trust-checkpoint", action=argparse.BooleanOptionalAction, default=False,
                    help="allow pickled Python objects in the .ckpt (torch.load weights_only=False)")
+    return p
+
+
+def get_knn_parser():
+    p = argparse.ArgumentParser(
+        prog="generate_views.py knn",
+        description="k-NN image bags (CDG-MAE Table 2, last row): for every image under --images, a bag of its k "
+                    "nearest other images by cosine similarity of a ViT's cls embedding (the paper: MAE ViT-B/16), "
+                    "nearest first: OUTPUT/<folder>/<stem>/{view_00.<ext> ..., real.<ext>}, hard links where "
+                    "possible. Resumable: embeddings and neighbours are saved in shards under OUTPUT/.knn, "
+                    "complete bags are skipped.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_image_arguments(p)
+    p.add_argument("--checkpoint", required=True, help="ViT checkpoint (MAE, DINO, CropMAE or CDG-MAE)")
+    p.add_argument("--output", required=True, help="bag root to write")
+    p.add_argument("--k", type=cdgmae.checked(int, 1, 100), default=PAPER_KNN,
+                   help="neighbours per image (1..100: view_00 .. view_99)")
+    p.add_argument("--input-size", type=cdgmae.checked(int, 1), default=224,
+                   help="side of the centre crop the ViT embeds, a multiple of its patch size")
+    p.add_argument("--batch-size", type=cdgmae.checked(int, 1), default=64, help="images per ViT forward pass")
+    p.add_argument("--chunk", type=cdgmae.checked(int, 1), default=4096,
+                   help="rows per side of one [chunk, D] x [D, chunk] similarity product of the search")
+    p.add_argument("--workers", type=cdgmae.checked(int, 0), default=4, help="image-decoding DataLoader workers")
+    p.add_argument("--device", default=None, help="torch device; unset: cuda if available, else cpu")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     return p
 
 
@@ -1197,6 +1197,28 @@ def convert_command(argv):
     except (ValueError, OSError) as e:
         raise SystemExit(cdgmae.one_line(e)) from None
     print(f"wrote {args.output}")
+
+
+def knn_command(argv):
+    args = get_knn_parser().parse_args(argv)
+    try:
+        rel_paths, vit, device, folder = prepare_knn(args)
+    except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: an unreadable checkpoint
+        raise SystemExit(cdgmae.one_line(e)) from None
+    start = time.time()
+    try:
+        embeddings = knn_embeddings(vit, args.images, rel_paths, folder, args.input_size, args.batch_size,
+                                    args.workers, device, args.progress)
+        neighbours = knn_search(embeddings, args.k, folder, args.chunk, device, args.progress)
+        written, complete = write_knn_bags(args.images, rel_paths, neighbours, args.output, args.progress)
+    except OSError as e:  # disk full, output not writable: saved shards and complete bags stay
+        raise SystemExit(f"{e.filename or args.output}: cannot write ({e.strerror or e}) (free disk space or fix "
+                         f"permissions, then rerun: saved shards and complete bags are kept)") from None
+    except ValueError as e:  # a saved shard that does not fit the listing (load_shard)
+        raise SystemExit(cdgmae.one_line(e)) from None
+    print(f"{len(rel_paths)} images, k = {args.k}: {written} bags written, {complete} already complete "
+          f"({time.time() - start:.1f} s, {device})", file=sys.stderr)
+    return {"images": len(rel_paths), "written": written, "complete_before": complete}
 
 
 def main(argv=None):

@@ -17,6 +17,17 @@ of pairs (500) drawn with a seed.
 The MIMIC overlap (MIMIC appendix Sec. 2.2; SIFT, RANSAC homography, uniquely matched 16 x 16
 patches) is a fourth, geometric column; it needs OpenCV, imported only when used.
 
+What you may copy: the method comes first in this file, the plumbing after it.
+`global_similarity`, `local_similarity` and `nearest_patch_similarity` (Eq. 1-3) need only
+torch tensors; `nearest_neighbours` (the chunked k-NN search) torch and numpy. `evaluate_pairs`
+and `cls_features` need a ViT whose `forward_features` returns the tokens after the final
+norm, cls first ([B, 1 + L, D]; cdgmae.VisionTransformer), PIL, tqdm and cdgmae.load_rgb /
+image_to_tensor. The pair sets (`video_pairs`, `bag_pairs`, `random_pairs`) need numpy's
+Generator and file paths (`bag_pairs`: cdgmae.find_bags / bag_files). Of the MIMIC overlap,
+`matched_patches`, `unique_match_fraction` and `homography_overlap` need only numpy;
+`mimic_overlap` adds OpenCV's SIFT and RANSAC and PIL. The rest is plumbing: the input
+checks, the table and CSV, and the command line.
+
 Usage:
     python metrics.py --checkpoint mae_pretrain_vit_base.pth --video DAVIS --bags bags/ \\
         --images imagenet/train --csv table1.csv      # an existing table1.csv: refused unless --overwrite
@@ -70,14 +81,8 @@ def nearest_patch_similarity(patches_a, patches_b):
 
 
 # -----------------------------------------------------------------------------
-# Features
+# The features f_* and f_i of a pair's views, and the scores of a set of pairs
 # -----------------------------------------------------------------------------
-
-def evaluation_tensor(img, size=224, center_crop=True):
-    """PIL RGB -> ImageNet-normalised [3, size, size]: the shorter side resized to `size` (bicubic)
-    then a centre crop, or (center_crop=False) the whole image resized to size x size."""
-    return cdgmae.image_to_tensor(evaluation_image(img, size, center_crop))
-
 
 def evaluation_image(img, size=224, center_crop=True):
     """The PIL size x size image that evaluation_tensor normalises."""
@@ -91,6 +96,12 @@ def evaluation_image(img, size=224, center_crop=True):
     else:
         img = img.resize((size, size), Image.BICUBIC)
     return img
+
+
+def evaluation_tensor(img, size=224, center_crop=True):
+    """PIL RGB -> ImageNet-normalised [3, size, size]: the shorter side resized to `size` (bicubic)
+    then a centre crop, or (center_crop=False) the whole image resized to size x size."""
+    return cdgmae.image_to_tensor(evaluation_image(img, size, center_crop))
 
 
 @torch.no_grad()
@@ -254,6 +265,7 @@ def knn_pairs_from_features(cls, queries, k, rng, chunk=4096):
 # column next to GS / LS / NPS. Settings as in MIMIC's released mining code: SIFT, brute-force
 # k = 2 matching with Lowe's ratio test at 0.7, more than 10 good matches, RANSAC homography
 # (reprojection threshold 5 px), 16 x 16 patches, 100 random pixels per patch.
+# The six steps of App. 2.2 are numbered in the docstrings below.
 # -----------------------------------------------------------------------------
 
 MIMIC_KEEP_RANGE = (0.5, 0.7)  # MIMIC keeps pairs with overlap in [50%, 70%] (App. 2.1; 2.2 and its code: 75%)
@@ -389,46 +401,6 @@ def pair_overlaps(pairs, size=224, center_crop=True, seed=0, desc="overlap"):
         a, b = (evaluation_image(cdgmae.load_rgb(p), size, center_crop) for p in (path_a, path_b))
         values.append(mimic_overlap(a, b, seed=seed + i))
     return torch.tensor(values, dtype=torch.float64)
-
-
-def overlap_main(argv):
-    """`python metrics.py overlap A B`: print the MIMIC overlap of two images."""
-    p = argparse.ArgumentParser(prog="metrics.py overlap", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="MIMIC's overlap of two views (MIMIC appendix Sec. 2.2): SIFT, "
-                                            "ratio-test matching, RANSAC homography, uniquely matched 16x16 "
-                                            "patches, the minimum of both directions. Prints the overlap.")
-    p.add_argument("image_a")
-    p.add_argument("image_b")
-    p.add_argument("--size", type=cdgmae.checked(int, 0), default=224,
-                   help="resize both images to size x size first, as MIMIC does (0: keep their sizes)")
-    p.add_argument("--patch-size", type=cdgmae.checked(int, 1), default=16)
-    p.add_argument("--points", type=cdgmae.checked(int, 1), default=100, help="random points per patch")
-    p.add_argument("--seed", type=int, default=0, help="seeds the random points")
-    args = p.parse_args(argv)
-    try:
-        import_cv2()
-    except ImportError as e:
-        raise SystemExit(f"metrics.py overlap: {e}") from None
-    images = []
-    for path in (args.image_a, args.image_b):
-        if not Path(path).is_file():
-            raise SystemExit(f"{path}: file not found (give two image files)")
-        try:
-            img = cdgmae.load_rgb(path)
-        except RuntimeError as e:
-            raise SystemExit(f"{e} (give two image files)") from None
-        images.append(img.resize((args.size, args.size), Image.BILINEAR) if args.size else img)
-    try:
-        report = mimic_overlap_report(*images, args.patch_size, args.points, args.seed)
-    except ValueError as e:
-        raise SystemExit(f"{args.image_a}, {args.image_b}: {e}") from None
-    print(f"{report['overlap']:.4f}")
-    detail = (f"no homography: {report['reason']}" if report["reason"] else
-              f"a->b {report['a_to_b']:.4f}, b->a {report['b_to_a']:.4f}; {report['matches']} matches, "
-              f"{report['inliers']} RANSAC inliers")
-    keep = "yes" if in_mimic_keep_range(report["overlap"]) else "no"
-    print(f"{detail}; in MIMIC's keep range [{MIMIC_KEEP_RANGE[0]}, {MIMIC_KEEP_RANGE[1]}]: {keep}", file=sys.stderr)
-    return report
 
 
 # -----------------------------------------------------------------------------
@@ -584,6 +556,46 @@ def draw_pair_sets(args, names):
         pair_sets.append(("K-nn images", (pool, queries, knn_rng)))
         pair_sets.append(("Random images", random_pairs(paths, args.num_pairs, rng(3))))
     return pair_sets
+
+
+def overlap_main(argv):
+    """`python metrics.py overlap A B`: print the MIMIC overlap of two images."""
+    p = argparse.ArgumentParser(prog="metrics.py overlap", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="MIMIC's overlap of two views (MIMIC appendix Sec. 2.2): SIFT, "
+                                            "ratio-test matching, RANSAC homography, uniquely matched 16x16 "
+                                            "patches, the minimum of both directions. Prints the overlap.")
+    p.add_argument("image_a")
+    p.add_argument("image_b")
+    p.add_argument("--size", type=cdgmae.checked(int, 0), default=224,
+                   help="resize both images to size x size first, as MIMIC does (0: keep their sizes)")
+    p.add_argument("--patch-size", type=cdgmae.checked(int, 1), default=16)
+    p.add_argument("--points", type=cdgmae.checked(int, 1), default=100, help="random points per patch")
+    p.add_argument("--seed", type=int, default=0, help="seeds the random points")
+    args = p.parse_args(argv)
+    try:
+        import_cv2()
+    except ImportError as e:
+        raise SystemExit(f"metrics.py overlap: {e}") from None
+    images = []
+    for path in (args.image_a, args.image_b):
+        if not Path(path).is_file():
+            raise SystemExit(f"{path}: file not found (give two image files)")
+        try:
+            img = cdgmae.load_rgb(path)
+        except RuntimeError as e:
+            raise SystemExit(f"{e} (give two image files)") from None
+        images.append(img.resize((args.size, args.size), Image.BILINEAR) if args.size else img)
+    try:
+        report = mimic_overlap_report(*images, args.patch_size, args.points, args.seed)
+    except ValueError as e:
+        raise SystemExit(f"{args.image_a}, {args.image_b}: {e}") from None
+    print(f"{report['overlap']:.4f}")
+    detail = (f"no homography: {report['reason']}" if report["reason"] else
+              f"a->b {report['a_to_b']:.4f}, b->a {report['b_to_a']:.4f}; {report['matches']} matches, "
+              f"{report['inliers']} RANSAC inliers")
+    keep = "yes" if in_mimic_keep_range(report["overlap"]) else "no"
+    print(f"{detail}; in MIMIC's keep range [{MIMIC_KEEP_RANGE[0]}, {MIMIC_KEEP_RANGE[1]}]: {keep}", file=sys.stderr)
+    return report
 
 
 def main(argv=None):

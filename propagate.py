@@ -17,12 +17,12 @@ propagation. Every step below was checked against that public code (read, not co
             to the frame's grid the way CropMAE's (and DINO's) ViT does it, with
             scale_factor (g + 0.1) / g0 rather than an output size
             (cdgmae.interpolate_pos_embed).
-  Labels    DAVIS / VIP: the first annotation is resized to the input size by nearest
-            neighbour (OpenCV's INTER_NEAREST: source index floor(x * (1 / (out / in))) in
-            double precision), DAVIS void (255) set to background (as the official
-            scorer counts it; a propagated 255 would stop that scorer), split into one
-            channel per id present in it (background included), and each channel
-            is resized to the feature grid bilinearly (no antialiasing), so labels are soft.
+  Labels    DAVIS / VIP: the first annotation, DAVIS void (255) set to background (as the
+            official scorer counts it; a propagated 255 would stop that scorer), is resized
+            to the input size by nearest neighbour (OpenCV's INTER_NEAREST: source index
+            floor(x * (1 / (out / in))) in double precision), split into one channel per id
+            present in it (background included), and each channel is resized to the feature
+            grid bilinearly (no antialiasing), so labels are soft.
             JHMDB: pos_img - 1 (0-based pixels) is mapped to the grid by x * w / W, y * h / H;
             each joint becomes a Gaussian of sigma 0.5 cells (peak 1, drawn in a 4x4 window
             as CRW's draw_labelmap_np does) plus a background channel that is 1 where no
@@ -51,6 +51,20 @@ pos_img 2x15xT): a bad input is one line `path: what is wrong (what to do)`. The
 folder records the settings and the sha256 of the checkpoint file in propagation.json; a
 rerun resumes only with the same settings and checkpoint contents, and removes what killed
 runs left (hidden temporaries and partial video folders of dead processes).
+
+What you may copy: the method comes first in this file, the plumbing after it.
+`label_propagation` and its literal reference `label_propagation_reference` (with
+`neighbourhood_mask` and `context_frames`) need only torch: features [T, C, h, w] of any
+encoder and the first frame's soft labels. `extract_features` needs a ViT with
+`forward_features` and `patch_size` (cdgmae.VisionTransformer, which resizes its position
+embedding to the frame's grid). Of the pre- and post-processing, `input_size_for`,
+`nearest_source_index` and `resize_nearest` need only numpy; `segmentation_labels`,
+`labels_to_ids`, `joint_heatmaps` and `decode_joints` numpy and torch; `load_frame`
+cdgmae.load_rgb / image_to_tensor. `DiftFeatures` needs torch and a diffusers UNet, VQ or KL
+autoencoder and scheduler (`load_dift` reads them from a model folder; transformers for a
+Stable Diffusion one). `propagate_dataset` and `propagate_own_video` drive the rest and read
+and write files with evaluate.py (PyAV for video files); after them come the output records,
+the visualisation and the command line.
 
 Usage:
     python propagate.py --dataset davis --data-root DAVIS --checkpoint ckpt.pth --output runs/davis
@@ -146,6 +160,35 @@ def context_frames(t, queue_length):
 
 
 @torch.no_grad()
+def label_propagation_reference(features, first_labels, *, topk, queue_length, radius, temperature):
+    """The k-NN label propagation written literally, one frame and one query cell at a time:
+    the reference label_propagation is tested against (same arguments, same result; slow).
+
+    features [T, C, h, w] (L2-normalised over C), first_labels [K, h, w]
+    -> soft labels [T, K, h, w]; frame 0 is first_labels itself.
+    """
+    T, C, h, w = features.shape
+    K = first_labels.shape[0]
+    feats = features.reshape(T, C, h * w)
+    labels = [first_labels.reshape(K, h * w).to(features)]
+    near = neighbourhood_mask(h, w, radius, features.device)                  # [query, key]
+    for t in range(1, T):
+        context = context_frames(t, queue_length)                              # frame 0, then the queue
+        keys = torch.cat([feats[s] for s in context], dim=1)                   # [C, N*h*w]
+        key_labels = torch.cat([labels[s] for s in context], dim=1)            # [K, N*h*w]
+        affinity = feats[t].T @ keys                                           # [h*w queries, N*h*w keys]
+        predicted = features.new_zeros(K, h * w)
+        for q in range(h * w):
+            # the candidates: every key of frame 0, the keys of the queue frames within the radius
+            candidate = torch.cat([torch.ones_like(near[q])] + [near[q]] * (len(context) - 1))
+            scores = affinity[q, candidate] / temperature                       # divided by the temperature
+            top, index = scores.topk(min(topk, len(scores)))                    # top-k over all candidates
+            predicted[:, q] = key_labels[:, candidate][:, index] @ top.softmax(0)  # softmax, weighted sum
+        labels.append(predicted)
+    return torch.stack(labels).reshape(T, K, h, w)
+
+
+@torch.no_grad()
 def label_propagation(features, first_labels, *, topk, queue_length, radius, temperature,
                       max_chunk_bytes=2 ** 28, on_frame=None):
     """Propagate frame 0's soft labels through a video.
@@ -159,11 +202,11 @@ def label_propagation(features, first_labels, *, topk, queue_length, radius, tem
     excluded; scores are divided by the temperature; the top-k over all context keys
     together are softmaxed and their labels averaged with those weights.
 
-    Implementation (same result, less work): a frame repeated in the context (frame 0 early
-    in the video) is multiplied with the queries once and copied; the temperature is applied
-    to the k selected scores only (dividing by it does not change the order); queries are
-    processed in chunks of at most max_chunk_bytes of affinities, in reused buffers.
-    `on_frame(t)` is called after each frame (progress bars).
+    Implementation (the result of label_propagation_reference, with less work): a frame
+    repeated in the context (frame 0 early in the video) is multiplied with the queries once
+    and copied; the temperature is applied to the k selected scores only (dividing by it does
+    not change the order); queries are processed in chunks of at most max_chunk_bytes of
+    affinities, in reused buffers. `on_frame(t)` is called after each frame (progress bars).
     """
     T, C, h, w = features.shape
     K, hw = first_labels.shape[0], h * w
@@ -327,87 +370,7 @@ def decode_joints(soft, topk=JHMDB_DECODE_TOPK):
 
 
 # -----------------------------------------------------------------------------
-# Visualisation: PNG strips of a few frames with the propagated labels drawn on them
-# -----------------------------------------------------------------------------
-
-def _panel(frame_path, height):
-    image = load_rgb(frame_path)
-    scale = height / image.height
-    return image.resize((max(1, round(image.width * scale)), height), Image.BILINEAR), scale
-
-
-def draw_mask(image, ids, alpha=0.55):
-    """Blend the palette colour of each non-zero id over `image` and outline each region."""
-    ids = np.array(Image.fromarray(ids).resize(image.size, Image.NEAREST))
-    rgb = np.asarray(image, dtype=np.float32)
-    colours = ev.davis_palette()[ids].astype(np.float32)
-    out = np.where(ids[..., None] > 0, (1 - alpha) * rgb + alpha * colours, rgb)
-    edge = ev.boundary_map(ids > 0) | (np.diff(ids, axis=1, prepend=ids[:, :1]) != 0) | \
-        (np.diff(ids, axis=0, prepend=ids[:1]) != 0)
-    out[edge] = 255
-    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
-
-
-LIMB_COLOURS = [(255, 220, 0), (255, 220, 0), (255, 80, 60), (60, 160, 255), (255, 80, 60), (255, 160, 40),
-                (60, 160, 255), (60, 230, 255), (255, 80, 60), (255, 160, 40), (255, 160, 40), (60, 160, 255),
-                (60, 230, 255), (60, 230, 255)]  # torso yellow, right side red/orange, left side blue/cyan
-
-
-def draw_joints(image, xy, scale):
-    """Draw limbs and joints (pixel coordinates of the original frame, NaN = not visible)."""
-    image = image.copy()
-    draw = ImageDraw.Draw(image)
-    xy = np.asarray(xy, dtype=np.float64) * scale
-    r = max(2, image.height // 64)
-    for (a, b), colour in zip(SKELETON if len(xy) == len(ev.JHMDB_JOINTS) else [], LIMB_COLOURS):
-        if np.isfinite(xy[[a, b]]).all():
-            draw.line([tuple(xy[a]), tuple(xy[b])], fill=colour, width=r + 1)
-    for x, y in xy:
-        if np.isfinite(x) and np.isfinite(y):
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=(255, 255, 255), outline=(0, 0, 0))
-    return image
-
-
-def save_strip(path, rows, gap=4, caption=14):
-    """rows: [(title, [(t, panel image), ...]), ...] -> one PNG, a row per title, each panel
-    captioned with its frame index."""
-    width = max(sum(p.width for _, p in panels) + gap * (len(panels) - 1) for _, panels in rows)
-    height = sum(max(p.height for _, p in panels) + caption for _, panels in rows)
-    strip = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(strip)
-    y = 0
-    for title, panels in rows:
-        x = 0
-        for t, panel in panels:
-            strip.paste(panel, (x, y + caption))
-            draw.text((x + 2, y + 1), f"{title} t={t}", fill=(0, 0, 0))
-            x += panel.width + gap
-        y += max(p.height for _, p in panels) + caption
-    ev.atomic_save(path, lambda tmp: strip.save(tmp, format="PNG"))
-
-
-def visualize_video(dataset, frames, prediction, path, ground_truth=None, num_panels=6, panel_height=192):
-    """A strip of `num_panels` evenly spaced frames with the predictions read back from disk
-    (DAVIS / VIP: the folder of PNGs; JHMDB: the joint_positions.mat) and, below, the ground
-    truth (annotation paths, None where absent, or JHMDB joints [T, 15, 2])."""
-    picks = sorted(set(np.linspace(0, len(frames) - 1, min(num_panels, len(frames))).round().astype(int)))
-    joints = ev.read_joints_mat(prediction) if dataset == "jhmdb" else None
-    predicted, truth = [], []
-    for t in picks:
-        panel, scale = _panel(frames[t], panel_height)
-        if dataset == "jhmdb":
-            predicted.append((t, draw_joints(panel, joints[t], scale)))
-            if ground_truth is not None and t < len(ground_truth):
-                truth.append((t, draw_joints(panel, ground_truth[t], scale)))
-        else:
-            predicted.append((t, draw_mask(panel, ev.read_label_png(Path(prediction) / f"{Path(frames[t]).stem}.png"))))
-            if ground_truth is not None and ground_truth[t] is not None:
-                truth.append((t, draw_mask(panel, ev.read_label_png(ground_truth[t]))))
-    save_strip(path, [("prediction", predicted)] + ([("ground truth", truth)] if truth else []))
-
-
-# -----------------------------------------------------------------------------
-# Datasets
+# A benchmark: check every video, propagate each one, write the predictions
 # -----------------------------------------------------------------------------
 
 def prepare_videos(dataset, data_root, videos, settings, patch_size):
@@ -511,102 +474,6 @@ def write_segmentation_pngs(dataset, soft, values, size, frames, annotations, fo
             ev.write_class_png(folder / f"{Path(frames[t]).stem}.png", np.array(image))
         if on_frame is not None:
             on_frame(1)
-
-
-PARTIAL_NAME = re.compile(r"^\..+\.(?P<host>[^.]+)-(?P<pid>\d+)\.partial$")
-LEGACY_TEMPORARY = re.compile(r"^\..+\.tmp(?P<pid>\d+)$")  # evaluate.atomic_save's names before host-pid
-
-
-def partial_path(final):
-    """The hidden folder a video's PNGs are written in before it is renamed to `final`:
-    ".<video>.<host>-<pid>.partial", unique per process like cdgmae.temporary_path."""
-    return final.with_name(f".{final.name}.{socket.gethostname()}-{os.getpid()}.partial")
-
-
-def remove_stale_writes(folder):
-    """Remove what killed writers on this host left in `folder`: temporaries
-    (cdgmae.remove_stale_temporaries), partial video folders (partial_path) and the
-    ".<name>.tmp<pid>" files of earlier versions. Live writers' files are kept."""
-    host = socket.gethostname()
-    for entry in os.scandir(folder) if os.path.isdir(folder) else ():
-        partial, legacy = PARTIAL_NAME.match(entry.name), LEGACY_TEMPORARY.match(entry.name)
-        if partial and partial["host"] == host and not process_alive(int(partial["pid"])):
-            shutil.rmtree(entry.path, ignore_errors=True)
-        elif legacy and entry.is_file() and not process_alive(int(legacy["pid"])):
-            os.unlink(entry.path)
-    remove_stale_temporaries(folder)
-
-
-# Settings that change the predictions: a rerun into a folder made with others is refused.
-PROTOCOL_KEYS = ("dataset", "checkpoint_sha256", "encoder", "topk", "queue_length", "radius", "temperature",
-                 "input_size", "size_multiple", "resolution")
-
-
-def file_sha256(path, chunk=1 << 20):
-    """Hex sha256 of a file's contents, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            while (block := f.read(chunk)):
-                digest.update(block)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: checkpoint not found (check --checkpoint)") from None
-    except IsADirectoryError:
-        raise ev.InputError(f"{path}: is a folder, not a checkpoint file (check --checkpoint)") from None
-    return digest.hexdigest()
-
-
-def weights_sha256(module):
-    """Hex sha256 of a module's state dict (names, dtypes, shapes and bytes, in name order)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        flat = tensor.detach().cpu().contiguous().reshape(-1)  # a 0-d tensor cannot be viewed as bytes
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def load_checkpoint_encoder(checkpoint, num_heads=None):
-    """(encoder, sha256 of the file): a checkpoint that cannot be read or is no ViT raises
-    InputError / FileNotFoundError naming it, on one line."""
-    fingerprint = file_sha256(checkpoint)
-    try:
-        return load_encoder(checkpoint, num_heads), fingerprint
-    except (RuntimeError, ValueError) as e:  # cdgmae: "path: cannot read checkpoint (...)", bad layout
-        text = ev.one_line(e)
-        text = text if len(text) <= 240 else text[:237] + "..."
-        raise ev.InputError(f"{text} (give a CDG-MAE, MAE, CropMAE or DINO ViT checkpoint)") from None
-
-
-def check_settings(settings):
-    """Range checks of the protocol settings (the command line checks them when parsing)."""
-    rules = [("topk", settings["topk"] >= 1, ">= 1"), ("queue_length", settings["queue_length"] >= 0, ">= 0"),
-             ("radius", settings["radius"] > 0, "> 0"), ("temperature", settings["temperature"] > 0, "> 0"),
-             ("input_size", len(settings["input_size"]) in (1, 2) and min(settings["input_size"]) >= 1,
-              "(height, width) or (long side,), each >= 1"),
-             ("size_multiple", settings["size_multiple"] >= 1, ">= 1"), ("batch_size", settings["batch_size"] >= 1, ">= 1")]
-    for key, ok, rule in rules:
-        if not ok:
-            raise ev.InputError(f"--{key.replace('_', '-')} {settings[key]}: must be {rule}")
-
-
-def check_record(record, settings):
-    """Refuse (InputError, one line) an output folder whose propagation.json records settings
-    that differ from `settings` in a key of PROTOCOL_KEYS."""
-    if not record.exists():
-        return
-    try:
-        previous = json.loads(record.read_text())
-    except (OSError, ValueError) as e:
-        raise ev.InputError(f"{record}: cannot read the recorded settings ({e}) (use another --output)") from None
-
-    def show(key, value):
-        return "not recorded" if value is None else value[:12] if key == "checkpoint_sha256" else value
-    changed = [f"{k}: {show(k, previous.get(k))} -> {show(k, settings.get(k))}"
-               for k in PROTOCOL_KEYS if previous.get(k) != settings.get(k)]
-    if changed:
-        raise ev.InputError(f"{record}: predictions in this folder were made with other settings "
-                            f"({'; '.join(changed)}); use another --output, or the same settings to resume")
 
 
 def propagate_dataset(dataset, data_root, encoder, output, *, topk=None, queue_length=None, radius=None,
@@ -859,14 +726,6 @@ def load_dift(folder, *, timestep=DIFT_TIMESTEP, up_block=DIFT_UP_BLOCK, ensembl
                         ensemble_size=ensemble_size, seed=seed, source=source, folder=str(folder.resolve()))
 
 
-def encoder_description(encoder):
-    """What propagation.json records about the feature extractor."""
-    if isinstance(encoder, DiftFeatures):
-        return encoder.description()
-    return dict(embed_dim=encoder.embed_dim, depth=encoder.depth, num_heads=encoder.num_heads,
-                patch_size=encoder.patch_size)
-
-
 # -----------------------------------------------------------------------------
 # Your own video: a folder of frames or a video file, and a first-frame mask or keypoints
 # -----------------------------------------------------------------------------
@@ -1112,16 +971,200 @@ def propagate_own_video(source, output, encoder, *, mask=None, keypoints=None, d
 
 
 # -----------------------------------------------------------------------------
+# Outputs, records and checks: partial folders, stale writes, propagation.json
+# -----------------------------------------------------------------------------
+
+PARTIAL_NAME = re.compile(r"^\..+\.(?P<host>[^.]+)-(?P<pid>\d+)\.partial$")
+LEGACY_TEMPORARY = re.compile(r"^\..+\.tmp(?P<pid>\d+)$")  # evaluate.atomic_save's names before host-pid
+
+
+def partial_path(final):
+    """The hidden folder a video's PNGs are written in before it is renamed to `final`:
+    ".<video>.<host>-<pid>.partial", unique per process like cdgmae.temporary_path."""
+    return final.with_name(f".{final.name}.{socket.gethostname()}-{os.getpid()}.partial")
+
+
+def remove_stale_writes(folder):
+    """Remove what killed writers on this host left in `folder`: temporaries
+    (cdgmae.remove_stale_temporaries), partial video folders (partial_path) and the
+    ".<name>.tmp<pid>" files of earlier versions. Live writers' files are kept."""
+    host = socket.gethostname()
+    for entry in os.scandir(folder) if os.path.isdir(folder) else ():
+        partial, legacy = PARTIAL_NAME.match(entry.name), LEGACY_TEMPORARY.match(entry.name)
+        if partial and partial["host"] == host and not process_alive(int(partial["pid"])):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        elif legacy and entry.is_file() and not process_alive(int(legacy["pid"])):
+            os.unlink(entry.path)
+    remove_stale_temporaries(folder)
+
+
+# Settings that change the predictions: a rerun into a folder made with others is refused.
+PROTOCOL_KEYS = ("dataset", "checkpoint_sha256", "encoder", "topk", "queue_length", "radius", "temperature",
+                 "input_size", "size_multiple", "resolution")
+
+
+def file_sha256(path, chunk=1 << 20):
+    """Hex sha256 of a file's contents, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while (block := f.read(chunk)):
+                digest.update(block)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: checkpoint not found (check --checkpoint)") from None
+    except IsADirectoryError:
+        raise ev.InputError(f"{path}: is a folder, not a checkpoint file (check --checkpoint)") from None
+    return digest.hexdigest()
+
+
+def weights_sha256(module):
+    """Hex sha256 of a module's state dict (names, dtypes, shapes and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        flat = tensor.detach().cpu().contiguous().reshape(-1)  # a 0-d tensor cannot be viewed as bytes
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_checkpoint_encoder(checkpoint, num_heads=None):
+    """(encoder, sha256 of the file): a checkpoint that cannot be read or is no ViT raises
+    InputError / FileNotFoundError naming it, on one line."""
+    fingerprint = file_sha256(checkpoint)
+    try:
+        return load_encoder(checkpoint, num_heads), fingerprint
+    except (RuntimeError, ValueError) as e:  # cdgmae: "path: cannot read checkpoint (...)", bad layout
+        text = ev.one_line(e)
+        text = text if len(text) <= 240 else text[:237] + "..."
+        raise ev.InputError(f"{text} (give a CDG-MAE, MAE, CropMAE or DINO ViT checkpoint)") from None
+
+
+def check_settings(settings):
+    """Range checks of the protocol settings (the command line checks them when parsing)."""
+    rules = [("topk", settings["topk"] >= 1, ">= 1"), ("queue_length", settings["queue_length"] >= 0, ">= 0"),
+             ("radius", settings["radius"] > 0, "> 0"), ("temperature", settings["temperature"] > 0, "> 0"),
+             ("input_size", len(settings["input_size"]) in (1, 2) and min(settings["input_size"]) >= 1,
+              "(height, width) or (long side,), each >= 1"),
+             ("size_multiple", settings["size_multiple"] >= 1, ">= 1"), ("batch_size", settings["batch_size"] >= 1, ">= 1")]
+    for key, ok, rule in rules:
+        if not ok:
+            raise ev.InputError(f"--{key.replace('_', '-')} {settings[key]}: must be {rule}")
+
+
+def check_record(record, settings):
+    """Refuse (InputError, one line) an output folder whose propagation.json records settings
+    that differ from `settings` in a key of PROTOCOL_KEYS."""
+    if not record.exists():
+        return
+    try:
+        previous = json.loads(record.read_text())
+    except (OSError, ValueError) as e:
+        raise ev.InputError(f"{record}: cannot read the recorded settings ({e}) (use another --output)") from None
+
+    def show(key, value):
+        return "not recorded" if value is None else value[:12] if key == "checkpoint_sha256" else value
+    changed = [f"{k}: {show(k, previous.get(k))} -> {show(k, settings.get(k))}"
+               for k in PROTOCOL_KEYS if previous.get(k) != settings.get(k)]
+    if changed:
+        raise ev.InputError(f"{record}: predictions in this folder were made with other settings "
+                            f"({'; '.join(changed)}); use another --output, or the same settings to resume")
+
+
+def encoder_description(encoder):
+    """What propagation.json records about the feature extractor."""
+    if isinstance(encoder, DiftFeatures):
+        return encoder.description()
+    return dict(embed_dim=encoder.embed_dim, depth=encoder.depth, num_heads=encoder.num_heads,
+                patch_size=encoder.patch_size)
+
+
+# -----------------------------------------------------------------------------
+# Visualisation: PNG strips of a few frames with the propagated labels drawn on them
+# -----------------------------------------------------------------------------
+
+def _panel(frame_path, height):
+    image = load_rgb(frame_path)
+    scale = height / image.height
+    return image.resize((max(1, round(image.width * scale)), height), Image.BILINEAR), scale
+
+
+def draw_mask(image, ids, alpha=0.55):
+    """Blend the palette colour of each non-zero id over `image` and outline each region."""
+    ids = np.array(Image.fromarray(ids).resize(image.size, Image.NEAREST))
+    rgb = np.asarray(image, dtype=np.float32)
+    colours = ev.davis_palette()[ids].astype(np.float32)
+    out = np.where(ids[..., None] > 0, (1 - alpha) * rgb + alpha * colours, rgb)
+    edge = ev.boundary_map(ids > 0) | (np.diff(ids, axis=1, prepend=ids[:, :1]) != 0) | \
+        (np.diff(ids, axis=0, prepend=ids[:1]) != 0)
+    out[edge] = 255
+    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
+
+
+LIMB_COLOURS = [(255, 220, 0), (255, 220, 0), (255, 80, 60), (60, 160, 255), (255, 80, 60), (255, 160, 40),
+                (60, 160, 255), (60, 230, 255), (255, 80, 60), (255, 160, 40), (255, 160, 40), (60, 160, 255),
+                (60, 230, 255), (60, 230, 255)]  # torso yellow, right side red/orange, left side blue/cyan
+
+
+def draw_joints(image, xy, scale):
+    """Draw limbs and joints (pixel coordinates of the original frame, NaN = not visible)."""
+    image = image.copy()
+    draw = ImageDraw.Draw(image)
+    xy = np.asarray(xy, dtype=np.float64) * scale
+    r = max(2, image.height // 64)
+    for (a, b), colour in zip(SKELETON if len(xy) == len(ev.JHMDB_JOINTS) else [], LIMB_COLOURS):
+        if np.isfinite(xy[[a, b]]).all():
+            draw.line([tuple(xy[a]), tuple(xy[b])], fill=colour, width=r + 1)
+    for x, y in xy:
+        if np.isfinite(x) and np.isfinite(y):
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=(255, 255, 255), outline=(0, 0, 0))
+    return image
+
+
+def save_strip(path, rows, gap=4, caption=14):
+    """rows: [(title, [(t, panel image), ...]), ...] -> one PNG, a row per title, each panel
+    captioned with its frame index."""
+    width = max(sum(p.width for _, p in panels) + gap * (len(panels) - 1) for _, panels in rows)
+    height = sum(max(p.height for _, p in panels) + caption for _, panels in rows)
+    strip = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    y = 0
+    for title, panels in rows:
+        x = 0
+        for t, panel in panels:
+            strip.paste(panel, (x, y + caption))
+            draw.text((x + 2, y + 1), f"{title} t={t}", fill=(0, 0, 0))
+            x += panel.width + gap
+        y += max(p.height for _, p in panels) + caption
+    ev.atomic_save(path, lambda tmp: strip.save(tmp, format="PNG"))
+
+
+def visualize_video(dataset, frames, prediction, path, ground_truth=None, num_panels=6, panel_height=192):
+    """A strip of `num_panels` evenly spaced frames with the predictions read back from disk
+    (DAVIS / VIP: the folder of PNGs; JHMDB: the joint_positions.mat) and, below, the ground
+    truth (annotation paths, None where absent, or JHMDB joints [T, 15, 2])."""
+    picks = sorted(set(np.linspace(0, len(frames) - 1, min(num_panels, len(frames))).round().astype(int)))
+    joints = ev.read_joints_mat(prediction) if dataset == "jhmdb" else None
+    predicted, truth = [], []
+    for t in picks:
+        panel, scale = _panel(frames[t], panel_height)
+        if dataset == "jhmdb":
+            predicted.append((t, draw_joints(panel, joints[t], scale)))
+            if ground_truth is not None and t < len(ground_truth):
+                truth.append((t, draw_joints(panel, ground_truth[t], scale)))
+        else:
+            predicted.append((t, draw_mask(panel, ev.read_label_png(Path(prediction) / f"{Path(frames[t]).stem}.png"))))
+            if ground_truth is not None and ground_truth[t] is not None:
+                truth.append((t, draw_mask(panel, ev.read_label_png(ground_truth[t]))))
+    save_strip(path, [("prediction", predicted)] + ([("ground truth", truth)] if truth else []))
+
+
+# -----------------------------------------------------------------------------
 # Command line
 # -----------------------------------------------------------------------------
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=ev.HelpFormatter)
-    p.add_argument("--dataset", choices=ev.DATASETS, help="the benchmark (or --video for your own clip)")
-    p.add_argument("--data-root", type=Path,
-                   help="dataset folder in its native layout: DAVIS (JPEGImages/480p, Annotations/480p, "
-                        "ImageSets/2017), VIP_Fine (Images, Annotations/Category_ids, lists), JHMDB "
-                        "(Rename_Images, joint_positions, splits)")
+    ev.add_dataset_arguments(p, required=False)
     p.add_argument("--checkpoint", required=True, type=Path,
                    help="encoder checkpoint: CDG-MAE (cdgmae.py), MAE, CropMAE or DINO (plain backbone or "
                         "training checkpoint with 'teacher'); with --features dift, a diffusion model folder "
@@ -1129,13 +1172,6 @@ def get_args_parser():
     p.add_argument("--output", required=True, type=Path,
                    help="prediction folder: DAVIS <seq>/<frame>.png (palette), VIP <video>/<frame>.png "
                         "(class ids), JHMDB <class>/<video>/joint_positions.mat; visualize/ holds the strips")
-    p.add_argument("--list", dest="list_file", type=Path, default=None,
-                   help="video list: one name per line, or CropMAE's two-column lists (davis_vallist_480_880.txt, "
-                        "vip_vallist.txt, jhmdb_vallist.txt). Default: DAVIS ImageSets/2017/<subset>.txt, VIP "
-                        "lists/<subset>_videos.txt (else all), JHMDB splits/*_test_split1.txt test videos (else all)")
-    p.add_argument("--videos", nargs="+", default=None, help="only these videos (JHMDB: <class>/<video>)")
-    p.add_argument("--subset", default="val", help="DAVIS / VIP list name")
-    p.add_argument("--resolution", default="480p", help="DAVIS resolution folder")
     g = p.add_argument_group("protocol (default: the dataset's value)")
     g.add_argument("--topk", type=checked(int, 1), default=None,
                    help="neighbours whose labels are averaged, >= 1 (7 / 10 / 7)")

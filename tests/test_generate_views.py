@@ -55,11 +55,15 @@ def tiny_sldm(seed=0):
     return gv.SLDM(tiny_unet(seed), tiny_vq(seed + 1), DDIMScheduler(**gv.LDM_DDIM), conditioner.eval())
 
 
+def tiny_sldm_folder(parent):
+    """tiny_sldm() saved as an S-LDM folder, parent/model."""
+    gv.save_sldm(parent / "model", tiny_sldm())
+    return parent / "model"
+
+
 @pytest.fixture(scope="module")
 def sldm_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sldm") / "model"
-    gv.save_sldm(folder, tiny_sldm())
-    return folder
+    return tiny_sldm_folder(tmp_path_factory.mktemp("sldm"))
 
 
 @pytest.fixture(scope="module")

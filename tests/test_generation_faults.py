@@ -20,7 +20,7 @@ torch.set_num_threads(2)
 import cdgmae  # noqa: E402
 import generate_views as gv  # noqa: E402
 import metrics  # noqa: E402
-from test_generate_views import tiny_sldm, tree_bytes, write_images  # noqa: E402
+from test_generate_views import tiny_sldm, tiny_sldm_folder, tree_bytes, write_images  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATE = ["--views", "2", "--steps", "1", "--batch-size", "2", "--workers", "0", "--device", "cpu",
@@ -49,9 +49,7 @@ def assert_one_line_naming(message, *names):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("faults") / "model"
-    gv.save_sldm(folder, tiny_sldm())
-    return folder
+    return tiny_sldm_folder(tmp_path_factory.mktemp("faults"))
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Label propagation (propagate.py): the k-NN of A.1.2 / Table 7 and CropMAE's protocol around it.
 
-Expected values are worked out by hand or by a brute-force loop that follows the protocol's
-wording one candidate key at a time.
+Expected values are worked out by hand, or given by propagate.label_propagation_reference, the
+protocol's wording written one query cell at a time (itself checked on hand-worked cases below).
 """
 import argparse
 import math
@@ -27,36 +27,6 @@ from cdgmae import CDGMAE, VisionTransformer  # noqa: E402
 # The propagation rule itself
 # -----------------------------------------------------------------------------
 
-def brute_force_propagation(features, first_labels, topk, queue_length, radius, temperature):
-    """The protocol read literally: for frame t the candidates are every cell of frame 0 (long
-    term) and every cell of the queue_length frames before t (frame 0 where t - j < 0) lying
-    strictly within `radius` of the query; keep the k best scores q.k / temperature among all
-    candidates; softmax them; average the candidates' labels."""
-    T, C, h, w = features.shape
-    K = first_labels.shape[0]
-    feats = features.double().reshape(T, C, h * w)
-    labels = [first_labels.double().reshape(K, h * w)]
-    for t in range(1, T):
-        sources = [0] + [max(t - j, 0) for j in range(queue_length, 0, -1)]
-        out = torch.zeros(K, h * w, dtype=torch.float64)
-        for q in range(h * w):
-            qy, qx = divmod(q, w)
-            candidates = []
-            for slot, s in enumerate(sources):
-                for key in range(h * w):
-                    ky, kx = divmod(key, w)
-                    if slot > 0 and math.hypot(qy - ky, qx - kx) >= radius:
-                        continue
-                    score = float(feats[t, :, q] @ feats[s, :, key]) / temperature
-                    candidates.append((score, labels[s][:, key]))
-            candidates.sort(key=lambda c: -c[0])
-            best = candidates[:topk]
-            weights = torch.softmax(torch.tensor([c[0] for c in best], dtype=torch.float64), 0)
-            out[:, q] = sum(wt * lab for wt, lab in zip(weights, (c[1] for c in best)))
-        labels.append(out)
-    return torch.stack(labels).reshape(T, K, h, w)
-
-
 @pytest.mark.parametrize("topk,queue_length,radius", [(4, 3, 2.0), (7, 20, 20), (3, 0, 1.0), (5, 2, 1.5)])
 def test_propagation_follows_the_protocol_definition(topk, queue_length, radius):
     g = torch.Generator().manual_seed(topk * 100 + queue_length)
@@ -64,7 +34,8 @@ def test_propagation_follows_the_protocol_definition(topk, queue_length, radius)
     first = torch.softmax(torch.randn(3, 3, 4, generator=g), dim=0)
     got = pr.label_propagation(features, first, topk=topk, queue_length=queue_length, radius=radius,
                                temperature=0.7)
-    expected = brute_force_propagation(features, first, topk, queue_length, radius, 0.7)
+    expected = pr.label_propagation_reference(features.double(), first.double(), topk=topk,
+                                              queue_length=queue_length, radius=radius, temperature=0.7)
     assert torch.allclose(got.double(), expected, atol=1e-5)
 
 
@@ -95,6 +66,11 @@ def test_neighbourhood_is_a_strict_euclidean_disc():
     near = pr.neighbourhood_mask(5, 5, radius=2).reshape(5, 5, 5, 5)[2, 2]
     # within distance < 2 of the centre: itself, 4 at distance 1, 4 at sqrt(2); (0, 2) at 2 is out
     assert near.sum() == 9 and not near[0, 2] and near[1, 1]
+
+
+# Hand-worked cases that hold for the fast propagation and for the reference it is compared with.
+FAST_AND_REFERENCE = pytest.mark.parametrize("propagation", [pr.label_propagation, pr.label_propagation_reference],
+                                             ids=["fast", "reference"])
 
 
 def moving_square_video(step, frames=5, h=6, w=40, side=2, start=2, beta=0.5):
@@ -135,12 +111,13 @@ def test_masks_follow_the_motion_when_the_radius_covers_it():
     assert torch.allclose(labels[:, 1][masks], torch.ones(int(masks.sum())), atol=1e-5)
 
 
-def test_object_is_lost_predictably_when_the_radius_is_smaller_than_the_motion():
+@FAST_AND_REFERENCE
+def test_object_is_lost_predictably_when_the_radius_is_smaller_than_the_motion(propagation):
     # Queue keys at the square's old place are 3 cells away, radius 3 excludes them (strict <):
     # only frame 0's long-term copy of each square cell matches (score 1 / 0.7); the other 6 of
     # the top 7 are background keys (score 0.316 / 0.7, labelled background).
     features, first, masks = moving_square_video(step=3)
-    labels = pr.label_propagation(features, first, topk=7, queue_length=20, radius=3, temperature=0.7)
+    labels = propagation(features, first, topk=7, queue_length=20, radius=3, temperature=0.7)
     s = 0.5 / math.sqrt(2 * 1.25)
     expected = math.exp(1 / 0.7) / (math.exp(1 / 0.7) + 6 * math.exp(s / 0.7))  # 0.307 < 0.5
     object_prob = labels[1:, 1][masks[1:]]
@@ -148,10 +125,11 @@ def test_object_is_lost_predictably_when_the_radius_is_smaller_than_the_motion()
     assert ev.region_similarity(masks[1:], (labels.argmax(1) == 1)[1:]).max() == 0.0
 
 
-def test_first_frame_memory_is_not_restricted_by_the_radius():
+@FAST_AND_REFERENCE
+def test_first_frame_memory_is_not_restricted_by_the_radius(propagation):
     # top-1 over frame 0 alone (no queue) with a tiny radius still finds a square 12 cells away
     features, first, masks = moving_square_video(step=6, frames=3)
-    labels = pr.label_propagation(features, first, topk=1, queue_length=0, radius=0.5, temperature=0.7)
+    labels = propagation(features, first, topk=1, queue_length=0, radius=0.5, temperature=0.7)
     assert torch.equal(labels.argmax(1) == 1, masks)
 
 
