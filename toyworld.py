@@ -731,8 +731,8 @@ def _visible_fraction(scene, index, height, width):
     return (ids == index + 1).sum() / max(1, (alone == index + 1).sum())
 
 
-def sample_video(seed, kind, index, frames, height, width, light=1.5, distractors=(1, 2), spin=0.08,
-                 camouflage=0.5):
+def sample_video(seed, kind, index, frames, height, width, light=2.5, distractors=(2, 3), spin=0.08,
+                 camouflage=1.0):
     """Scenes [T] of toy video `index` of a dataset kind ('davis', 'vip' or 'jhmdb') and the
     indices of its annotated objects (DAVIS targets in id order; VIP / JHMDB figures).
 
@@ -816,6 +816,15 @@ def _keep_figure_inside(scenes, index, height, width, margin=2.0):
             obj["pos"] = [float(p + d) for p, d in zip(obj["pos"], world_shift)]
 
 
+def annotation_lut(scenes, annotated):
+    """Render id (0 background, object j -> j + 1) -> annotation id: the k-th annotated object
+    becomes k + 1, every other object (distractors) background."""
+    lut = np.zeros(len(scenes[0]["objects"]) + 1, np.uint8)
+    for k, index in enumerate(annotated):
+        lut[index + 1] = k + 1
+    return lut
+
+
 def _video_frames(scenes, height, width):
     for scene in scenes:
         yield render_scene(scene, height, width)
@@ -841,9 +850,7 @@ def write_davis(output, num_videos=10, frames=20, height=96, width=160, seed=0, 
         images.mkdir(parents=True, exist_ok=True)
         annotations.mkdir(parents=True, exist_ok=True)
         scenes, targets = sample_video(seed, "davis", i, frames, height, width, **difficulty)
-        lut = np.zeros(len(scenes[0]["objects"]) + 1, np.uint8)
-        for k, index in enumerate(targets):
-            lut[index + 1] = k + 1
+        lut = annotation_lut(scenes, targets)
         for t, (image, ids, _) in enumerate(_video_frames(scenes, height, width)):
             save_image(to_uint8(image), images / f"{t:05d}.jpg", "JPEG", quality=quality, subsampling=0)
             save_image(palette_png(lut[ids]), annotations / f"{t:05d}.png", "PNG")
@@ -874,9 +881,7 @@ def write_vip(output, num_videos=10, frames=20, height=96, width=160, seed=0, qu
         for folder in (images, categories, humans):
             folder.mkdir(parents=True, exist_ok=True)
         scenes, figures = sample_video(seed, "vip", i, frames, height, width, **difficulty)
-        lut = np.zeros(len(scenes[0]["objects"]) + 1, np.uint8)
-        for k, index in enumerate(figures):
-            lut[index + 1] = k + 1
+        lut = annotation_lut(scenes, figures)
         for t, (image, ids, classes) in enumerate(_video_frames(scenes, height, width)):
             stem = f"{t + 1:012d}"
             person = lut[ids]
@@ -998,11 +1003,11 @@ def get_args_parser():
     def video_flags(p, kind):
         p.add_argument("--num-videos", type=positive, default=10, help="number of videos (default 10)")
         p.add_argument("--frames", type=positive, default=20, help="frames per video (default 20; at least 3)")
-        p.add_argument("--light", type=float, default=1.5, help="strength of the lighting changes over a video (default 1.5; 0: none)")
-        p.add_argument("--distractors", type=int, nargs=2, default=[1, 2], metavar=("MIN", "MAX"),
-                       help="distractors per video: objects with an annotated object's colours (default 1 2)")
+        p.add_argument("--light", type=float, default=2.5, help="strength of the lighting changes over a video (default 2.5; 0: none)")
+        p.add_argument("--distractors", type=int, nargs=2, default=[2, 3], metavar=("MIN", "MAX"),
+                       help="distractors per video: objects with an annotated object's colours (default 2 3)")
         p.add_argument("--spin", type=float, default=0.08, help="largest steady turn of an object, radians/frame (default 0.08)")
-        p.add_argument("--camouflage", type=float, default=0.5, help="chance that the background takes an annotated object's hue (default 0.5)")
+        p.add_argument("--camouflage", type=float, default=1.0, help="chance that the background takes an annotated object's hue (default 1)")
         if kind is not None:
             p.add_argument("--height", type=positive, default=VIDEO_DEFAULTS[kind][0], help=f"frame height (default {VIDEO_DEFAULTS[kind][0]})")
             p.add_argument("--width", type=positive, default=VIDEO_DEFAULTS[kind][1], help=f"frame width (default {VIDEO_DEFAULTS[kind][1]})")
