@@ -842,18 +842,28 @@ def load_rgb(path):
         raise UnreadableImage(f"{path}: cannot decode image ({e})") from e
 
 
-def decode_rgb(path):
-    """A file's pixels as uint8 [3, H, W] (a channels-last view of an H x W x 3 array, the
-    layout torch's fast uint8 resize reads). UnreadableImage if it cannot be decoded."""
+def decode_rgbx(path):
+    """A file's pixels as uint8 [4, H, W]: R, G, B and a fourth byte (255), a channels-last view
+    of an H x W x 4 array. This is Pillow's own layout for RGB, so an RGB file (any JPEG in
+    colour) is decoded straight into the array, without the copy that np.asarray(image) makes;
+    and torch's uint8 resize reads 4-byte pixels without repacking them. Other modes are
+    converted with Image.convert("RGB"), as before. UnreadableImage if it cannot be decoded."""
     try:
         with Image.open(path) as im:
-            im.load()
-            array = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+            pixels = np.empty((im.height, im.width, 4), np.uint8)
+            if im.mode == "RGB" and im.tile:
+                # Image memory over our array (what Image.frombuffer does for RGBX); ImageFile.load
+                # decodes into image memory that is already there.
+                target = Image.core.map_buffer(pixels, im.size, "raw", 0, ("RGB", 0, 1))
+                im.im = target
+                im.load()
+                if im.im is target:
+                    return torch.from_numpy(pixels).permute(2, 0, 1)
+            pixels[..., :3] = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+            pixels[..., 3] = 255
     except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
         raise UnreadableImage(f"{path}: cannot decode image ({e})") from e
-    with warnings.catch_warnings():  # Pillow's array is read-only; nothing writes to it
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(array).permute(2, 0, 1)
+    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def read_encoded(path):
@@ -927,12 +937,13 @@ def resize_plan(low, high, length, size, max_extra=32, taps=2):
 
 
 def crop_axis(image, dim, start, stop):
-    """image[start:stop] along dim of an [H, W, 3] image; a start below 0 repeats the first row
+    """image[start:stop] along dim of an [H, W, C] image; a start below 0 repeats the first row
     or column. (Indexing the channels-last layout keeps it, which torch's fast uint8 resize reads.)"""
     if start >= 0:
         return image.narrow(dim, start, stop - start)
-    index = torch.arange(start, stop, device=image.device).clamp_(min=0)
-    return image.index_select(dim, index)
+    edge = list(image.shape)
+    edge[dim] = -start
+    return torch.cat([image.narrow(dim, 0, 1).expand(edge), image.narrow(dim, 0, stop)], dim)
 
 
 # mode -> (the filter's reach in output samples, the aten op behind F.interpolate(antialias=True))
@@ -941,8 +952,9 @@ RESAMPLING = {"bicubic": (2, torch.ops.aten._upsample_bicubic2d_aa),
 
 
 def crop_resize(image, box, size, float_math=None, mode="bicubic"):
-    """Crop the box (fractions l, t, r, b) out of image [3, H, W] uint8 and resize it to
-    [3, size, size] uint8 with antialiased bicubic interpolation (mode "bilinear": antialiased
+    """Crop the box (fractions l, t, r, b) out of image [C, H, W] uint8 (C = 3, or 4: the RGBX
+    pixels of `decode_rgbx`) and resize it to [C, size, size] uint8 (on the CPU a channels-last
+    view) with antialiased bicubic interpolation (mode "bilinear": antialiased
     bilinear, Pillow's BILINEAR, for --pretext crops and frames): Pillow's filter (a = -0.5) at
     Pillow's sample positions (`resize_plan`), so the crop matches Image.resize(..., box=...)
     also where the box falls between pixels (the other views of a sample, when their size
@@ -954,23 +966,39 @@ def crop_resize(image, box, size, float_math=None, mode="bicubic"):
     y0, y1, extra_y, scale_y = resize_plan(box[1] * height, box[3] * height, height, size, taps=taps)
     x0, x1, extra_x, scale_x = resize_plan(box[0] * width, box[2] * width, width, size, taps=taps)
     crop = crop_axis(crop_axis(image.permute(1, 2, 0), 0, y0, y1), 1, x0, x1).permute(2, 0, 1).unsqueeze(0)
-    if float_math or (float_math is None and crop.device.type != "cpu"):
-        crop = crop.float()
     # One more sample where the crop is as long as the output: torch copies such an axis as is.
     out_h = extra_y + size + (y1 - y0 == extra_y + size)
     out_w = extra_x + size + (x1 - x0 == extra_x + size)
     # The aten op behind F.interpolate(antialias=True), called with both the output size and
     # the scales, which F.interpolate does not allow together.
-    out = resample(crop, [out_h, out_w], False, 1 / scale_y, 1 / scale_x)
-    out = out[0, :, extra_y:extra_y + size, extra_x:extra_x + size]
-    return out if out.dtype == torch.uint8 else out.round_().clamp_(0, 255).to(torch.uint8)
+    if float_math or (float_math is None and crop.device.type != "cpu"):
+        out = resample(crop.float(), [out_h, out_w], False, 1 / scale_y, 1 / scale_x)
+        return out[0, :, extra_y:extra_y + size, extra_x:extra_x + size].round_().clamp_(0, 255).to(torch.uint8)
+    # The uint8 kernel works on channels-last pixels: given a channels-last output it writes it
+    # as is, where a planar one costs it another pass.
+    out = torch.empty(1, out_h, out_w, crop.shape[1], dtype=torch.uint8).permute(0, 3, 1, 2)
+    resample.out(crop, [out_h, out_w], False, 1 / scale_y, 1 / scale_x, out=out)
+    return out[0, :, extra_y:extra_y + size, extra_x:extra_x + size]
 
 
-def crop_views(images, box, flip, size, mode="bicubic"):
-    """The views of one sample, cut with one shared box and flip: [3, H_i, W_i] uint8 images
-    (any sizes, any device) -> [V, 3, size, size] uint8."""
-    crops = torch.stack([crop_resize(image, box, size, mode=mode) for image in images])
-    return crops.flip(-1) if flip else crops
+def copy_flipped(out, image, flip):
+    """out[...] = image [3, H, W], mirrored left-right where `flip`. On the CPU numpy's strided
+    copy reads the channels-last crop and writes it planar and mirrored in one pass."""
+    if out.device.type == "cpu":
+        np.copyto(out.numpy(), image.numpy()[..., ::-1] if flip else image.numpy())
+    else:
+        out.copy_(image.flip(-1) if flip else image)
+
+
+def crop_views(images, box, flip, size, mode="bicubic", out=None):
+    """The views of one sample, cut with one shared box and flip: [C, H_i, W_i] uint8 images
+    (C = 3 or 4, any sizes, any device) -> [V, 3, size, size] uint8, written into `out` where
+    given (V tensors [3, size, size]: rows of a batch, see `BagDataset.collated`)."""
+    if out is None:
+        out = torch.empty(len(images), 3, size, size, dtype=torch.uint8, device=images[0].device)
+    for crop, image in zip(out, images):
+        copy_flipped(crop, crop_resize(image, box, size, mode=mode)[:3], flip)
+    return out
 
 
 def normalize(x, mean, std):
@@ -1009,6 +1037,21 @@ def assemble_on_device(batch, size, device, decode=decode_on_device, mode="bicub
                                     bool(flips[i]), size, mode) for i in range(len(blobs))])
     return (crops[:, 0], crops[:, 1:], target_noise.to(device, non_blocking=True),
             anchor_noise.to(device, non_blocking=True))
+
+
+def batch_tensor(shape, dtype, shared):
+    """An uninitialised batch tensor; where `shared`, in shared memory, as default_collate
+    allocates its output inside a DataLoader worker (the main process maps it, no copy)."""
+    if not shared:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+
+
+def collate_batch(batch):
+    """The DataLoader's collate_fn on the CPU path: a batch that `BagDataset.__getitems__`
+    assembled (a tuple) passes as it is; a list of items goes to default_collate."""
+    return batch if isinstance(batch, tuple) else torch.utils.data.default_collate(batch)
 
 
 def collate_encoded(samples):
@@ -1075,34 +1118,78 @@ class BagDataset(torch.utils.data.Dataset):
         return [target] + [int(a) for a in anchors]
 
     def __getitem__(self, key):
+        return self.item(key)
+
+    def __getitems__(self, keys):
+        """The DataLoader's fetch of a batch: `collated`, in shared memory inside a worker."""
+        return self.collated(keys, shared=torch.utils.data.get_worker_info() is not None)
+
+    def collated(self, keys, shared=False):
+        """The items of `keys` stacked as default_collate stacks them: (target [B, 3, S, S], anchors
+        [B, N, 3, S, S], target_noise [B, L], anchor_noise [B, N, L]), each crop written straight
+        into its row of the batch, so no item is copied again to collate it. `shared`: the batch
+        is allocated in shared memory. Encoded items (--decode gpu) stay a list, for collate_encoded."""
+        if self.encoded:
+            return [self.item(key) for key in keys]
+        b, n, size, patches = len(keys), self.num_anchors, self.input_size, self.num_patches
+        target = batch_tensor((b, 3, size, size), torch.uint8, shared)
+        anchors = batch_tensor((b, n, 3, size, size), torch.uint8, shared)
+        target_noise = batch_tensor((b, patches), torch.float32, shared)
+        anchor_noise = batch_tensor((b, n, patches), torch.float32, shared)
+        # The files of all items first, then the decodes and crops: between two decodes, which
+        # evict them from the caches, the listing and the draws take about 4 times the CPU.
+        firsts = [self.first_files(key) for key in keys]
+        for i, (key, first) in enumerate(zip(keys, firsts)):
+            item = self.item(key, [target[i], *anchors[i]], first)
+            target_noise[i], anchor_noise[i] = item[2], item[3]
+        return target, anchors, target_noise, anchor_noise
+
+    def first_files(self, key):
+        """(files, generator) of the first attempt at the item `key`, or None where they cannot be
+        listed (`item` then tries again and reports it)."""
+        epoch, index = key
+        rng = np.random.default_rng([self.seed, epoch, index])
+        try:
+            return self.files(self.bags[index % len(self.bags)], rng), rng
+        except UnreadableImage:
+            return None
+
+    def item(self, key, out=None, first=None):
+        """The item (epoch, index), its crops written into `out` where given (see `crop_views`).
+        `first`: the files and generator of the first attempt, if drawn already (`first_files`)."""
         epoch, index = key
         for attempt in range(self.MAX_SUBSTITUTES + 1):
-            rng = np.random.default_rng([self.seed, epoch, index] + ([attempt] if attempt else []))
             bag = self.bags[(index + attempt) % len(self.bags)]
             try:
-                return self.sample(bag, rng)
+                if attempt == 0 and first is not None:
+                    files, rng = first
+                else:
+                    rng = np.random.default_rng([self.seed, epoch, index] + ([attempt] if attempt else []))
+                    files = self.files(bag, rng)
+                return self.cut_views(files, rng, out)
             except UnreadableImage as e:
                 self.report_bad(bag, e)
         raise RuntimeError(f"{self.root / self.bags[index]}: it and the next {self.MAX_SUBSTITUTES} "
                            f"{self.ITEM}s cannot be decoded (list them with --verify-images decode)")
 
-    def sample(self, bag, rng):
+    def files(self, bag, rng):
+        """The image files of an item, [target, anchor_1, ..., anchor_N]: the draws before any decode."""
         real, views = bag_files(self.root / bag)
         paths = [real] + views[:self.num_views]
-        return self.cut_views([paths[i] for i in self.choose_views(rng)], rng)
+        return [paths[i] for i in self.choose_views(rng)]
 
     def draw_noise(self, rng):
         """The masking noise of the target [L] and of the anchors [N, L] (after the crops' draws)."""
         return (torch.from_numpy(rng.random(self.num_patches, dtype=np.float32)),
                 torch.from_numpy(rng.random((self.num_anchors, self.num_patches), dtype=np.float32)))
 
-    def cut_views(self, chosen, rng):
+    def cut_views(self, chosen, rng, out=None):
         """The item of the image files [target, anchor_1, ..., anchor_N]: one box and one flip for all."""
         if self.encoded:
             blobs, sizes = zip(*[read_encoded(p) for p in chosen])
             width, height = sizes[0]
         else:
-            images = [decode_rgb(p) for p in chosen]
+            images = [decode_rgbx(p) for p in chosen]
             height, width = images[0].shape[-2:]
         # One crop box (relative to each image's size) and one flip for all views of the sample.
         box = sample_crop_box(rng, width, height, self.crop_scale, self.crop_ratio)
@@ -1110,7 +1197,7 @@ class BagDataset(torch.utils.data.Dataset):
         target_noise, anchor_noise = self.draw_noise(rng)
         if self.encoded:
             return list(blobs), torch.tensor(box, dtype=torch.float64), torch.tensor(flip), target_noise, anchor_noise
-        crops = crop_views(images, box, flip, self.input_size, self.MODE)
+        crops = crop_views(images, box, flip, self.input_size, self.MODE, out)
         return crops[0], crops[1:], target_noise, anchor_noise
 
     def report_bad(self, bag, error):
@@ -1184,15 +1271,19 @@ def sample_crop_params(rng, width, height, num_anchors, size, global_scale=(0.10
     return global_boxes, local_box, flips
 
 
-def cut_crops(image, global_boxes, local_box, flips, size):
-    """CropMAE's views of one image [3, H, W] uint8: the anchors are the global crops [N, 3, S, S],
-    the target a crop of the first global crop after its resize (as CropMAE crops the resized
-    global view), all antialiased bilinear; then each view is flipped by its own draw.
-    Returns (target [3, S, S], anchors [N, 3, S, S]) uint8."""
+def cut_crops(image, global_boxes, local_box, flips, size, out=None):
+    """CropMAE's views of one image [C, H, W] uint8 (C = 3 or 4, see `crop_resize`): the anchors
+    are the global crops [N, 3, S, S], the target a crop of the first global crop after its resize
+    (as CropMAE crops the resized global view), all antialiased bilinear; then each view is
+    flipped by its own draw. Returns (target [3, S, S], anchors [N, 3, S, S]) uint8, written
+    into `out` where given (as in `crop_views`)."""
     anchors = [crop_resize(image, box, size, mode="bilinear") for box in global_boxes]
     views = [crop_resize(anchors[0], local_box, size, mode="bilinear")] + anchors
-    views = torch.stack([view.flip(-1) if flip else view for view, flip in zip(views, flips)])
-    return views[0], views[1:]
+    if out is None:
+        out = torch.empty(len(views), 3, size, size, dtype=torch.uint8, device=image.device)
+    for crop, view, flip in zip(out, views, flips):
+        copy_flipped(crop, view[:3], flip)
+    return out[0], out[1:]
 
 
 def assemble_crops_on_device(batch, size, device, decode=decode_on_device):
@@ -1241,12 +1332,15 @@ class CropDataset(BagDataset):
                          seed, encoded, bad_bags_file)
         self.local_scale = local_scale
 
-    def sample(self, image, rng):
-        path = self.root / image
+    def files(self, image, rng):
+        return [self.root / image]
+
+    def cut_views(self, files, rng, out=None):
+        path = files[0]
         if self.encoded:
             blob, (width, height) = read_encoded(path)
         else:
-            pixels = decode_rgb(path)
+            pixels = decode_rgbx(path)
             height, width = pixels.shape[-2:]
         global_boxes, local_box, flips = sample_crop_params(rng, width, height, self.num_anchors, self.input_size,
                                                             self.crop_scale, self.local_scale, self.crop_ratio)
@@ -1254,7 +1348,7 @@ class CropDataset(BagDataset):
         if self.encoded:
             boxes = torch.tensor(global_boxes + [local_box], dtype=torch.float64)
             return [blob], boxes, torch.tensor(flips), target_noise, anchor_noise
-        return (*cut_crops(pixels, global_boxes, local_box, flips, self.input_size), target_noise, anchor_noise)
+        return (*cut_crops(pixels, global_boxes, local_box, flips, self.input_size, out), target_noise, anchor_noise)
 
 
 class FrameDataset(BagDataset):
@@ -1273,12 +1367,11 @@ class FrameDataset(BagDataset):
                          seed, encoded, bad_bags_file)
         self.gap = gap
 
-    def sample(self, video, rng):
+    def files(self, video, rng):
         frames = video_frames(self.root / video)
         if len(frames) < self.gap[0] + 1:
             raise UnreadableImage(f"{self.root / video}: {len(frames)} frames, needs at least {self.gap[0] + 1}")
-        return self.cut_views([frames[i] for i in sample_frame_indices(rng, len(frames), self.num_anchors, self.gap)],
-                              rng)
+        return [frames[i] for i in sample_frame_indices(rng, len(frames), self.num_anchors, self.gap)]
 
 
 def _item_problem(job):
@@ -1870,7 +1963,7 @@ def make_loader(args, dataset, sampler, per_step, device):
         extra = dict(persistent_workers=True, prefetch_factor=min(8, max(2, -(-256 // per_step))))
     return torch.utils.data.DataLoader(dataset, batch_size=per_step, sampler=sampler, num_workers=args.workers,
                                        pin_memory=device.type == "cuda" and args.decode == "cpu", drop_last=False,
-                                       collate_fn=collate_encoded if args.decode == "gpu" else None, **extra)
+                                       collate_fn=collate_encoded if args.decode == "gpu" else collate_batch, **extra)
 
 
 def batch_mover(args, device):

@@ -6,14 +6,16 @@ thread of one process, times for the a1 (N = 1) and a3 (N = 3) settings:
 
   before  the previous loader: PIL decode + convert, PIL bicubic crop-resize (box), PIL flip,
           float32 ImageNet normalisation in the worker, float32 collate into shared memory;
-  after   cdgmae.BagDataset: PIL decode to a uint8 array, torch's uint8 antialiased bicubic
-          crop-resize (`cdgmae.crop_resize`), uint8 collate; normalisation on the device;
+  after   cdgmae.BagDataset.collated, what a DataLoader worker runs for a batch: Pillow decodes
+          into a uint8 RGBX array (`cdgmae.decode_rgbx`), torch's uint8 antialiased bicubic
+          crop-resize (`cdgmae.crop_resize`), each crop copied (and flipped) straight into its
+          row of a uint8 batch in shared memory; normalisation on the device;
   bare    Image.open + load of exactly the files each sample decodes.
 
-Stages are timed on a copy of the dataset's steps (checked to give the dataset's own output);
-the "measured" rows time `dataset[key]` itself. It also reports how far the new crops are from
-the previous PIL crops (same boxes). The machine may be shared: compare ratios to the bare
-decode, which is measured in the same passes.
+Stages are timed on a copy of the dataset's steps (checked to give the dataset's own batch);
+the "measured" rows time `dataset.collated(keys, shared=True)` itself. It also reports how far
+the new crops are from the previous PIL crops (same boxes). The machine may be shared: compare
+ratios to the bare decode, which is measured in the same passes.
 
     python benchmarks/bench_data.py                      # 200 bags, a1 and a3, 3 passes
     python benchmarks/bench_data.py --bags 100 --passes 1 --settings a3
@@ -37,6 +39,7 @@ import cdgmae  # noqa: E402
 
 SETTINGS = {"a1": 1, "a3": 3}  # N anchors
 STAGES = ["decode", "crop + resize", "to uint8 / normalise", "rest", "collate (shared memory)"]
+# "collate" after: allocating the batch in shared memory and copying each crop (flipped) into it.
 
 
 def photo(rng, width, height):
@@ -89,27 +92,27 @@ def draw_rest(ds, rng, width, height):
     return box, flip, target_noise, anchor_noise
 
 
-def staged_after(ds, key, clock):
-    """cdgmae.BagDataset.__getitem__ (CPU decode), stage by stage."""
-    with clock("rest"):
-        paths, rng = chosen_paths(ds, key)
-    images = []
-    for path in paths:
+def staged_after(ds, keys, clock):
+    """cdgmae.BagDataset.collated(keys, shared=True) (CPU decode), stage by stage."""
+    size, n = ds.input_size, ds.num_anchors
+    with clock("collate (shared memory)"):
+        target = cdgmae.batch_tensor((len(keys), 3, size, size), torch.uint8, True)
+        anchors = cdgmae.batch_tensor((len(keys), n, 3, size, size), torch.uint8, True)
+        target_noise = cdgmae.batch_tensor((len(keys), ds.num_patches), torch.float32, True)
+        anchor_noise = cdgmae.batch_tensor((len(keys), n, ds.num_patches), torch.float32, True)
+    with clock("rest"):  # the files of every item first, as `collated` lists them
+        chosen = [chosen_paths(ds, key) for key in keys]
+    for i, (paths, rng) in enumerate(chosen):
         with clock("decode"):
-            im = Image.open(path)
-            im.load()
-        with clock("to uint8 / normalise"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            images.append(torch.from_numpy(np.asarray(im)).permute(2, 0, 1))
-            im.close()
-    with clock("rest"):
-        box, flip, target_noise, anchor_noise = draw_rest(ds, rng, images[0].shape[2], images[0].shape[1])
-    with clock("crop + resize"):
-        crops = [cdgmae.crop_resize(image, box, ds.input_size) for image in images]
-    with clock("rest"):
-        crops = torch.stack(crops)
-        crops = crops.flip(-1) if flip else crops
-    return crops[0], crops[1:], target_noise, anchor_noise
+            images = [cdgmae.decode_rgbx(path) for path in paths]
+        with clock("rest"):
+            box, flip, target_noise[i], anchor_noise[i] = draw_rest(ds, rng, images[0].shape[2], images[0].shape[1])
+        for out, image in zip([target[i], *anchors[i]], images):
+            with clock("crop + resize"):
+                crop = cdgmae.crop_resize(image, box, size)[:3]
+            with clock("collate (shared memory)"):
+                cdgmae.copy_flipped(out, crop, flip)
+    return target, anchors, target_noise, anchor_noise
 
 
 def staged_before(ds, key, clock, keep_pixels=None):
@@ -137,12 +140,9 @@ def staged_before(ds, key, clock, keep_pixels=None):
 
 
 def collate_shared(samples):
-    """What a DataLoader worker's default_collate does: stack each field into shared memory."""
-    out = []
-    for field in zip(*samples):
-        buffer = torch.empty((len(field), *field[0].shape), dtype=field[0].dtype).share_memory_()
-        out.append(torch.stack(field, out=buffer))
-    return out
+    """What a DataLoader worker's default_collate does: stack each field into new shared memory."""
+    return [torch.stack(field, out=cdgmae.batch_tensor((len(field), *field[0].shape), field[0].dtype, True))
+            for field in zip(*samples)]
 
 
 def bare_decode(paths):
@@ -162,13 +162,9 @@ def one_pass(ds, keys, batch):
         old = [staged_before(ds, key, before) for key in chunk]
         with before("collate (shared memory)"):
             collate_shared(old)
-        new = [staged_after(ds, key, after) for key in chunk]
-        with after("collate (shared memory)"):
-            collate_shared(new)
-        with measured("dataset[key]"):
-            real = [ds[key] for key in chunk]
-        with measured("collate"):
-            collate_shared(real)
+        staged_after(ds, chunk, after)
+        with measured("batch"):
+            ds.collated(chunk, shared=True)
     n = len(keys)
     return ({k: v / n for k, v in before.seconds.items()}, {k: v / n for k, v in after.seconds.items()},
             {k: v / n for k, v in measured.seconds.items()})
@@ -194,10 +190,12 @@ def pixel_difference(ds, keys):
 def measure(setting, root, bags, args):
     ds = cdgmae.BagDataset(root, bags, 4, SETTINGS[setting], 224, num_patches=196, seed=0)
     keys = [(0, i) for i in range(len(bags))]
-    for key in keys[:8]:  # the staged copy is the dataset's own computation
-        assert all(torch.equal(a, b) for a, b in zip(staged_after(ds, key, Clock()), ds[key]))
+    # the staged copy is the dataset's own computation, which is default_collate of its items
+    expected = torch.utils.data.default_collate([ds[key] for key in keys[:8]])
+    assert all(torch.equal(a, b) for a, b in zip(staged_after(ds, keys[:8], Clock()), expected))
+    assert all(torch.equal(a, b) for a, b in zip(ds.collated(keys[:8], shared=True), expected))
     passes = [one_pass(ds, keys, args.batch) for _ in range(args.passes)]
-    before, after, measured = min(passes, key=lambda p: p[2]["dataset[key]"] + p[2]["collate"])
+    before, after, measured = min(passes, key=lambda p: p[2]["batch"])
     return before, after, measured, pixel_difference(ds, keys[:args.pixel_samples])
 
 
@@ -212,18 +210,18 @@ def report(results):
     for label, row in [("total", lambda b, a, m: (sum(b.values()), sum(a.values()))),
                        ("bare decode of the same JPEGs", lambda b, a, m: (m["bare decode"], m["bare decode"])),
                        ("total / bare decode", lambda b, a, m: (sum(b.values()) / m["bare decode"],
-                                                                (m["dataset[key]"] + m["collate"]) / m["bare decode"]))]:
+                                                                m["batch"] / m["bare decode"]))]:
         cells = [row(*results[n][:3]) for n in names]
         fmt = (lambda x: f"{x:.2f}x") if "/" in label else ms
         print(f"| {label} | " + " | ".join(f"{fmt(b)} | {fmt(a)}" for b, a in cells) + " |")
-    print("| measured: dataset[key] + collate | " + " | ".join(
-        f"- | {ms(results[n][2]['dataset[key]'] + results[n][2]['collate'])}" for n in names) + " |")
+    print("| measured: dataset.collated(keys), the batch in shared memory | " + " | ".join(
+        f"- | {ms(results[n][2]['batch'])}" for n in names) + " |")
     print("| samples/s per core | " + " | ".join(
-        f"{1 / sum(results[n][0].values()):.0f} | {1 / (results[n][2]['dataset[key]'] + results[n][2]['collate']):.0f}"
+        f"{1 / sum(results[n][0].values()):.0f} | {1 / (results[n][2]['batch']):.0f}"
         for n in names) + " |")
     if "a3" in results:
         b, _, m = results["a3"][:3]
-        old, new = sum(b.values()), m["dataset[key]"] + m["collate"]
+        old, new = sum(b.values()), m["batch"]
         print(f"\ncores per GPU, a3: {317 * old:.1f} before / {317 * new:.1f} after for 317 samples/s (the paper's "
               f"pace); {4000 * old:.0f} before / {4000 * new:.0f} after for 4,000 samples/s")
     for n in names:

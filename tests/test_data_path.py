@@ -202,3 +202,59 @@ def test_gpu_decode_without_a_cuda_device_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match="^--decode gpu: needs a CUDA device"):
         cdgmae.main(["--data", str(root), "--output", str(tmp_path / "run"), "--decode", "gpu", *TINY])
     assert not (tmp_path / "run").exists()
+
+
+def test_decoding_into_rgbx_gives_pillows_rgb_pixels_for_every_mode(tmp_path):
+    array = natural(np.random.default_rng(6), 40, 30)
+    files = {"rgb.jpg": Image.fromarray(array), "gray.jpg": Image.fromarray(array).convert("L"),
+             "cmyk.jpg": Image.fromarray(array).convert("CMYK"), "rgba.png": Image.fromarray(array).convert("RGBA"),
+             "palette.png": Image.fromarray(array).convert("P"), "rgb.png": Image.fromarray(array)}
+    for name, image in files.items():
+        image.save(tmp_path / name)
+        pixels = cdgmae.decode_rgbx(tmp_path / name)
+        assert pixels.shape == (4, 30, 40) and pixels.dtype == torch.uint8
+        expected = np.asarray(Image.open(tmp_path / name).convert("RGB"))
+        assert np.array_equal(pixels[:3].permute(1, 2, 0).numpy(), expected), name
+        assert (pixels[3] == 255).all(), name
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "rgb.jpg").read_bytes()[:600])  # truncated: the header parses
+    with pytest.raises(cdgmae.UnreadableImage, match="cut.jpg: cannot decode image"):
+        cdgmae.decode_rgbx(tmp_path / "cut.jpg")
+
+
+def test_crops_of_rgbx_pixels_are_the_crops_of_rgb_pixels_and_edges_repeat():
+    rng = np.random.default_rng(8)
+    rgb = torch.from_numpy(natural(rng, 90, 70).copy()).permute(2, 0, 1)
+    rgbx = torch.cat([rgb, torch.full((1, 70, 90), 255, dtype=torch.uint8)])
+    rgbx = rgbx.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # channels-last, as decode_rgbx gives it
+    for box in [cdgmae.sample_crop_box(rng, 256, 256) for _ in range(6)] + [(0.0, 0.0, 1.0, 1.0)]:
+        assert torch.equal(cdgmae.crop_resize(rgbx, box, 48)[:3], cdgmae.crop_resize(rgb, box, 48))
+    hwc = rgb.permute(1, 2, 0)
+    for dim in (0, 1):  # a crop that starts before the image repeats its first row / column
+        index = torch.arange(-3, 20).clamp(min=0)
+        assert torch.equal(cdgmae.crop_axis(hwc, dim, -3, 20), hwc.index_select(dim, index))
+
+
+def test_a_batch_assembled_in_place_is_the_default_collate_of_the_items_also_with_a_substitute(tmp_path):
+    root, bags = write_bags(tmp_path / "bags", num_bags=6)
+    (root / bags[2] / "view_01.jpg").write_bytes(b"\xff\xd8 broken")
+    ds = cdgmae.BagDataset(root, bags, 3, num_anchors=2, input_size=24, num_patches=9, seed=3)
+    keys = [(epoch, i) for epoch in (0, 1) for i in range(6)]
+    expected = torch.utils.data.default_collate([ds[key] for key in keys])
+    for shared in (False, True):
+        batch = ds.collated(keys, shared=shared)
+        assert isinstance(batch, tuple) and all(b.is_shared() == shared for b in batch)
+        assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(batch, expected))
+    assert cdgmae.collate_batch(batch) is batch
+    assert all(torch.equal(a, b) for a, b in zip(cdgmae.collate_batch([ds[key] for key in keys]), expected))
+
+
+def test_loader_workers_deliver_the_items_batch_by_batch(tmp_path):
+    root, bags = write_bags(tmp_path / "bags", num_bags=8)
+    ds = cdgmae.BagDataset(root, bags, 3, num_anchors=1, input_size=16, num_patches=4, seed=2)
+    sampler = cdgmae.GlobalBatchSampler(8, 4, rank=0, world_size=1, epoch=1, seed=2)
+    loader = cdgmae.make_loader(argparse.Namespace(workers=2, decode="cpu"), ds, sampler, 4, torch.device("cpu"))
+    keys = list(sampler)
+    for step, batch in enumerate(loader):
+        expected = torch.utils.data.default_collate([ds[key] for key in keys[step * 4:step * 4 + 4]])
+        assert all(torch.equal(a, b) for a, b in zip(batch, expected))
+    assert step == 1
