@@ -33,7 +33,6 @@ import re
 import socket
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np

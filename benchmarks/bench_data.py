@@ -24,7 +24,6 @@ import argparse
 import sys
 import tempfile
 import time
-import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
