@@ -27,6 +27,11 @@ is resumable: a rerun skips what is done.
 three masked anchors (CDG-MAE-a1, -a3) -- for the same number of steps on each of 3 seeds, and
 prints the paper's tables in their form with a bar chart. It takes about 40 minutes a seed on
 2 cores and resumes where it stopped.
+
+What you may copy: `RawPixels` (a patch-pixel feature extractor with the interface
+propagate.py uses; torch only) and `draw_comparison` (a bar chart with Pillow only). The rest
+is glue over the project's scripts: it needs cdgmae.py, toyworld.py, propagate.py,
+evaluate.py, metrics.py and generate_views.py beside it.
 """
 import argparse
 import json

@@ -29,6 +29,12 @@ Everything is a pure function of --seed: bag i and video i are drawn from a gene
 by (seed, kind, i), so they do not depend on how many others are drawn. Files are written
 under a temporary name and renamed; a rerun skips finished bags and videos.
 
+What you may copy: the file needs numpy, Pillow, tqdm and, for its dataset conventions (class
+lists, the DAVIS palette, atomic writes), evaluate.py. The textures, shapes and `render_scene`
+are plain numpy; `sample_bag` / `perturb_scene` (a scene and its views) and `sample_video` (a
+scene per frame) return plain dicts, so another renderer or another on-disk layout can reuse
+them.
+
 Units: lengths are pixels of a frame at camera zoom 1 and object scale 1; the same object
 and figure sizes are used for bags and videos, so the encoder sees objects of similar pixel
 size in training (64x64 bags) and evaluation (96x160 videos).
