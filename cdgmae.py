@@ -1,13 +1,41 @@
 """CDG-MAE: cross-view masked autoencoder pre-training on bags of diffusion-generated views.
 
 Reference implementation of "CDG-MAE: Learning Correspondences from Diffusion Generated
-Views" (Belagali et al.). This one file holds
+Views" (Belagali et al.). The file reads top to bottom with the paper open: the method
+first, in the paper's order, the plumbing after it.
 
-  1. the model: a ViT encoder with the MAE/DINO/timm state-dict layout, the CDG-MAE
-     decoder (cross-attention to N anchors, Sec. 3.3 and 4) and the loss (Eq. 4-10);
-  2. the FLOP counter that reproduces the paper's Table 8 (Sec. A.3.1);
-  3. checkpoint loading for MAE, DINO, CropMAE and CDG-MAE checkpoints;
-  4. the bag-of-views dataset (Sec. 3.1) and the torchrun/DDP training script (Table 6).
+  1. The model (Sec. 3.3 and 4, Eq. 4-10): the sine-cosine position embedding, the
+     transformer pieces, MAE's random masking, a ViT encoder with the MAE/DINO/timm
+     state-dict layout, and CDGMAE: N anchors, anchor masking, the decoder that
+     cross-attends to the anchors, and the loss. Then the FLOP counter of Table 8 (A.3.1).
+  2. The training data (Sec. 3.1): a sample is a target and N anchors drawn from one bag of
+     views, cut with one crop box and one flip (BagDataset); then the family's other pretext
+     data (Table 5): CropMAE's crops of one image, SiamMAE's frames of one video.
+  3. The optimisation (Sec. 4, Table 6): the global batches, AdamW with timm's weight-decay
+     groups, linear warmup and a per-iteration cosine, one epoch of steps (`train_epoch`,
+     MAE's train_one_epoch), the epoch loop (`train`) and `main`.
+  4. Plumbing: the run's dataset, loader and checkpoints; image decoding, cropping and
+     resizing; loading MAE, DINO, CropMAE and CDG-MAE encoder checkpoints; the run folder
+     and its resume checks; temporary files and atomic writes; the start-up scan of the
+     data; the torchrun/DDP set-up; the command line.
+
+What you may copy: `VisionTransformer` (with `vit_tiny` / `vit_small` / `vit_base`) and
+`CDGMAE` need only torch and the definitions above them (position embeddings, transformer
+pieces, `random_masking`); a CDGMAE is also a feature extractor (`forward_features`).
+`count_flops` needs torch and a model with `img_size`, `num_anchors` and a forward(target,
+anchors); it counts nn.Linear, nn.Conv2d and nn.LayerNorm, and the attention products of
+this file's Attention and CrossAttention only. `learning_rate` needs math and an object
+with lr, min_lr, warmup_epochs and epochs; `param_groups` any nn.Module;
+`GlobalBatchSampler` torch. `BagDataset` (and `CropDataset`, `FrameDataset`) needs torch,
+numpy and Pillow and, from this file, `bag_files`, `sample_crop_box`, `crop_views` with
+`crop_resize` (`resize_plan`, `crop_axis`, `RESAMPLING`: torch's antialiased resize ops),
+`copy_flipped`, `decode_rgbx` (which maps Pillow's decoder onto a numpy array through
+Pillow's internal `Image.core.map_buffer`), `read_encoded`, `batch_tensor` and
+`UnreadableImage`; `decode_on_device` (--decode gpu) needs torchvision. The checkpoint
+loaders (`load_checkpoint`, `read_state_dict`, `encoder_from_checkpoint`,
+`load_encoder_state`) need torch and VisionTransformer. `checked` (argparse ranges),
+`atomic_write`, `temporary_path` and `remove_stale_temporaries` need only the standard
+library. `train`, `train_epoch` and `main` tie everything together and also need tqdm.
 
 Usage:
     python cdgmae.py --data BAGS --output runs/a1                       # one process
@@ -472,8 +500,9 @@ class CDGMAE(VisionTransformer):
         patches = torch.cat([x[:, 1:], mask_tokens], dim=1)
         patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
         x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
-        # Eq. (9): T_r = d_psi(T_a, A'_v). Each block of the paper's decoder (Sec. 4) runs
-        # cross-attention to the anchors A'_v, then the feed-forward, then self-attention over T_a.
+        # Eq. (9): T_r = d_psi(T_a, A'_v). Each block of the paper's decoder (Sec. 4, DecoderBlock) runs
+        # cross-attention to the anchors A'_v, then the feed-forward, then self-attention over T_a;
+        # with decoder_block="croco" (CroCoDecoderBlock): self-attention, cross-attention, MLP.
         for block in self.decoder_blocks:
             x = block(x, memory)
         x = self.decoder_pred(self.decoder_norm(x))
@@ -615,7 +644,7 @@ def bag_files(bag_dir):
 
 
 class BagDataset(torch.utils.data.Dataset):
-    """Samples (target, N anchors) from bags of views (Sec. 4, Table 2 and 6).
+    """Samples (target, N anchors) from bags of views (Sec. 3.1 and 4, Tables 2 and 6).
 
     An item is addressed by (epoch, index): everything random about it -- which view is
     the target, which N views are anchors, the crop box and flip shared by all of its
@@ -905,8 +934,8 @@ class FrameDataset(BagDataset):
     is a frame 4 to 48 frames after its unmasked anchor (`sample_frame_indices`); one random
     resized crop box (area `crop_scale`) and one flip are shared by all frames of the sample,
     antialiased bilinear, as SiamMAE's data pipe does. Items, noise, determinism, substitution
-    (a video with an unreadable frame, or fewer frames than it had at start-up) and the encoded
-    form as in BagDataset."""
+    (a video with an unreadable frame, or fewer than gap[0] + 1 frames left since the start-up
+    check) and the encoded form as in BagDataset."""
 
     ITEM, MODE = "video", "bilinear"
 
@@ -1010,8 +1039,11 @@ def param_groups(model, weight_decay):
 
 
 def train_epoch(args, run, epoch, first, batches, global_step):
-    """Steps first..end of one epoch (or up to --max-steps). Returns (global_step, the last
-    step index done, whether --max-steps stopped it, the last batch and prediction)."""
+    """Steps first..end of one epoch (or up to --max-steps), as MAE's train_one_epoch: each step
+    sets the lr of its iteration, runs --accum-iter forward/backward passes (bf16 autocast on
+    CUDA), takes one optimizer step, and every --log-every steps logs the loss averaged over
+    ranks. Returns (global_step, the last step index done, whether --max-steps stopped it, the
+    last batch and prediction)."""
     steps = run.steps_per_epoch
     bar = tqdm(range(first, steps), desc=f"epoch {epoch}", disable=run.rank != 0, dynamic_ncols=True,
                initial=first, total=steps)
@@ -1072,24 +1104,15 @@ def train(args, bags, rank, world_size, device, per_step, output, ckpt, resume):
     if steps_per_epoch == 0:
         raise SystemExit(f"{args.data}: {len(bags)} {item}s is fewer than one global batch of {args.batch_size} "
                          f"(lower --batch-size or add {item}s)")
-    config = model_config(args)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = CDGMAE(**config).to(device)
+    model = CDGMAE(**model_config(args)).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=tuple(args.betas),
                                   fused=device.type == "cuda" or None)  # one kernel for all parameters
     start_epoch, start_step, global_step = resume_from(ckpt, resume, model, optimizer) if ckpt else (0, 0, 0)
     if args.max_steps is not None and global_step >= args.max_steps or start_epoch >= args.epochs:
         print(f"{output}: nothing to do (step {global_step}, epoch {start_epoch} of {args.epochs})")
         return model
-    train_model = model
-    if world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        train_model = torch.compile(train_model)
-    if device.type == "cuda":  # bf16 autocast on GPU; float32 on CPU (bf16 is ~30x slower there)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    train_model = model_for_training(model, world_size, device, args.compile)  # DDP, torch.compile
 
     dataset = make_dataset(args, bags, model.num_patches, output)
     sampler = GlobalBatchSampler(len(bags), args.batch_size, rank, world_size, seed=args.seed)
@@ -1097,21 +1120,8 @@ def train(args, bags, rank, world_size, device, per_step, output, ckpt, resume):
     run = argparse.Namespace(model=model, train_model=train_model, optimizer=optimizer, rank=rank,
                              world_size=world_size, device=device, output=output, steps_per_epoch=steps_per_epoch,
                              settings=run_settings(args), move=batch_mover(args, device), log=None)
-    if rank == 0:
-        counts = count_flops(CDGMAE(**{**config, "decoder_dropout": 0.0}))
-        data = {"bags": f"{len(bags)} bags of 1 real + {args.views} views",
-                "crops": f"{len(bags)} images (CropMAE crops)", "frames": f"{len(bags)} videos (SiamMAE frames)"}
-        print(f"{data[args.pretext]}; {world_size} rank(s) x {per_step} samples x "
-              f"{args.accum_iter} accumulation = global batch {args.batch_size}; {steps_per_epoch} steps/epoch; "
-              f"lr {args.lr:.3g}; {counts['fvcore'] / 1e9:.3g} GFLOPs/sample (fvcore)")
-        if ckpt:
-            print(f"resumed from {resume}: epoch {start_epoch}, step {start_step} of {steps_per_epoch}")
-        save_or_exit(output / "args.json", lambda tmp: Path(tmp).write_text(json.dumps(run.settings, indent=2)),
-                     "the settings")
-        truncate_log(output / "log.jsonl", global_step)
-        run.log = open(output / "log.jsonl", "a")
-        if global_step == 0:  # the initial weights: the random-init baseline of the same run
-            save_initial_checkpoint(run)
+    if rank == 0:  # a summary line, args.json, the log, and checkpoint-0000.pth on a fresh start
+        start_records(args, run, len(bags), per_step, resume if ckpt else None, (start_epoch, start_step, global_step))
     try:
         for epoch in range(start_epoch, args.epochs):
             first = start_step if epoch == start_epoch else 0
@@ -1188,7 +1198,7 @@ def make_dataset(args, items, num_patches, output):
 
 def make_loader(args, dataset, sampler, per_step, device):
     """One DataLoader for the whole run: persistent workers (the sampler is moved on with
-    set_epoch), uint8 batches, and a prefetch depth of about 256 samples per worker (2 batches
+    set_epoch), uint8 batches (encoded ones with --decode gpu), and a prefetch depth of about 256 samples per worker (2 batches
     of 128 or more, up to 8 small ones), so large batches do not pile up in shared memory."""
     extra = {}
     if args.workers > 0:
@@ -1247,6 +1257,27 @@ def save_initial_checkpoint(run):
             torch.save(ckpt, f)
     save_or_exit(run.output / "checkpoint-0000.pth", write, "the initial checkpoint")
 
+
+def start_records(args, run, num_items, per_step, resumed, start):
+    """Rank 0, before the first step: print the run's sizes (and where it resumed), write
+    OUTPUT/args.json, cut log.jsonl to the steps done (`truncate_log`) and open it for appending,
+    and on a fresh start write the initial weights (`save_initial_checkpoint`).
+    resumed: the checkpoint resumed from, or None; start: (epoch, step, global step)."""
+    (start_epoch, start_step, global_step), output = start, run.output
+    counts = count_flops(CDGMAE(**{**model_config(args), "decoder_dropout": 0.0}))
+    data = {"bags": f"{num_items} bags of 1 real + {args.views} views",
+            "crops": f"{num_items} images (CropMAE crops)", "frames": f"{num_items} videos (SiamMAE frames)"}
+    print(f"{data[args.pretext]}; {run.world_size} rank(s) x {per_step} samples x "
+          f"{args.accum_iter} accumulation = global batch {args.batch_size}; {run.steps_per_epoch} steps/epoch; "
+          f"lr {args.lr:.3g}; {counts['fvcore'] / 1e9:.3g} GFLOPs/sample (fvcore)")
+    if resumed:
+        print(f"resumed from {resumed}: epoch {start_epoch}, step {start_step} of {run.steps_per_epoch}")
+    save_or_exit(output / "args.json", lambda tmp: Path(tmp).write_text(json.dumps(run.settings, indent=2)),
+                 "the settings")
+    truncate_log(output / "log.jsonl", global_step)
+    run.log = open(output / "log.jsonl", "a")
+    if global_step == 0:  # the initial weights: the random-init baseline of the same run
+        save_initial_checkpoint(run)
 
 def resume_from(ckpt, resume, model, optimizer):
     """Load a checkpoint's model and optimizer states; returns (next_epoch, next_step, global_step)."""
@@ -1311,7 +1342,7 @@ def decode_rgbx(path):
     of an H x W x 4 array. This is Pillow's own layout for RGB, so an RGB file (any JPEG in
     colour) is decoded straight into the array, without the copy that np.asarray(image) makes;
     and torch's uint8 resize reads 4-byte pixels without repacking them. Other modes are
-    converted with Image.convert("RGB"), as before. UnreadableImage if it cannot be decoded."""
+    converted with Image.convert("RGB"). UnreadableImage if it cannot be decoded."""
     try:
         with Image.open(path) as im:
             pixels = np.empty((im.height, im.width, 4), np.uint8)
@@ -1823,7 +1854,8 @@ EXPECTED_LAYOUT = {"bags": "a bag is a folder holding real.* and view_NN.jpg fil
 
 
 def check_data_root(args):
-    """A missing bag folder is a one-line exit saying how to make one."""
+    """A missing --data folder (bags, or the images / videos of --pretext crops / frames) is a
+    one-line exit saying what it should hold and, for bags, how to make them."""
     root = Path(args.data)
     if root.is_dir():
         return
@@ -2053,6 +2085,22 @@ def setup_distributed(timeout_minutes=30):
     return rank, world_size, device
 
 
+def model_for_training(model, world_size, device, compile_model=False):
+    """The module the steps call: `model` wrapped in DistributedDataParallel over several ranks
+    and compiled with --compile (the checkpoints keep saving `model` itself). On CUDA, float32
+    matrix products may use TF32 (the forward runs under bf16 autocast there; on the CPU it
+    runs in float32, where bf16 is ~30x slower)."""
+    train_model = model
+    if world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile_model:
+        train_model = torch.compile(train_model)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return train_model
+
 def gather(part, world_size):
     """The concatenation of every rank's list (bounded by --dist-timeout)."""
     if world_size == 1:
@@ -2066,7 +2114,7 @@ def gather(part, world_size):
 # Command line
 # -----------------------------------------------------------------------------
 
-DEFAULT_DATA = "data/bags"  # --data default: the used-by command runs from a folder holding data/bags
+DEFAULT_DATA = "data/bags"  # --data default, relative to the working folder (the torchrun usage above names none)
 
 
 def checked(kind, low=None, high=None, *, low_open=False, high_open=False):
@@ -2090,21 +2138,30 @@ def checked(kind, low=None, high=None, *, low_open=False, high_open=False):
 
 
 def get_args_parser():
+    """The command line; each argument group is added by its own function, in --help's order."""
     p = argparse.ArgumentParser(
         description="CDG-MAE pre-training on bags of views (defaults: the paper's single-anchor "
                     "setting, Table 6), or on the family's other pretext data (--pretext crops: CropMAE, "
                     "frames: SiamMAE). Run with python (one process) or torchrun (DDP).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data")
+    add_data_arguments(p.add_argument_group("data"))
+    add_model_arguments(p.add_argument_group("model"))
+    add_optimisation_arguments(p.add_argument_group("optimisation"))
+    add_output_arguments(p.add_argument_group("output"))
+    return p
+
+
+def add_data_arguments(g):
+    """The "data" flags: --data, --pretext, the views and their crops, the loader and the start-up check."""
     g.add_argument("--data", type=str, default=DEFAULT_DATA,
-                   help="bag root (layout: see README, 'Bags of views'; relative to the working folder); "
+                   help="bag root (layout: see docs/training.md, 'Bags of views on disk'; relative to the working folder); "
                         "--pretext crops: an image folder, frames: a folder of frame folders")
     g.add_argument("--pretext", choices=PRETEXTS, default="bags",
                    help="bags: target and anchors among a bag's views (the paper); crops: CropMAE's global crop "
                         "as anchor, a crop of it as target; frames: SiamMAE's frames 4 to 48 apart "
                         "(see docs/training.md, 'Pretext data')")
     g.add_argument("--views", type=checked(int, 1), default=None,
-                   help="M generated views per bag to use (default: the largest count found; "
+                   help="M generated views per bag to use (default: the largest count in the first 1000 bags; "
                         "a bag with fewer is an error)")
     g.add_argument("--target-view", choices=["any", "real", "generated"], default="any",
                    help="target chosen among all views of the bag / always the real image / "
@@ -2127,7 +2184,9 @@ def get_args_parser():
                         "the boxes, the GPU decodes (nvJPEG, needs torchvision) and crops"
                         " (pixels differ slightly from cpu's, so a run keeps its choice)")
 
-    g = p.add_argument_group("model")
+
+def add_model_arguments(g):
+    """The "model" flags: the encoder, the anchors and masks (Eq. 4-7), the decoder (Sec. 4) and the loss."""
     g.add_argument("--model", choices=sorted(VIT_SIZES), default="vit_small", help="encoder size")
     g.add_argument("--embed-dim", type=checked(int, 1), default=None, help="override the encoder width")
     g.add_argument("--depth", type=checked(int, 1), default=None, help="override the encoder depth")
@@ -2150,7 +2209,9 @@ def get_args_parser():
     g.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
                    help="regress per-patch normalised pixels")
 
-    g = p.add_argument_group("optimisation")
+
+def add_optimisation_arguments(g):
+    """The "optimisation" flags: AdamW, the lr schedule and the batch (Table 6), the seed."""
     g.add_argument("--epochs", type=checked(int, 1), default=100, help="passes over the bags (Table 6) and the cosine's length: a resume may raise it only once the run has finished")
     g.add_argument("--batch-size", type=checked(int, 1), default=2048, help="global batch (all ranks, all accumulation steps)")
     g.add_argument("--accum-iter", type=checked(int, 1), default=1, help="gradient accumulation steps per optimizer step")
@@ -2164,7 +2225,9 @@ def get_args_parser():
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
     g.add_argument("--max-steps", type=checked(int, 1), default=None, help="stop (with a checkpoint) after this many optimizer steps")
 
-    g = p.add_argument_group("output")
+
+def add_output_arguments(g):
+    """The "output" flags: the run folder, resuming, the cadence of checkpoints, logs and pictures."""
     g.add_argument("--output", type=str, default="runs/cdgmae", help="folder for checkpoints, log.jsonl, args.json and reconstruction PNGs")
     g.add_argument("--resume", type=str, default=None, help="checkpoint to continue from ('auto': OUTPUT/checkpoint-last.pth if present); refused if a setting "
                         "that changes the computation differs")
@@ -2176,7 +2239,6 @@ def get_args_parser():
                         "run stops with an error instead of hanging")
     g.add_argument("--count-flops", action="store_true",
                    help="print the GFLOPs of one 224x224 training sample (Table 8) and exit")
-    return p
 
 
 def check_args(parser, args):
