@@ -1179,7 +1179,7 @@ def main(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# The training run's pieces: dataset, loader, batches on the device, checkpoints
+# The training run's pieces: dataset, loader, batches on the device, checkpoints, pictures
 # -----------------------------------------------------------------------------
 
 def make_dataset(args, items, num_patches, output):
@@ -2114,7 +2114,7 @@ def gather(part, world_size):
 # Command line
 # -----------------------------------------------------------------------------
 
-DEFAULT_DATA = "data/bags"  # --data default, relative to the working folder (the torchrun usage above names none)
+DEFAULT_DATA = "data/bags"  # --data default, relative to the working folder (the docstring's torchrun usage names none)
 
 
 def checked(kind, low=None, high=None, *, low_open=False, high_open=False):
