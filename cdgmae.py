@@ -1,13 +1,41 @@
 """CDG-MAE: cross-view masked autoencoder pre-training on bags of diffusion-generated views.
 
 Reference implementation of "CDG-MAE: Learning Correspondences from Diffusion Generated
-Views" (Belagali et al.). This one file holds
+Views" (Belagali et al.). The file reads top to bottom with the paper open: the method
+first, in the paper's order, the plumbing after it.
 
-  1. the model: a ViT encoder with the MAE/DINO/timm state-dict layout, the CDG-MAE
-     decoder (cross-attention to N anchors, Sec. 3.3 and 4) and the loss (Eq. 4-10);
-  2. the FLOP counter that reproduces the paper's Table 8 (Sec. A.3.1);
-  3. checkpoint loading for MAE, DINO, CropMAE and CDG-MAE checkpoints;
-  4. the bag-of-views dataset (Sec. 3.1) and the torchrun/DDP training script (Table 6).
+  1. The model (Sec. 3.3 and 4, Eq. 4-10): the sine-cosine position embedding, the
+     transformer pieces, MAE's random masking, a ViT encoder with the MAE/DINO/timm
+     state-dict layout, and CDGMAE: N anchors, anchor masking, the decoder that
+     cross-attends to the anchors, and the loss. Then the FLOP counter of Table 8 (A.3.1).
+  2. The training data (Sec. 3.1): a sample is a target and N anchors drawn from one bag of
+     views, cut with one crop box and one flip (BagDataset); then the family's other pretext
+     data (Table 5): CropMAE's crops of one image, SiamMAE's frames of one video.
+  3. The optimisation (Sec. 4, Table 6): the global batches, AdamW with timm's weight-decay
+     groups, linear warmup and a per-iteration cosine, one epoch of steps (`train_epoch`,
+     MAE's train_one_epoch), the epoch loop (`train`) and `main`.
+  4. Plumbing: the run's dataset, loader and checkpoints; image decoding, cropping and
+     resizing; loading MAE, DINO, CropMAE and CDG-MAE encoder checkpoints; the run folder
+     and its resume checks; temporary files and atomic writes; the start-up scan of the
+     data; the torchrun/DDP set-up; the command line.
+
+What you may copy: `VisionTransformer` (with `vit_tiny` / `vit_small` / `vit_base`) and
+`CDGMAE` need only torch and the definitions above them (position embeddings, transformer
+pieces, `random_masking`); a CDGMAE is also a feature extractor (`forward_features`).
+`count_flops` needs torch and a model with `img_size`, `num_anchors` and a forward(target,
+anchors); it counts nn.Linear, nn.Conv2d and nn.LayerNorm, and the attention products of
+this file's Attention and CrossAttention only. `learning_rate` needs math and an object
+with lr, min_lr, warmup_epochs and epochs; `param_groups` any nn.Module;
+`GlobalBatchSampler` torch. `BagDataset` (and `CropDataset`, `FrameDataset`) needs torch,
+numpy and Pillow and, from this file, `bag_files`, `sample_crop_box`, `crop_views` with
+`crop_resize` (`resize_plan`, `crop_axis`, `RESAMPLING`: torch's antialiased resize ops),
+`copy_flipped`, `decode_rgbx` (which maps Pillow's decoder onto a numpy array through
+Pillow's internal `Image.core.map_buffer`), `read_encoded`, `batch_tensor` and
+`UnreadableImage`; `decode_on_device` (--decode gpu) needs torchvision. The checkpoint
+loaders (`load_checkpoint`, `read_state_dict`, `encoder_from_checkpoint`,
+`load_encoder_state`) need torch and VisionTransformer. `checked` (argparse ranges),
+`atomic_write`, `temporary_path` and `remove_stale_temporaries` need only the standard
+library. `train`, `train_epoch` and `main` tie everything together and also need tqdm.
 
 Usage:
     python cdgmae.py --data BAGS --output runs/a1                       # one process
@@ -34,7 +62,6 @@ import socket
 import sys
 import time
 from pathlib import Path
-
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -42,7 +69,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -387,7 +413,7 @@ VIT_SIZES = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (7
 
 
 # -----------------------------------------------------------------------------
-# CDG-MAE
+# CDG-MAE (Sec. 3.3, Eq. 4-10)
 # -----------------------------------------------------------------------------
 
 class CDGMAE(VisionTransformer):
@@ -474,8 +500,9 @@ class CDGMAE(VisionTransformer):
         patches = torch.cat([x[:, 1:], mask_tokens], dim=1)
         patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
         x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
-        # Eq. (9): T_r = d_psi(T_a, A'_v). Each block of the paper's decoder (Sec. 4) runs
-        # cross-attention to the anchors A'_v, then the feed-forward, then self-attention over T_a.
+        # Eq. (9): T_r = d_psi(T_a, A'_v). Each block of the paper's decoder (Sec. 4, DecoderBlock) runs
+        # cross-attention to the anchors A'_v, then the feed-forward, then self-attention over T_a;
+        # with decoder_block="croco" (CroCoDecoderBlock): self-attention, cross-attention, MLP.
         for block in self.decoder_blocks:
             x = block(x, memory)
         x = self.decoder_pred(self.decoder_norm(x))
@@ -589,113 +616,7 @@ def count_flops(model, num_anchors=None, batch_size=1):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints of the MAE family
-# -----------------------------------------------------------------------------
-
-DECODER_PREFIXES = ("decoder_", "mask_token")  # MAE, CropMAE and CDG-MAE decoder parameters
-HEAD_PREFIXES = ("head.", "fc_norm.")          # classification / DINO projection heads
-
-
-def load_checkpoint(path):
-    """torch.load with weights_only=True (no arbitrary code), allowing the argparse.Namespace
-    that MAE's and CropMAE's training checkpoints store under "args"."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
-        raise RuntimeError(f"{path}: cannot read checkpoint ({e})") from e
-
-
-def read_state_dict(path):
-    """Load a checkpoint file and unwrap it to a flat state dict of tensors.
-
-    Understands {"model": sd} (MAE, CropMAE, CDG-MAE), {"state_dict": sd}, DINO's training
-    checkpoints {"teacher": sd} and plain state dicts (DINO's released backbones), and
-    strips the "module." (DDP) and "backbone." (DINO) prefixes.
-    """
-    return unwrap_state_dict(load_checkpoint(path), str(path))
-
-
-def unwrap_state_dict(ckpt, name="checkpoint"):
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{name}: expected a dict, got {type(ckpt).__name__}")
-    for key in ("model", "state_dict", "teacher"):
-        if key in ckpt and isinstance(ckpt[key], dict):
-            ckpt = ckpt[key]
-            break
-    state = {}
-    for k, v in ckpt.items():
-        if not torch.is_tensor(v):
-            continue
-        for prefix in ("module.", "backbone."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        state[k] = v
-    if not state:
-        raise ValueError(f"{name}: no tensors found")
-    return state
-
-
-def load_encoder_state(encoder, state, name="checkpoint"):
-    """Load an encoder state dict strictly into a VisionTransformer.
-
-    Decoder keys (decoder_*, mask_token) and heads (head.*, fc_norm.*) are dropped; the
-    position embedding is interpolated if the checkpoint's grid differs from the
-    encoder's. Any other missing or unexpected key is an error that lists the keys.
-    Returns the dropped keys.
-    """
-    dropped = sorted(k for k in state if k.startswith(DECODER_PREFIXES + HEAD_PREFIXES))
-    state = {k: v for k, v in state.items() if k not in dropped}
-    if "pos_embed" in state and state["pos_embed"].shape != encoder.pos_embed.shape:
-        state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], encoder.grid_size, encoder.grid_size)
-    expected = encoder.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or wrong_shape:
-        lines = [f"{name}: does not match the encoder ({encoder.embed_dim}-d, {encoder.depth} blocks, "
-                 f"patch {encoder.patch_size})"]
-        if missing:
-            lines.append(f"  missing keys: {missing}")
-        if unexpected:
-            lines.append(f"  unexpected keys: {unexpected}")
-        for k in wrong_shape:
-            lines.append(f"  {k}: checkpoint {tuple(state[k].shape)} vs encoder {tuple(expected[k].shape)}")
-        raise ValueError("\n".join(lines))
-    encoder.load_state_dict(state, strict=True)
-    return dropped
-
-
-def encoder_from_checkpoint(checkpoint, img_size=None, num_heads=None):
-    """Build a VisionTransformer shaped like a checkpoint's encoder and load it strictly.
-
-    checkpoint: a path or an already loaded dict. Width, depth and patch size are read off
-    the tensors; img_size defaults to the stored position-embedding grid x patch size (so
-    the embedding is resized once, to each input's grid, and never twice); heads come from
-    `num_heads`, else the checkpoint's args["num_heads"], else the ViT convention of 64
-    channels per head (ViT-T/S/B: 3/6/12).
-    """
-    name = "checkpoint" if isinstance(checkpoint, dict) else str(checkpoint)
-    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
-    state = unwrap_state_dict(ckpt, name)
-    if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
-        raise ValueError(f"{name}: no patch_embed.proj.weight / pos_embed, not a ViT checkpoint")
-    embed_dim, _, patch_size, _ = state["patch_embed.proj.weight"].shape
-    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
-    args = ckpt.get("args")
-    args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
-    num_heads = num_heads or args.get("num_heads") or max(1, embed_dim // 64)
-    img_size = img_size or math.isqrt(state["pos_embed"].shape[1] - 1) * patch_size
-    encoder = VisionTransformer(img_size, patch_size, embed_dim, depth, num_heads)
-    load_encoder_state(encoder, state, name)
-    return encoder
-
-
-# -----------------------------------------------------------------------------
-# Bags of views (Sec. 3.1) on disk
+# Bags of views (Sec. 3.1): a sample is a target and N anchors of one bag
 # -----------------------------------------------------------------------------
 #
 #   BAGS/<relative folder of the real image>/<image stem>/     one folder per real image
@@ -708,8 +629,6 @@ def encoder_from_checkpoint(checkpoint, img_size=None, num_heads=None):
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VIEW_NAME = re.compile(r"^view_(\d+)\.(jpg|jpeg|png|bmp|webp)$", re.IGNORECASE)
-VERIFY_LEVELS = ("none", "header", "decode")  # --verify-images, from cheapest to most thorough
-DEFAULT_DATA = "data/bags"  # --data default: the used-by command runs from a folder holding data/bags
 
 
 def bag_files(bag_dir):
@@ -724,343 +643,8 @@ def bag_files(bag_dir):
     return real, [views[k] for k in sorted(views)]
 
 
-def _is_bag(filenames):
-    return any(f.lower().startswith("real.") and f.lower().endswith(IMAGE_SUFFIXES) for f in filenames)
-
-
-def _folder_items(root, folder, filenames, kind="bags"):
-    """The items one folder holds, as paths relative to root: the folder itself if it is a bag
-    (kind "bags") or a video (kind "frames": it holds images), its image files (kind "crops")."""
-    relative = os.path.relpath(folder, root)
-    if kind == "crops":
-        return [os.path.normpath(os.path.join(relative, f)) for f in sorted(filenames)
-                if f.lower().endswith(IMAGE_SUFFIXES)]
-    if kind == "bags":
-        return [relative] if _is_bag(filenames) else []
-    return [relative] if any(f.lower().endswith(IMAGE_SUFFIXES) for f in filenames) else []
-
-
-def _walk_bags(job):
-    """Relative paths of the bags (or images, videos: see _folder_items) under root/top (one
-    process's share of the listing)."""
-    root, top, kind = job
-    items = []
-    for dirpath, dirnames, filenames in os.walk(os.path.join(root, top)):
-        dirnames.sort()
-        items += _folder_items(root, dirpath, filenames, kind)
-    return items
-
-
-def parallel_map(function, jobs, processes, chunksize=64):
-    """map() over worker processes (not threads: listing, header reads and decoding hold the
-    GIL), in-process for small jobs. Forked unless CUDA is already initialised."""
-    jobs = list(jobs)
-    if processes <= 1 or len(jobs) < 2 * chunksize:
-        return [function(job) for job in jobs]
-    context = multiprocessing.get_context("forkserver" if torch.cuda.is_initialized() else "fork")
-    with context.Pool(processes) as pool:
-        return pool.map(function, jobs, chunksize=chunksize)
-
-
-def find_bags(root, rank=0, world_size=1, processes=1, kind="bags"):
-    """Sorted relative paths of the bag folders (those holding real.*) under root; kind "crops":
-    of the image files, "frames": of the folders holding images (videos).
-
-    With world_size > 1 this returns rank's share only: the top-level folders are dealt out
-    round-robin over the ranks and walked by `processes` processes per rank."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: bag root is not a folder")
-    with os.scandir(root) as entries:
-        entries = sorted(entries, key=lambda e: e.name)
-    tops = [e.name for e in entries if e.is_dir()]
-    bags = _folder_items(root, root, [e.name for e in entries if e.is_file()], kind) if rank == 0 else []
-    parts = parallel_map(_walk_bags, [(str(root), top, kind) for top in tops[rank::world_size]], processes,
-                         chunksize=4)
-    return sorted(bags + [bag for part in parts for bag in part])
-
-
-def _image_problem(path, level="header"):
-    """None if the file opens as an image (level "header": its header is parsed; "decode":
-    every pixel is decoded), else a short reason."""
-    try:
-        if os.path.getsize(path) == 0:
-            return "empty file"
-        with Image.open(path) as im:
-            if level == "decode":
-                im.load()
-            else:
-                im.size  # noqa: B018 -- parses the header
-        return None
-    except Exception as e:  # noqa: BLE001 -- any decoder error is reported with the file's name
-        return f"unreadable ({type(e).__name__}: {e})"
-
-
-def _bag_problem(job):
-    """(bag, reason or None) for one bag; see check_bags."""
-    root, bag, num_views, min_views, level = job
-    real, views = bag_files(Path(root) / bag)
-    if real is None:
-        return bag, "no real.* image"
-    indices = [int(VIEW_NAME.match(os.path.basename(v)).group(1)) for v in views]
-    if indices[:num_views] != list(range(num_views)):
-        return bag, f"incomplete: has views {indices}, needs view_00..view_{num_views - 1:02d}"
-    if 1 + num_views < min_views:
-        return bag, f"{1 + num_views} images, needs at least {min_views}"
-    if level != "none":
-        for path in [real] + views[:num_views]:
-            if (problem := _image_problem(path, level)):
-                return bag, f"{os.path.basename(path)}: {problem}"
-    return bag, None
-
-
-def check_bags(root, bags, num_views, min_views, verify_images="header", processes=1):
-    """Problems of the given bags as {bag: reason}: no real image, views missing among
-    view_00..view_{num_views-1}, fewer than `min_views` images in all, or an image that
-    cannot be read (verify_images "header": its header; "decode": all of it; "none": no
-    image is opened). The bags are split over `processes` worker processes."""
-    level = {True: "header", False: "none"}.get(verify_images, verify_images)
-    jobs = [(str(root), bag, num_views, min_views, level) for bag in bags]
-    return {bag: reason for bag, reason in parallel_map(_bag_problem, jobs, processes) if reason}
-
-
-# -----------------------------------------------------------------------------
-# Decoding, cropping and resizing (shared by the CPU and the GPU decode paths)
-# -----------------------------------------------------------------------------
-
-class UnreadableImage(RuntimeError):
-    """An image file that cannot be decoded (the message starts with its path)."""
-
-
-def load_rgb(path):
-    """PIL RGB image of a file; UnreadableImage if it cannot be decoded."""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
-        raise UnreadableImage(f"{path}: cannot decode image ({e})") from e
-
-
-def decode_rgbx(path):
-    """A file's pixels as uint8 [4, H, W]: R, G, B and a fourth byte (255), a channels-last view
-    of an H x W x 4 array. This is Pillow's own layout for RGB, so an RGB file (any JPEG in
-    colour) is decoded straight into the array, without the copy that np.asarray(image) makes;
-    and torch's uint8 resize reads 4-byte pixels without repacking them. Other modes are
-    converted with Image.convert("RGB"), as before. UnreadableImage if it cannot be decoded."""
-    try:
-        with Image.open(path) as im:
-            pixels = np.empty((im.height, im.width, 4), np.uint8)
-            if im.mode == "RGB" and im.tile:
-                # Image memory over our array (what Image.frombuffer does for RGBX); ImageFile.load
-                # decodes into image memory that is already there.
-                target = Image.core.map_buffer(pixels, im.size, "raw", 0, ("RGB", 0, 1))
-                im.im = target
-                im.load()
-                if im.im is target:
-                    return torch.from_numpy(pixels).permute(2, 0, 1)
-            pixels[..., :3] = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
-            pixels[..., 3] = 255
-    except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
-        raise UnreadableImage(f"{path}: cannot decode image ({e})") from e
-    return torch.from_numpy(pixels).permute(2, 0, 1)
-
-
-def read_encoded(path):
-    """A file's bytes as a uint8 tensor, for decoding on the device (--decode gpu), and the
-    image's (width, height) from its header. A file whose header does not parse or a JPEG
-    without its end-of-image marker (truncated) is UnreadableImage, so the worker can
-    substitute its bag the way the CPU path does."""
-    try:
-        data = Path(path).read_bytes()
-        with Image.open(io.BytesIO(data)) as im:
-            size, kind = im.size, im.format
-    except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
-        raise UnreadableImage(f"{path}: cannot decode image ({e})") from e
-    if kind == "JPEG" and b"\xff\xd9" not in data[-1024:]:
-        raise UnreadableImage(f"{path}: cannot decode image (truncated JPEG: no end-of-image marker)")
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8), size
-
-
-def sample_crop_box(rng, width, height, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop's box (torchvision's algorithm), as fractions (l, t, r, b) of the image."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return left / width, top / height, (left + w) / width, (top + h) / height
-    # Fallback: the largest central crop with the aspect ratio clamped into range.
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    top, left = (height - h) // 2, (width - w) // 2
-    return left / width, top / height, (left + w) / width, (top + h) / height
-
-
-def resize_plan(low, high, length, size, max_extra=32, taps=2):
-    """How to resample [low, high) of an axis of `length` pixels to `size` samples the way
-    Pillow's box resize does (sample i centred at low + (i + 0.5) * scale, scale = (high - low)
-    / size) with torch's resize, which centres sample i of a crop starting at a whole pixel x0
-    at x0 + (i + 0.5) * scale: resize the crop to extra + size samples and drop the first
-    `extra`, with `extra` chosen so that x0 = low - extra * scale falls on a whole pixel and,
-    away from the image's edge, the first kept sample's taps lie inside the crop. x0 may be
-    negative (the crop then repeats the edge pixel). The residual offset is 0 for a box in whole
-    pixels and usually a few hundredths of a pixel otherwise, but up to 0.5 px when the scale
-    is within about 1% of a whole number (every `extra` then leaves the same fraction).
-    `taps`: the filter's reach in output samples (bicubic 2, bilinear 1). Returns (x0, x1, extra, scale)."""
-    scale = (high - low) / size
-    support = taps * max(scale, 1.0)  # the filter's reach in source pixels (widened when shrinking)
-    best = None
-    for extra in range(max_extra + 1):
-        start = low - extra * scale
-        x0 = round(start)
-        taps_inside = x0 <= 0 or low + 0.5 * scale - support + 0.5 >= x0
-        # A residual offset of r px moves every sample by r; taps cut at the crop's start or a
-        # copied edge (x0 < 0) change the first two samples only: about what r = 0.005 costs.
-        cost = abs(start - x0) + (0 if taps_inside else 0.005) + (0.01 if x0 < 0 else 0)
-        if best is None or cost < best[0]:
-            best = (cost, extra, x0)
-        if cost < 1e-9:
-            break
-    _, extra, x0 = best
-    return x0, min(length, math.ceil(high + support) + 1), extra, scale
-
-
-def crop_axis(image, dim, start, stop):
-    """image[start:stop] along dim of an [H, W, C] image; a start below 0 repeats the first row
-    or column. (Indexing the channels-last layout keeps it, which torch's fast uint8 resize reads.)"""
-    if start >= 0:
-        return image.narrow(dim, start, stop - start)
-    edge = list(image.shape)
-    edge[dim] = -start
-    return torch.cat([image.narrow(dim, 0, 1).expand(edge), image.narrow(dim, 0, stop)], dim)
-
-
-# mode -> (the filter's reach in output samples, the aten op behind F.interpolate(antialias=True))
-RESAMPLING = {"bicubic": (2, torch.ops.aten._upsample_bicubic2d_aa),
-              "bilinear": (1, torch.ops.aten._upsample_bilinear2d_aa)}
-
-
-def crop_resize(image, box, size, float_math=None, mode="bicubic"):
-    """Crop the box (fractions l, t, r, b) out of image [C, H, W] uint8 (C = 3, or 4: the RGBX
-    pixels of `decode_rgbx`) and resize it to [C, size, size] uint8 (on the CPU a channels-last
-    view) with antialiased bicubic interpolation (mode "bilinear": antialiased
-    bilinear, Pillow's BILINEAR, for --pretext crops and frames): Pillow's filter (a = -0.5) at
-    Pillow's sample positions (`resize_plan`), so the crop matches Image.resize(..., box=...)
-    also where the box falls between pixels (the other views of a sample, when their size
-    differs); docs/training.md gives the measured difference. On the CPU torch's uint8 kernel
-    runs; on other devices (or with float_math) the same kernel in float32, rounded. Used by
-    both decode paths."""
-    taps, resample = RESAMPLING[mode]
-    height, width = image.shape[-2:]
-    y0, y1, extra_y, scale_y = resize_plan(box[1] * height, box[3] * height, height, size, taps=taps)
-    x0, x1, extra_x, scale_x = resize_plan(box[0] * width, box[2] * width, width, size, taps=taps)
-    crop = crop_axis(crop_axis(image.permute(1, 2, 0), 0, y0, y1), 1, x0, x1).permute(2, 0, 1).unsqueeze(0)
-    # One more sample where the crop is as long as the output: torch copies such an axis as is.
-    out_h = extra_y + size + (y1 - y0 == extra_y + size)
-    out_w = extra_x + size + (x1 - x0 == extra_x + size)
-    # The aten op behind F.interpolate(antialias=True), called with both the output size and
-    # the scales, which F.interpolate does not allow together.
-    if float_math or (float_math is None and crop.device.type != "cpu"):
-        out = resample(crop.float(), [out_h, out_w], False, 1 / scale_y, 1 / scale_x)
-        return out[0, :, extra_y:extra_y + size, extra_x:extra_x + size].round_().clamp_(0, 255).to(torch.uint8)
-    # The uint8 kernel works on channels-last pixels: given a channels-last output it writes it
-    # as is, where a planar one costs it another pass.
-    out = torch.empty(1, out_h, out_w, crop.shape[1], dtype=torch.uint8).permute(0, 3, 1, 2)
-    resample.out(crop, [out_h, out_w], False, 1 / scale_y, 1 / scale_x, out=out)
-    return out[0, :, extra_y:extra_y + size, extra_x:extra_x + size]
-
-
-def copy_flipped(out, image, flip):
-    """out[...] = image [3, H, W], mirrored left-right where `flip`. On the CPU numpy's strided
-    copy reads the channels-last crop and writes it planar and mirrored in one pass."""
-    if out.device.type == "cpu":
-        np.copyto(out.numpy(), image.numpy()[..., ::-1] if flip else image.numpy())
-    else:
-        out.copy_(image.flip(-1) if flip else image)
-
-
-def crop_views(images, box, flip, size, mode="bicubic", out=None):
-    """The views of one sample, cut with one shared box and flip: [C, H_i, W_i] uint8 images
-    (C = 3 or 4, any sizes, any device) -> [V, 3, size, size] uint8, written into `out` where
-    given (V tensors [3, size, size]: rows of a batch, see `BagDataset.collated`)."""
-    if out is None:
-        out = torch.empty(len(images), 3, size, size, dtype=torch.uint8, device=images[0].device)
-    for crop, image in zip(out, images):
-        copy_flipped(crop, crop_resize(image, box, size, mode=mode)[:3], flip)
-    return out
-
-
-def normalize(x, mean, std):
-    """uint8 [..., 3, H, W] -> ImageNet-normalised float32 (the same arithmetic as
-    `image_to_tensor`: x / 255, minus mean, over std). Runs on the training device."""
-    return (x.float() / 255.0 - mean) / std
-
-
-def image_to_tensor(img):
-    """PIL RGB -> ImageNet-normalised float tensor [3, H, W]."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (x - mean) / std
-
-
-def decode_on_device(blobs, device):
-    """--decode gpu: encoded images (uint8 byte tensors) -> [3, H, W] uint8 on `device`.
-    JPEGs are decoded in one batch by nvJPEG; other formats by torchvision on the CPU.
-    torchvision is imported here only, so the CPU install does not need it."""
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-    is_jpeg = [b[:2].tolist() == [0xFF, 0xD8] for b in blobs]
-    jpegs = [b for b, j in zip(blobs, is_jpeg) if j]
-    jpegs = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
-    return [next(jpegs) if j else decode_image(b, mode=ImageReadMode.RGB).to(device) for b, j in zip(blobs, is_jpeg)]
-
-
-def assemble_on_device(batch, size, device, decode=decode_on_device, mode="bicubic"):
-    """--decode gpu: a batch of encoded samples (see `collate_encoded`) -> the uint8 batch
-    that the CPU path delivers: target [B, 3, S, S], anchors [B, N, 3, S, S], noise. `decode`
-    maps a list of byte tensors to [3, H, W] uint8 images (injectable: tests decode on CPU)."""
-    blobs, boxes, flips, target_noise, anchor_noise = batch
-    per_sample = len(blobs[0])
-    images = decode([b for sample in blobs for b in sample], device)
-    crops = torch.stack([crop_views(images[i * per_sample:(i + 1) * per_sample], boxes[i].tolist(),
-                                    bool(flips[i]), size, mode) for i in range(len(blobs))])
-    return (crops[:, 0], crops[:, 1:], target_noise.to(device, non_blocking=True),
-            anchor_noise.to(device, non_blocking=True))
-
-
-def batch_tensor(shape, dtype, shared):
-    """An uninitialised batch tensor; where `shared`, in shared memory, as default_collate
-    allocates its output inside a DataLoader worker (the main process maps it, no copy)."""
-    if not shared:
-        return torch.empty(shape, dtype=dtype)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
-
-
-def collate_batch(batch):
-    """The DataLoader's collate_fn on the CPU path: a batch that `BagDataset.__getitems__`
-    assembled (a tuple) passes as it is; a list of items goes to default_collate."""
-    return batch if isinstance(batch, tuple) else torch.utils.data.default_collate(batch)
-
-
-def collate_encoded(samples):
-    """Collate --decode gpu samples: byte tensors stay lists (their lengths differ)."""
-    blobs, boxes, flips, target_noise, anchor_noise = zip(*samples)
-    return list(blobs), torch.stack(boxes), torch.stack(flips), torch.stack(target_noise), torch.stack(anchor_noise)
-
-
 class BagDataset(torch.utils.data.Dataset):
-    """Samples (target, N anchors) from bags of views (Sec. 4, Table 2 and 6).
+    """Samples (target, N anchors) from bags of views (Sec. 3.1 and 4, Tables 2 and 6).
 
     An item is addressed by (epoch, index): everything random about it -- which view is
     the target, which N views are anchors, the crop box and flip shared by all of its
@@ -1213,6 +797,42 @@ class BagDataset(torch.utils.data.Dataset):
                 f.write(f"{bag}\t{error}\n")
 
 
+def sample_crop_box(rng, width, height, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop's box (torchvision's algorithm), as fractions (l, t, r, b) of the image."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left / width, top / height, (left + w) / width, (top + h) / height
+    # Fallback: the largest central crop with the aspect ratio clamped into range.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    top, left = (height - h) // 2, (width - w) // 2
+    return left / width, top / height, (left + w) / width, (top + h) / height
+
+
+def crop_views(images, box, flip, size, mode="bicubic", out=None):
+    """The views of one sample, cut with one shared box and flip: [C, H_i, W_i] uint8 images
+    (C = 3 or 4, any sizes, any device) -> [V, 3, size, size] uint8, written into `out` where
+    given (V tensors [3, size, size]: rows of a batch, see `BagDataset.collated`)."""
+    if out is None:
+        out = torch.empty(len(images), 3, size, size, dtype=torch.uint8, device=images[0].device)
+    for crop, image in zip(out, images):
+        copy_flipped(crop, crop_resize(image, box, size, mode=mode)[:3], flip)
+    return out
+
+
 # -----------------------------------------------------------------------------
 # Pretext data of the family (Table 5): CropMAE's crops and SiamMAE's video frames
 # -----------------------------------------------------------------------------
@@ -1224,6 +844,7 @@ class BagDataset(torch.utils.data.Dataset):
 
 PRETEXTS = ("bags", "crops", "frames")
 PRETEXT_ITEMS = {"bags": "bag", "crops": "image", "frames": "video"}
+
 # The flags left unset (None) take their pretext's value: bags the paper's (Table 6), crops
 # CropMAE's ImageNet script (GlobalToLocal: global area [0.10, 1], mask 98.5%), frames
 # SiamMAE's (CropMAE's SiamMAE script: area [0.5, 1], mask 95%).
@@ -1237,83 +858,6 @@ def pretext_default(args, name):
     """args.<name>, or the pretext's default where the flag was not given."""
     value = getattr(args, name)
     return PRETEXT_DEFAULTS[getattr(args, "pretext", "bags")][name] if value is None else value
-
-
-def natural_key(name):
-    """Sort key that orders 'frame2' before 'frame10'."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
-
-
-def video_frames(folder):
-    """The image files of a frame folder, in natural order (paths)."""
-    names = [e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)]
-    return [os.path.join(folder, name) for name in sorted(names, key=natural_key)]
-
-
-def compose_box(outer, inner):
-    """The box `inner` (fractions of the crop `outer`) as fractions of the image `outer` is cut from."""
-    width, height = outer[2] - outer[0], outer[3] - outer[1]
-    return (outer[0] + inner[0] * width, outer[1] + inner[1] * height,
-            outer[0] + inner[2] * width, outer[1] + inner[3] * height)
-
-
-def sample_crop_params(rng, width, height, num_anchors, size, global_scale=(0.10, 1.0), local_scale=(0.3, 0.6),
-                       ratio=(3 / 4, 4 / 3)):
-    """CropMAE's GlobalToLocal draws for one image of width x height: N global boxes (fractions
-    of the image; area `global_scale`), one local box (fractions of the first global crop once
-    resized to size x size, in whole pixels of it; area `local_scale` of it), and N + 1 flips
-    drawn one per view (target first), as CropMAE flips each view on its own.
-    Returns ([N boxes], local box, [N + 1 bools])."""
-    global_boxes = [sample_crop_box(rng, width, height, global_scale, ratio) for _ in range(num_anchors)]
-    local_box = sample_crop_box(rng, size, size, local_scale, ratio)
-    flips = [bool(rng.random() < 0.5) for _ in range(num_anchors + 1)]
-    return global_boxes, local_box, flips
-
-
-def cut_crops(image, global_boxes, local_box, flips, size, out=None):
-    """CropMAE's views of one image [C, H, W] uint8 (C = 3 or 4, see `crop_resize`): the anchors
-    are the global crops [N, 3, S, S], the target a crop of the first global crop after its resize
-    (as CropMAE crops the resized global view), all antialiased bilinear; then each view is
-    flipped by its own draw. Returns (target [3, S, S], anchors [N, 3, S, S]) uint8, written
-    into `out` where given (as in `crop_views`)."""
-    anchors = [crop_resize(image, box, size, mode="bilinear") for box in global_boxes]
-    views = [crop_resize(anchors[0], local_box, size, mode="bilinear")] + anchors
-    if out is None:
-        out = torch.empty(len(views), 3, size, size, dtype=torch.uint8, device=image.device)
-    for crop, view, flip in zip(out, views, flips):
-        copy_flipped(crop, view[:3], flip)
-    return out[0], out[1:]
-
-
-def assemble_crops_on_device(batch, size, device, decode=decode_on_device):
-    """--decode gpu for --pretext crops: encoded samples of CropDataset (one byte tensor, the
-    boxes [N + 1, 4]: the global ones, then the local one, flips [N + 1]) -> the uint8 batch of
-    the CPU path (see `assemble_on_device`)."""
-    blobs, boxes, flips, target_noise, anchor_noise = batch
-    images = decode([sample[0] for sample in blobs], device)
-    views = [cut_crops(image, box[:-1].tolist(), box[-1].tolist(), flip.tolist(), size)
-             for image, box, flip in zip(images, boxes, flips)]
-    return (torch.stack([v[0] for v in views]), torch.stack([v[1] for v in views]),
-            target_noise.to(device, non_blocking=True), anchor_noise.to(device, non_blocking=True))
-
-
-def sample_frame_indices(rng, num_frames, num_anchors=1, gap=FRAME_GAP):
-    """[target, anchor_1, ..., anchor_N] frame indices of a video of num_frames frames.
-
-    The first pair is SiamMAE's: a gap g uniform in [gap[0], min(gap[1], n - 1)] (both ends
-    included), the unmasked frame a uniform in [0, n - 1 - g], the target the later frame a + g.
-    Anchors 2..N are other frames before the target, each at its own gap within the same range
-    (distinct frames when the window before the target holds enough, else drawn with repeats)."""
-    if num_frames < gap[0] + 1:
-        raise ValueError(f"{num_frames} frames, needs at least {gap[0] + 1} (a gap of {gap[0]})")
-    g = int(rng.integers(gap[0], min(gap[1], num_frames - 1) + 1))
-    first = int(rng.integers(0, num_frames - g))
-    target = first + g
-    others = []
-    if num_anchors > 1:
-        window = [i for i in range(max(0, target - gap[1]), target - gap[0] + 1) if i != first] or [first]
-        others = rng.choice(window, size=num_anchors - 1, replace=len(window) < num_anchors - 1).tolist()
-    return [target, first] + [int(i) for i in others]
 
 
 class CropDataset(BagDataset):
@@ -1350,13 +894,48 @@ class CropDataset(BagDataset):
         return (*cut_crops(pixels, global_boxes, local_box, flips, self.input_size, out), target_noise, anchor_noise)
 
 
+def sample_crop_params(rng, width, height, num_anchors, size, global_scale=(0.10, 1.0), local_scale=(0.3, 0.6),
+                       ratio=(3 / 4, 4 / 3)):
+    """CropMAE's GlobalToLocal draws for one image of width x height: N global boxes (fractions
+    of the image; area `global_scale`), one local box (fractions of the first global crop once
+    resized to size x size, in whole pixels of it; area `local_scale` of it), and N + 1 flips
+    drawn one per view (target first), as CropMAE flips each view on its own.
+    Returns ([N boxes], local box, [N + 1 bools])."""
+    global_boxes = [sample_crop_box(rng, width, height, global_scale, ratio) for _ in range(num_anchors)]
+    local_box = sample_crop_box(rng, size, size, local_scale, ratio)
+    flips = [bool(rng.random() < 0.5) for _ in range(num_anchors + 1)]
+    return global_boxes, local_box, flips
+
+
+def cut_crops(image, global_boxes, local_box, flips, size, out=None):
+    """CropMAE's views of one image [C, H, W] uint8 (C = 3 or 4, see `crop_resize`): the anchors
+    are the global crops [N, 3, S, S], the target a crop of the first global crop after its resize
+    (as CropMAE crops the resized global view), all antialiased bilinear; then each view is
+    flipped by its own draw. Returns (target [3, S, S], anchors [N, 3, S, S]) uint8, written
+    into `out` where given (as in `crop_views`)."""
+    anchors = [crop_resize(image, box, size, mode="bilinear") for box in global_boxes]
+    views = [crop_resize(anchors[0], local_box, size, mode="bilinear")] + anchors
+    if out is None:
+        out = torch.empty(len(views), 3, size, size, dtype=torch.uint8, device=image.device)
+    for crop, view, flip in zip(out, views, flips):
+        copy_flipped(crop, view[:3], flip)
+    return out[0], out[1:]
+
+
+def compose_box(outer, inner):
+    """The box `inner` (fractions of the crop `outer`) as fractions of the image `outer` is cut from."""
+    width, height = outer[2] - outer[0], outer[3] - outer[1]
+    return (outer[0] + inner[0] * width, outer[1] + inner[1] * height,
+            outer[0] + inner[2] * width, outer[1] + inner[3] * height)
+
+
 class FrameDataset(BagDataset):
     """--pretext frames: SiamMAE's frame pairs from videos stored as frame folders. The target
     is a frame 4 to 48 frames after its unmasked anchor (`sample_frame_indices`); one random
     resized crop box (area `crop_scale`) and one flip are shared by all frames of the sample,
     antialiased bilinear, as SiamMAE's data pipe does. Items, noise, determinism, substitution
-    (a video with an unreadable frame, or fewer frames than it had at start-up) and the encoded
-    form as in BagDataset."""
+    (a video with an unreadable frame, or fewer than gap[0] + 1 frames left since the start-up
+    check) and the encoded form as in BagDataset."""
 
     ITEM, MODE = "video", "bilinear"
 
@@ -1373,26 +952,40 @@ class FrameDataset(BagDataset):
         return [frames[i] for i in sample_frame_indices(rng, len(frames), self.num_anchors, self.gap)]
 
 
-def _item_problem(job):
-    """(item, reason or None) for one image (--pretext crops) or video (frames); see check_items."""
-    root, item, pretext, level = job
-    path = Path(root) / item
-    paths = [path] if pretext == "crops" else video_frames(path)
-    if pretext == "frames" and len(paths) < FRAME_GAP[0] + 1:
-        return item, f"{len(paths)} frames, needs at least {FRAME_GAP[0] + 1} (a gap of {FRAME_GAP[0]} frames)"
-    if level != "none":
-        for frame in paths:
-            if (problem := _image_problem(frame, level)):
-                return item, problem if pretext == "crops" else f"{os.path.basename(frame)}: {problem}"
-    return item, None
+def sample_frame_indices(rng, num_frames, num_anchors=1, gap=FRAME_GAP):
+    """[target, anchor_1, ..., anchor_N] frame indices of a video of num_frames frames.
+
+    The first pair is SiamMAE's: a gap g uniform in [gap[0], min(gap[1], n - 1)] (both ends
+    included), the unmasked frame a uniform in [0, n - 1 - g], the target the later frame a + g.
+    Anchors 2..N are other frames before the target, each at its own gap within the same range
+    (distinct frames when the window before the target holds enough, else drawn with repeats)."""
+    if num_frames < gap[0] + 1:
+        raise ValueError(f"{num_frames} frames, needs at least {gap[0] + 1} (a gap of {gap[0]})")
+    g = int(rng.integers(gap[0], min(gap[1], num_frames - 1) + 1))
+    first = int(rng.integers(0, num_frames - g))
+    target = first + g
+    others = []
+    if num_anchors > 1:
+        window = [i for i in range(max(0, target - gap[1]), target - gap[0] + 1) if i != first] or [first]
+        others = rng.choice(window, size=num_anchors - 1, replace=len(window) < num_anchors - 1).tolist()
+    return [target, first] + [int(i) for i in others]
 
 
-def check_items(root, items, pretext, verify_images="header", processes=1):
-    """check_bags for --pretext crops (each image opens) and frames (each video has at least 5
-    frames and each frame opens): {item: reason}."""
-    jobs = [(str(root), item, pretext, verify_images) for item in items]
-    return {item: reason for item, reason in parallel_map(_item_problem, jobs, processes) if reason}
+def video_frames(folder):
+    """The image files of a frame folder, in natural order (paths)."""
+    names = [e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)]
+    return [os.path.join(folder, name) for name in sorted(names, key=natural_key)]
 
+
+def natural_key(name):
+    """Sort key that orders 'frame2' before 'frame10'."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+# -----------------------------------------------------------------------------
+# Optimisation and the training loop (Sec. 4, Table 6): global batches, AdamW,
+# warmup + per-iteration cosine, one epoch after another
+# -----------------------------------------------------------------------------
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
     """Yields this rank's (epoch, index) keys, one global batch after another.
@@ -1426,155 +1019,6 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         return (self.steps - self.start_step) * (self.global_batch // self.world_size)
 
 
-# -----------------------------------------------------------------------------
-# Training (Sec. 4, Table 6): AdamW, warmup + per-iteration cosine, torchrun DDP
-# -----------------------------------------------------------------------------
-
-def checked(kind, low=None, high=None, *, low_open=False, high_open=False):
-    """An argparse `type` that parses with `kind` (int or float) and holds the value to the range
-    [low, high] (an end is excluded with low_open / high_open; None means unbounded). A bad value
-    is one argparse error line naming the flag, e.g. "argument --topk: 0 is not >= 1"."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if value != value or value in (float("inf"), float("-inf")):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        if low is not None and (value <= low if low_open else value < low):
-            raise argparse.ArgumentTypeError(f"{text} is not {'>' if low_open else '>='} {low}")
-        if high is not None and (value >= high if high_open else value > high):
-            raise argparse.ArgumentTypeError(f"{text} is not {'<' if high_open else '<='} {high}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def get_args_parser():
-    p = argparse.ArgumentParser(
-        description="CDG-MAE pre-training on bags of views (defaults: the paper's single-anchor "
-                    "setting, Table 6), or on the family's other pretext data (--pretext crops: CropMAE, "
-                    "frames: SiamMAE). Run with python (one process) or torchrun (DDP).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--data", type=str, default=DEFAULT_DATA,
-                   help="bag root (layout: see README, 'Bags of views'; relative to the working folder); "
-                        "--pretext crops: an image folder, frames: a folder of frame folders")
-    g.add_argument("--pretext", choices=PRETEXTS, default="bags",
-                   help="bags: target and anchors among a bag's views (the paper); crops: CropMAE's global crop "
-                        "as anchor, a crop of it as target; frames: SiamMAE's frames 4 to 48 apart "
-                        "(see docs/training.md, 'Pretext data')")
-    g.add_argument("--views", type=checked(int, 1), default=None,
-                   help="M generated views per bag to use (default: the largest count found; "
-                        "a bag with fewer is an error)")
-    g.add_argument("--target-view", choices=["any", "real", "generated"], default="any",
-                   help="target chosen among all views of the bag / always the real image / "
-                        "always a generated view (Table 2)")
-    g.add_argument("--input-size", type=checked(int, 1), default=224, help="side of the square training crops (pixels)")
-    g.add_argument("--crop-scale", type=checked(float, 0, 1, low_open=True), nargs=2, default=None,
-                   help="random resized crop area (when not given: 0.5 1.0; --pretext crops, the global crop's: 0.10 1.0)")
-    g.add_argument("--crop-ratio", type=checked(float, 0, low_open=True), nargs=2, default=None,
-                   help="crop aspect ratio range (when not given: 0.75 1.33; --pretext crops and frames: 3/4 4/3)")
-    g.add_argument("--local-scale", type=checked(float, 0, 1, low_open=True), nargs=2, default=(0.3, 0.6),
-                   help="--pretext crops: the target's area as a fraction of the global crop (CropMAE)")
-    g.add_argument("--workers", type=checked(int, 0), default=8, help="DataLoader worker processes per rank")
-    g.add_argument("--verify-images", choices=VERIFY_LEVELS, default="header",
-                   help="at start-up, open every image's header or decode every image (split over ranks "
-                        "and --workers processes; the result is cached in OUTPUT/bag-index.json)")
-    g.add_argument("--no-verify-images", dest="verify_images", action="store_const", const="none",
-                   help="same as --verify-images none")
-    g.add_argument("--decode", choices=["cpu", "gpu"], default="cpu",
-                   help="cpu: workers decode, crop and resize; gpu: workers read the files' bytes and draw "
-                        "the boxes, the GPU decodes (nvJPEG, needs torchvision) and crops"
-                        " (pixels differ slightly from cpu's, so a run keeps its choice)")
-
-    g = p.add_argument_group("model")
-    g.add_argument("--model", choices=sorted(VIT_SIZES), default="vit_small", help="encoder size")
-    g.add_argument("--embed-dim", type=checked(int, 1), default=None, help="override the encoder width")
-    g.add_argument("--depth", type=checked(int, 1), default=None, help="override the encoder depth")
-    g.add_argument("--num-heads", type=checked(int, 1), default=None, help="override the encoder heads")
-    g.add_argument("--patch-size", type=checked(int, 1), default=16, help="ViT patch size P (16: ViT-S/16, 8: ViT-S/8)")
-    g.add_argument("--anchors", type=checked(int, 1), default=1, help="N anchors per target (Eq. 6-7)")
-    g.add_argument("--anchor-mask", type=checked(float, 0, 1, high_open=True), default=0.0, help="anchor mask ratio r_a (Eq. 6)")
-    g.add_argument("--target-mask", type=checked(float, 0, 1, low_open=True, high_open=True), default=None,
-                   help="target mask ratio r_t (Eq. 4; when not given: 0.9; --pretext crops 0.985 as CropMAE, frames 0.95 "
-                        "as SiamMAE)")
-    g.add_argument("--decoder-dim", type=checked(int, 1), default=256, help="decoder width (Sec. 4)")
-    g.add_argument("--decoder-depth", type=checked(int, 1), default=4, help="decoder blocks (Sec. 4)")
-    g.add_argument("--decoder-heads", type=checked(int, 1), default=8, help="decoder attention heads")
-    g.add_argument("--decoder-ffn-dim", type=checked(int, 1), default=2048, help="decoder feed-forward width (CropMAE)")
-    g.add_argument("--decoder-dropout", type=checked(float, 0, 1, high_open=True), default=0.1, help="decoder dropout (CropMAE)")
-    g.add_argument("--decoder-block", choices=["cdgmae", "croco"], default="cdgmae",
-                   help="decoder block: the paper's (CropMAE's post-norm cross-attn, FFN, self-attn) or "
-                        "CroCo's pre-norm self-attn, cross-attn, MLP with memory position embeddings "
-                        "(MLP ratio 4, no dropout: --decoder-ffn-dim/--decoder-dropout do not apply)")
-    g.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
-                   help="regress per-patch normalised pixels")
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=checked(int, 1), default=100, help="passes over the bags (Table 6) and the cosine's length: a resume may raise it only once the run has finished")
-    g.add_argument("--batch-size", type=checked(int, 1), default=2048, help="global batch (all ranks, all accumulation steps)")
-    g.add_argument("--accum-iter", type=checked(int, 1), default=1, help="gradient accumulation steps per optimizer step")
-    g.add_argument("--blr", type=checked(float, 0, low_open=True), default=1.5e-4, help="base lr; lr = blr * batch_size / 256")
-    g.add_argument("--lr", type=checked(float, 0, low_open=True), default=None, help="absolute lr (overrides --blr)")
-    g.add_argument("--min-lr", type=checked(float, 0), default=0.0, help="lr at the end of the cosine")
-    g.add_argument("--warmup-epochs", type=checked(float, 0), default=5, help="linear warmup (CropMAE: 5%% of 100 epochs)")
-    g.add_argument("--weight-decay", type=checked(float, 0), default=0.05, help="AdamW weight decay (Table 6)")
-    g.add_argument("--betas", type=checked(float, 0, 1, high_open=True), nargs=2, default=(0.9, 0.95), help="AdamW betas (Table 6)")
-    g.add_argument("--seed", type=checked(int, 0), default=0, help="seeds the initial weights, the data order and every sample's crop, views and masks")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
-    g.add_argument("--max-steps", type=checked(int, 1), default=None, help="stop (with a checkpoint) after this many optimizer steps")
-
-    g = p.add_argument_group("output")
-    g.add_argument("--output", type=str, default="runs/cdgmae", help="folder for checkpoints, log.jsonl, args.json and reconstruction PNGs")
-    g.add_argument("--resume", type=str, default=None, help="checkpoint to continue from ('auto': OUTPUT/checkpoint-last.pth if present); refused if a setting "
-                        "that changes the computation differs")
-    g.add_argument("--save-every", type=checked(int, 1), default=25, help="keep a copy of the checkpoint every this many epochs")
-    g.add_argument("--vis-every", type=checked(int, 0), default=5, help="reconstruction PNG every this many epochs (0: never)")
-    g.add_argument("--log-every", type=checked(int, 1), default=20, help="JSON-lines log every this many steps")
-    g.add_argument("--dist-timeout", type=checked(float, 0, low_open=True), default=30,
-                   help="minutes any rank may wait in a collective (start-up scan, loss average) before the "
-                        "run stops with an error instead of hanging")
-    g.add_argument("--count-flops", action="store_true",
-                   help="print the GFLOPs of one 224x224 training sample (Table 8) and exit")
-    return p
-
-
-def check_args(parser, args):
-    """Checks that involve several flags, right after parsing (parser.error: one line, exit 2);
-    fills in the pretext's defaults of the flags not given."""
-    for name in PRETEXT_DEFAULTS[args.pretext]:
-        setattr(args, name, pretext_default(args, name))
-    width, _, heads = VIT_SIZES[args.model]
-    width, heads = args.embed_dim or width, args.num_heads or heads
-    if args.input_size % args.patch_size:
-        parser.error(f"argument --input-size: {args.input_size} is not divisible by --patch-size {args.patch_size}")
-    for width_flag, width, heads_flag, heads in (("--embed-dim", width, "--num-heads", heads),
-                                                 ("--decoder-dim", args.decoder_dim, "--decoder-heads", args.decoder_heads)):
-        if width % heads:
-            parser.error(f"argument {heads_flag}: {heads} heads do not divide the width {width} ({width_flag})")
-        if width % 4:
-            parser.error(f"argument {width_flag}: {width} is not divisible by 4 (sine-cosine position embedding)")
-    for flag, (low, high) in (("--crop-scale", args.crop_scale), ("--crop-ratio", args.crop_ratio),
-                              ("--local-scale", args.local_scale)):
-        if low > high:
-            parser.error(f"argument {flag}: {low:g} {high:g} is not LOW <= HIGH")
-    if args.batch_size % args.accum_iter:
-        parser.error(f"argument --accum-iter: {args.accum_iter} does not divide --batch-size {args.batch_size}")
-
-
-def model_config(args):
-    """The CDGMAE constructor arguments implied by the command line (sizes resolved)."""
-    embed_dim, depth, num_heads = VIT_SIZES[args.model]
-    return dict(num_anchors=args.anchors, anchor_mask_ratio=args.anchor_mask,
-                target_mask_ratio=pretext_default(args, "target_mask"), img_size=args.input_size, patch_size=args.patch_size,
-                embed_dim=args.embed_dim or embed_dim, depth=args.depth or depth,
-                num_heads=args.num_heads or num_heads, decoder_embed_dim=args.decoder_dim,
-                decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_heads,
-                decoder_ffn_dim=args.decoder_ffn_dim, decoder_dropout=args.decoder_dropout,
-                norm_pix_loss=args.norm_pix_loss, decoder_block=args.decoder_block)
-
-
 def learning_rate(args, epoch_float):
     """Linear warmup, then half-cycle cosine to min_lr; evaluated every iteration (MAE)."""
     if epoch_float < args.warmup_epochs:
@@ -1594,80 +1038,256 @@ def param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def setup_distributed(timeout_minutes=30):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo on CPU. No collective
-    waits longer than `timeout_minutes` (--dist-timeout): a rank that dies or stalls stops the
-    others with an error instead of leaving them waiting."""
-    rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
-    return rank, world_size, device
+def train_epoch(args, run, epoch, first, batches, global_step):
+    """Steps first..end of one epoch (or up to --max-steps), as MAE's train_one_epoch: each step
+    sets the lr of its iteration, runs --accum-iter forward/backward passes (bf16 autocast on
+    CUDA), takes one optimizer step, and every --log-every steps logs the loss averaged over
+    ranks. Returns (global_step, the last step index done, whether --max-steps stopped it, the
+    last batch and prediction)."""
+    steps = run.steps_per_epoch
+    bar = tqdm(range(first, steps), desc=f"epoch {epoch}", disable=run.rank != 0, dynamic_ncols=True,
+               initial=first, total=steps)
+    run.model.train()
+    t_last, seen, loss_steps = time.time(), 0, 0
+    loss_sum = torch.zeros((), device=run.device)  # summed on the device: no sync per step
+    step, stop, last = first - 1, False, None
+    for step in bar:
+        lr = learning_rate(args, epoch + step / steps)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        # Dropout (and any other model-side randomness) is a function of (seed, rank, step),
+        # so a resumed run replays exactly what an uninterrupted one would have drawn.
+        torch.manual_seed(args.seed * 1_000_003 + global_step * 1009 + run.rank)
+        for micro in range(args.accum_iter):
+            target, anchors, target_noise, anchor_noise = run.move(next(batches))
+            sync = micro == args.accum_iter - 1 or run.world_size == 1
+            with (contextlib.nullcontext() if sync else run.train_model.no_sync()), \
+                    torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
+                loss, pred, mask = run.train_model(target, anchors, target_noise, anchor_noise)
+            (loss / args.accum_iter).backward()
+            loss_sum += loss.detach() / args.accum_iter
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        global_step, loss_steps, seen = global_step + 1, loss_steps + 1, seen + args.batch_size
+        last = (target, anchors, pred.detach(), mask)
+        if global_step % args.log_every == 0 or step == steps - 1:
+            now = time.time()
+            log_progress(run, bar, {"epoch": epoch, "step": global_step, "lr": lr}, loss_sum, loss_steps,
+                         seen / max(now - t_last, 1e-9))
+            t_last, seen, loss_steps = now, 0, 0
+        if args.max_steps is not None and global_step >= args.max_steps:
+            stop = True
+            break
+    return global_step, step, stop, last
 
 
-def temporary_path(path):
-    """A hidden temporary name beside `path`, unique to this process on this host:
-    ".<name>.<host>-<pid>.tmp". It matches no bag, frame or checkpoint pattern, two processes
-    writing the same file never share it, and `remove_stale_temporaries` can tell a killed
-    writer's leftovers from a live one's."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
+def log_progress(run, bar, record, loss_sum, loss_steps, samples_per_s):
+    """Average the loss over ranks (one collective every --log-every steps) and log it."""
+    if run.world_size > 1:
+        dist.all_reduce(loss_sum)
+        loss_sum /= run.world_size
+    record.update(loss=loss_sum.item() / loss_steps, samples_per_s=samples_per_s)
+    loss_sum.zero_()
+    if run.rank == 0:
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", samples_per_s=f"{samples_per_s:.1f}")
+        try:
+            run.log.write(json.dumps(record) + "\n")
+            run.log.flush()
+        except OSError as e:
+            raise SystemExit(f"{run.output / 'log.jsonl'}: cannot write the log ({e.strerror or e}) "
+                             f"(free space in {run.output}, then rerun with --resume auto)") from None
 
 
-TEMPORARY_NAME = re.compile(r"^\..+\.(?P<host>[^.]+)-(?P<pid>\d+)\.tmp$")
+def train(args, bags, rank, world_size, device, per_step, output, ckpt, resume):
+    """Model, optimizer, loader and the epoch loop (Table 6); returns the model."""
+    steps_per_epoch, item = len(bags) // args.batch_size, PRETEXT_ITEMS[args.pretext]
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{args.data}: {len(bags)} {item}s is fewer than one global batch of {args.batch_size} "
+                         f"(lower --batch-size or add {item}s)")
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = CDGMAE(**model_config(args)).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=tuple(args.betas),
+                                  fused=device.type == "cuda" or None)  # one kernel for all parameters
+    start_epoch, start_step, global_step = resume_from(ckpt, resume, model, optimizer) if ckpt else (0, 0, 0)
+    if args.max_steps is not None and global_step >= args.max_steps or start_epoch >= args.epochs:
+        print(f"{output}: nothing to do (step {global_step}, epoch {start_epoch} of {args.epochs})")
+        return model
+    train_model = model_for_training(model, world_size, device, args.compile)  # DDP, torch.compile
 
-
-def remove_stale_temporaries(folder):
-    """Delete the temporaries (see `temporary_path`) in `folder` whose writer is gone: this
-    host's processes that no longer run. Another host's temporaries are left alone (their
-    writer may be alive). Returns the number removed."""
-    removed, host = 0, socket.gethostname()
-    for entry in os.scandir(folder) if os.path.isdir(folder) else ():
-        match = TEMPORARY_NAME.match(entry.name)
-        if match and match["host"] == host and not process_alive(int(match["pid"])):
-            Path(entry.path).unlink(missing_ok=True)
-            removed += 1
-    return removed
-
-
-def process_alive(pid):
+    dataset = make_dataset(args, bags, model.num_patches, output)
+    sampler = GlobalBatchSampler(len(bags), args.batch_size, rank, world_size, seed=args.seed)
+    loader = make_loader(args, dataset, sampler, per_step, device)
+    run = argparse.Namespace(model=model, train_model=train_model, optimizer=optimizer, rank=rank,
+                             world_size=world_size, device=device, output=output, steps_per_epoch=steps_per_epoch,
+                             settings=run_settings(args), move=batch_mover(args, device), log=None)
+    if rank == 0:  # a summary line, args.json, the log, and checkpoint-0000.pth on a fresh start
+        start_records(args, run, len(bags), per_step, resume if ckpt else None, (start_epoch, start_step, global_step))
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
+        for epoch in range(start_epoch, args.epochs):
+            first = start_step if epoch == start_epoch else 0
+            sampler.set_epoch(epoch, first)  # the persistent workers stay; only the keys change
+            global_step, step, stop, last = train_epoch(args, run, epoch, first, iter(loader), global_step)
+            if rank == 0:
+                save_checkpoint(args, run, epoch, step, global_step, last)
+            if stop:
+                break
+    finally:
+        if run.log:
+            run.log.close()
+        if world_size > 1:
+            dist.destroy_process_group()
+    return model
 
 
-def atomic_write(path, write):
-    """Call write(tmp) on a temporary name beside `path` (`temporary_path`), then rename it to
-    `path`, so that a file under its final name is always complete and two processes writing
-    the same file never clash. An error removes the temporary file; a killed process leaves
-    it, hidden, for `remove_stale_temporaries`. Used for checkpoints, bags and CSVs."""
-    tmp = temporary_path(path)
+def main(argv=None):
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    if args.count_flops:
+        counts = count_flops(CDGMAE(**{**model_config(args), "img_size": 224}))
+        print(f"N={args.anchors} r_a={args.anchor_mask:g} r_t={args.target_mask:g}: "
+              f"{counts['fvcore'] / 1e9:.2f} GFLOPs per sample (fvcore: Linear+Conv multiply-adds "
+              f"{(counts['linear'] + counts['conv']) / 1e9:.3f} G, LayerNorm {counts['layernorm'] / 1e9:.3f} G; "
+              f"attention products, not counted: {counts['attention'] / 1e9:.3f} G)")
+        return counts
+
+    # Everything that can be refused is checked before any expensive work.
+    args.lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
+    output = Path(args.output)
+    resume = find_resume(args, output)
+    ckpt = read_training_checkpoint(resume) if resume else None
+    refuse_changed_settings(args, ckpt, resume, output)
+    check_data_root(args)
+
+    rank, world_size, device = setup_distributed(args.dist_timeout)
+    if args.decode == "gpu" and (device.type != "cuda" or importlib.util.find_spec("torchvision") is None):
+        raise SystemExit(f"--decode gpu: needs a CUDA device and torchvision (nvJPEG); this process has "
+                         f"{'a' if device.type == 'cuda' else 'no'} CUDA device and "
+                         f"{'no ' if importlib.util.find_spec('torchvision') is None else ''}torchvision "
+                         "(use --decode cpu)")
+    per_step = args.batch_size // (world_size * args.accum_iter)
+    if per_step * world_size * args.accum_iter != args.batch_size:
+        raise SystemExit(f"--batch-size {args.batch_size}: not divisible by {world_size} ranks x "
+                         f"{args.accum_iter} accumulation steps (choose a multiple of {world_size * args.accum_iter})")
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(output)
+    bags, args.views = scan_bag_root(args, rank, world_size, output)
+    args.bags = bag_list_id(bags, PRETEXT_ITEMS[args.pretext])
+    refuse_changed_settings(args, ckpt, resume, output)  # now with the views and the bag list known
+    return train(args, bags, rank, world_size, device, per_step, output, ckpt, resume)
+
+
+# -----------------------------------------------------------------------------
+# The training run's pieces: dataset, loader, batches on the device, checkpoints, pictures
+# -----------------------------------------------------------------------------
+
+def make_dataset(args, items, num_patches, output):
+    """The dataset of --pretext: BagDataset, CropDataset or FrameDataset."""
+    common = dict(num_patches=num_patches, seed=args.seed, encoded=args.decode == "gpu",
+                  bad_bags_file=output / ("bad_bags.txt" if args.pretext == "bags" else f"bad_{args.pretext}.txt"))
+    scale, ratio = tuple(args.crop_scale), tuple(args.crop_ratio)
+    if args.pretext == "crops":
+        return CropDataset(args.data, items, args.anchors, args.input_size, scale, tuple(args.local_scale), ratio,
+                           **common)
+    if args.pretext == "frames":
+        return FrameDataset(args.data, items, args.anchors, args.input_size, scale, ratio, **common)
+    return BagDataset(args.data, items, args.views, args.anchors, args.input_size, args.target_view, scale, ratio,
+                      **common)
+
+
+def make_loader(args, dataset, sampler, per_step, device):
+    """One DataLoader for the whole run: persistent workers (the sampler is moved on with
+    set_epoch), uint8 batches (encoded ones with --decode gpu), and a prefetch depth of about 256 samples per worker (2 batches
+    of 128 or more, up to 8 small ones), so large batches do not pile up in shared memory."""
+    extra = {}
+    if args.workers > 0:
+        extra = dict(persistent_workers=True, prefetch_factor=min(8, max(2, -(-256 // per_step))))
+    return torch.utils.data.DataLoader(dataset, batch_size=per_step, sampler=sampler, num_workers=args.workers,
+                                       pin_memory=device.type == "cuda" and args.decode == "cpu", drop_last=False,
+                                       collate_fn=collate_encoded if args.decode == "gpu" else collate_batch, **extra)
+
+
+def batch_mover(args, device):
+    """A loader batch -> (target, anchors) normalised on the device, and the masking noise."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
+
+    def move(batch):
+        if args.decode == "gpu" and args.pretext == "crops":
+            target, anchors, target_noise, anchor_noise = assemble_crops_on_device(batch, args.input_size, device)
+        elif args.decode == "gpu":
+            target, anchors, target_noise, anchor_noise = assemble_on_device(
+                batch, args.input_size, device, mode="bicubic" if args.pretext == "bags" else "bilinear")
+        else:
+            target, anchors, target_noise, anchor_noise = [t.to(device, non_blocking=True) for t in batch]
+        return normalize(target, mean, std), normalize(anchors, mean, std), target_noise, anchor_noise
+    return move
+
+
+def save_checkpoint(args, run, epoch, step, global_step, last):
+    """checkpoint-last.pth after every epoch or stop, a kept copy every --save-every epochs and
+    a reconstruction picture every --vis-every epochs (rank 0; each written atomically)."""
+    finished = step == run.steps_per_epoch - 1
+    next_epoch, next_step = (epoch + 1, 0) if finished else (epoch, step + 1)
+    ckpt = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "next_epoch": next_epoch,
+            "next_step": next_step, "global_step": global_step, "args": run.settings}
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a Python file, so that a full disk is an OSError
+            torch.save(ckpt, f)
+    save_or_exit(run.output / "checkpoint-last.pth", write, "the checkpoint")
+    if finished and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
+        save_or_exit(run.output / f"checkpoint-{epoch + 1:04d}.pth", write, "the checkpoint")
+    if finished and last and args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
+        picture = reconstruction_image(run.model, *last)
+        save_or_exit(run.output / f"reconstruction-{epoch + 1:04d}.png",
+                     lambda tmp: picture.save(tmp, format="PNG"), "the reconstruction picture")
+
+
+def save_initial_checkpoint(run):
+    """checkpoint-0000.pth: the weights before the first step, in the format of the other
+    checkpoints (a run can also resume from it), so that the random-init baseline of a run is
+    read from a file rather than re-derived from the seed."""
+    ckpt = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "next_epoch": 0,
+            "next_step": 0, "global_step": 0, "args": run.settings}
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+    save_or_exit(run.output / "checkpoint-0000.pth", write, "the initial checkpoint")
+
+
+def start_records(args, run, num_items, per_step, resumed, start):
+    """Rank 0, before the first step: print the run's sizes (and where it resumed), write
+    OUTPUT/args.json, cut log.jsonl to the steps done (`truncate_log`) and open it for appending,
+    and on a fresh start write the initial weights (`save_initial_checkpoint`).
+    resumed: the checkpoint resumed from, or None; start: (epoch, step, global step)."""
+    (start_epoch, start_step, global_step), output = start, run.output
+    counts = count_flops(CDGMAE(**{**model_config(args), "decoder_dropout": 0.0}))
+    data = {"bags": f"{num_items} bags of 1 real + {args.views} views",
+            "crops": f"{num_items} images (CropMAE crops)", "frames": f"{num_items} videos (SiamMAE frames)"}
+    print(f"{data[args.pretext]}; {run.world_size} rank(s) x {per_step} samples x "
+          f"{args.accum_iter} accumulation = global batch {args.batch_size}; {run.steps_per_epoch} steps/epoch; "
+          f"lr {args.lr:.3g}; {counts['fvcore'] / 1e9:.3g} GFLOPs/sample (fvcore)")
+    if resumed:
+        print(f"resumed from {resumed}: epoch {start_epoch}, step {start_step} of {run.steps_per_epoch}")
+    save_or_exit(output / "args.json", lambda tmp: Path(tmp).write_text(json.dumps(run.settings, indent=2)),
+                 "the settings")
+    truncate_log(output / "log.jsonl", global_step)
+    run.log = open(output / "log.jsonl", "a")
+    if global_step == 0:  # the initial weights: the random-init baseline of the same run
+        save_initial_checkpoint(run)
+
+def resume_from(ckpt, resume, model, optimizer):
+    """Load a checkpoint's model and optimizer states; returns (next_epoch, next_step, global_step)."""
     try:
-        write(tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-
-
-def plain(value):
-    """argparse values -> JSON/weights_only-safe plain Python (tuples become lists)."""
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
+        model.load_state_dict(ckpt["model"], strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise SystemExit(f"{resume}: does not fit this model ({first_line(e)}) "
+                         "(--resume needs a checkpoint of this run)") from None
+    return ckpt["next_epoch"], ckpt["next_step"], ckpt["global_step"]
 
 
 def denormalize(x):
@@ -1701,10 +1321,328 @@ def reconstruction_image(model, target, anchors, pred, mask, max_rows=4):
 
 
 # -----------------------------------------------------------------------------
+# Decoding, cropping and resizing (shared by the CPU and the GPU decode paths)
+# -----------------------------------------------------------------------------
+
+class UnreadableImage(RuntimeError):
+    """An image file that cannot be decoded (the message starts with its path)."""
+
+
+def load_rgb(path):
+    """PIL RGB image of a file; UnreadableImage if it cannot be decoded."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
+        raise UnreadableImage(f"{path}: cannot decode image ({e})") from e
+
+
+def decode_rgbx(path):
+    """A file's pixels as uint8 [4, H, W]: R, G, B and a fourth byte (255), a channels-last view
+    of an H x W x 4 array. This is Pillow's own layout for RGB, so an RGB file (any JPEG in
+    colour) is decoded straight into the array, without the copy that np.asarray(image) makes;
+    and torch's uint8 resize reads 4-byte pixels without repacking them. Other modes are
+    converted with Image.convert("RGB"). UnreadableImage if it cannot be decoded."""
+    try:
+        with Image.open(path) as im:
+            pixels = np.empty((im.height, im.width, 4), np.uint8)
+            if im.mode == "RGB" and im.tile:
+                # Image memory over our array (what Image.frombuffer does for RGBX); ImageFile.load
+                # decodes into image memory that is already there.
+                target = Image.core.map_buffer(pixels, im.size, "raw", 0, ("RGB", 0, 1))
+                im.im = target
+                im.load()
+                if im.im is target:
+                    return torch.from_numpy(pixels).permute(2, 0, 1)
+            pixels[..., :3] = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+            pixels[..., 3] = 255
+    except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
+        raise UnreadableImage(f"{path}: cannot decode image ({e})") from e
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def read_encoded(path):
+    """A file's bytes as a uint8 tensor, for decoding on the device (--decode gpu), and the
+    image's (width, height) from its header. A file whose header does not parse or a JPEG
+    without its end-of-image marker (truncated) is UnreadableImage, so the worker can
+    substitute its bag the way the CPU path does."""
+    try:
+        data = Path(path).read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
+            size, kind = im.size, im.format
+    except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
+        raise UnreadableImage(f"{path}: cannot decode image ({e})") from e
+    if kind == "JPEG" and b"\xff\xd9" not in data[-1024:]:
+        raise UnreadableImage(f"{path}: cannot decode image (truncated JPEG: no end-of-image marker)")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8), size
+
+
+def resize_plan(low, high, length, size, max_extra=32, taps=2):
+    """How to resample [low, high) of an axis of `length` pixels to `size` samples the way
+    Pillow's box resize does (sample i centred at low + (i + 0.5) * scale, scale = (high - low)
+    / size) with torch's resize, which centres sample i of a crop starting at a whole pixel x0
+    at x0 + (i + 0.5) * scale: resize the crop to extra + size samples and drop the first
+    `extra`, with `extra` chosen so that x0 = low - extra * scale falls on a whole pixel and,
+    away from the image's edge, the first kept sample's taps lie inside the crop. x0 may be
+    negative (the crop then repeats the edge pixel). The residual offset is 0 for a box in whole
+    pixels and usually a few hundredths of a pixel otherwise, but up to 0.5 px when the scale
+    is within about 1% of a whole number (every `extra` then leaves the same fraction).
+    `taps`: the filter's reach in output samples (bicubic 2, bilinear 1). Returns (x0, x1, extra, scale)."""
+    scale = (high - low) / size
+    support = taps * max(scale, 1.0)  # the filter's reach in source pixels (widened when shrinking)
+    best = None
+    for extra in range(max_extra + 1):
+        start = low - extra * scale
+        x0 = round(start)
+        taps_inside = x0 <= 0 or low + 0.5 * scale - support + 0.5 >= x0
+        # A residual offset of r px moves every sample by r; taps cut at the crop's start or a
+        # copied edge (x0 < 0) change the first two samples only: about what r = 0.005 costs.
+        cost = abs(start - x0) + (0 if taps_inside else 0.005) + (0.01 if x0 < 0 else 0)
+        if best is None or cost < best[0]:
+            best = (cost, extra, x0)
+        if cost < 1e-9:
+            break
+    _, extra, x0 = best
+    return x0, min(length, math.ceil(high + support) + 1), extra, scale
+
+
+def crop_axis(image, dim, start, stop):
+    """image[start:stop] along dim of an [H, W, C] image; a start below 0 repeats the first row
+    or column. (Indexing the channels-last layout keeps it, which torch's fast uint8 resize reads.)"""
+    if start >= 0:
+        return image.narrow(dim, start, stop - start)
+    edge = list(image.shape)
+    edge[dim] = -start
+    return torch.cat([image.narrow(dim, 0, 1).expand(edge), image.narrow(dim, 0, stop)], dim)
+
+
+# mode -> (the filter's reach in output samples, the aten op behind F.interpolate(antialias=True))
+RESAMPLING = {"bicubic": (2, torch.ops.aten._upsample_bicubic2d_aa),
+              "bilinear": (1, torch.ops.aten._upsample_bilinear2d_aa)}
+
+
+def crop_resize(image, box, size, float_math=None, mode="bicubic"):
+    """Crop the box (fractions l, t, r, b) out of image [C, H, W] uint8 (C = 3, or 4: the RGBX
+    pixels of `decode_rgbx`) and resize it to [C, size, size] uint8 (on the CPU a channels-last
+    view) with antialiased bicubic interpolation (mode "bilinear": antialiased
+    bilinear, Pillow's BILINEAR, for --pretext crops and frames): Pillow's filter (a = -0.5) at
+    Pillow's sample positions (`resize_plan`), so the crop matches Image.resize(..., box=...)
+    also where the box falls between pixels (the other views of a sample, when their size
+    differs); docs/training.md gives the measured difference. On the CPU torch's uint8 kernel
+    runs; on other devices (or with float_math) the same kernel in float32, rounded. Used by
+    both decode paths."""
+    taps, resample = RESAMPLING[mode]
+    height, width = image.shape[-2:]
+    y0, y1, extra_y, scale_y = resize_plan(box[1] * height, box[3] * height, height, size, taps=taps)
+    x0, x1, extra_x, scale_x = resize_plan(box[0] * width, box[2] * width, width, size, taps=taps)
+    crop = crop_axis(crop_axis(image.permute(1, 2, 0), 0, y0, y1), 1, x0, x1).permute(2, 0, 1).unsqueeze(0)
+    # One more sample where the crop is as long as the output: torch copies such an axis as is.
+    out_h = extra_y + size + (y1 - y0 == extra_y + size)
+    out_w = extra_x + size + (x1 - x0 == extra_x + size)
+    # The aten op behind F.interpolate(antialias=True), called with both the output size and
+    # the scales, which F.interpolate does not allow together.
+    if float_math or (float_math is None and crop.device.type != "cpu"):
+        out = resample(crop.float(), [out_h, out_w], False, 1 / scale_y, 1 / scale_x)
+        return out[0, :, extra_y:extra_y + size, extra_x:extra_x + size].round_().clamp_(0, 255).to(torch.uint8)
+    # The uint8 kernel works on channels-last pixels: given a channels-last output it writes it
+    # as is, where a planar one costs it another pass.
+    out = torch.empty(1, out_h, out_w, crop.shape[1], dtype=torch.uint8).permute(0, 3, 1, 2)
+    resample.out(crop, [out_h, out_w], False, 1 / scale_y, 1 / scale_x, out=out)
+    return out[0, :, extra_y:extra_y + size, extra_x:extra_x + size]
+
+
+def copy_flipped(out, image, flip):
+    """out[...] = image [3, H, W], mirrored left-right where `flip`. On the CPU numpy's strided
+    copy reads the channels-last crop and writes it planar and mirrored in one pass."""
+    if out.device.type == "cpu":
+        np.copyto(out.numpy(), image.numpy()[..., ::-1] if flip else image.numpy())
+    else:
+        out.copy_(image.flip(-1) if flip else image)
+
+
+def normalize(x, mean, std):
+    """uint8 [..., 3, H, W] -> ImageNet-normalised float32 (the same arithmetic as
+    `image_to_tensor`: x / 255, minus mean, over std). Runs on the training device."""
+    return (x.float() / 255.0 - mean) / std
+
+
+def image_to_tensor(img):
+    """PIL RGB -> ImageNet-normalised float tensor [3, H, W]."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def batch_tensor(shape, dtype, shared):
+    """An uninitialised batch tensor; where `shared`, in shared memory, as default_collate
+    allocates its output inside a DataLoader worker (the main process maps it, no copy)."""
+    if not shared:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+
+
+def collate_batch(batch):
+    """The DataLoader's collate_fn on the CPU path: a batch that `BagDataset.__getitems__`
+    assembled (a tuple) passes as it is; a list of items goes to default_collate."""
+    return batch if isinstance(batch, tuple) else torch.utils.data.default_collate(batch)
+
+
+def collate_encoded(samples):
+    """Collate --decode gpu samples: byte tensors stay lists (their lengths differ)."""
+    blobs, boxes, flips, target_noise, anchor_noise = zip(*samples)
+    return list(blobs), torch.stack(boxes), torch.stack(flips), torch.stack(target_noise), torch.stack(anchor_noise)
+
+
+def decode_on_device(blobs, device):
+    """--decode gpu: encoded images (uint8 byte tensors) -> [3, H, W] uint8 on `device`.
+    JPEGs are decoded in one batch by nvJPEG; other formats by torchvision on the CPU.
+    torchvision is imported here only, so the CPU install does not need it."""
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+    is_jpeg = [b[:2].tolist() == [0xFF, 0xD8] for b in blobs]
+    jpegs = [b for b, j in zip(blobs, is_jpeg) if j]
+    jpegs = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
+    return [next(jpegs) if j else decode_image(b, mode=ImageReadMode.RGB).to(device) for b, j in zip(blobs, is_jpeg)]
+
+
+def assemble_on_device(batch, size, device, decode=decode_on_device, mode="bicubic"):
+    """--decode gpu: a batch of encoded samples (see `collate_encoded`) -> the uint8 batch
+    that the CPU path delivers: target [B, 3, S, S], anchors [B, N, 3, S, S], noise. `decode`
+    maps a list of byte tensors to [3, H, W] uint8 images (injectable: tests decode on CPU)."""
+    blobs, boxes, flips, target_noise, anchor_noise = batch
+    per_sample = len(blobs[0])
+    images = decode([b for sample in blobs for b in sample], device)
+    crops = torch.stack([crop_views(images[i * per_sample:(i + 1) * per_sample], boxes[i].tolist(),
+                                    bool(flips[i]), size, mode) for i in range(len(blobs))])
+    return (crops[:, 0], crops[:, 1:], target_noise.to(device, non_blocking=True),
+            anchor_noise.to(device, non_blocking=True))
+
+
+def assemble_crops_on_device(batch, size, device, decode=decode_on_device):
+    """--decode gpu for --pretext crops: encoded samples of CropDataset (one byte tensor, the
+    boxes [N + 1, 4]: the global ones, then the local one, flips [N + 1]) -> the uint8 batch of
+    the CPU path (see `assemble_on_device`)."""
+    blobs, boxes, flips, target_noise, anchor_noise = batch
+    images = decode([sample[0] for sample in blobs], device)
+    views = [cut_crops(image, box[:-1].tolist(), box[-1].tolist(), flip.tolist(), size)
+             for image, box, flip in zip(images, boxes, flips)]
+    return (torch.stack([v[0] for v in views]), torch.stack([v[1] for v in views]),
+            target_noise.to(device, non_blocking=True), anchor_noise.to(device, non_blocking=True))
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints of the MAE family: an encoder from MAE, DINO, CropMAE or CDG-MAE weights
+# -----------------------------------------------------------------------------
+
+DECODER_PREFIXES = ("decoder_", "mask_token")  # MAE, CropMAE and CDG-MAE decoder parameters
+HEAD_PREFIXES = ("head.", "fc_norm.")          # classification / DINO projection heads
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True (no arbitrary code), allowing the argparse.Namespace
+    that MAE's and CropMAE's training checkpoints store under "args"."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
+        raise RuntimeError(f"{path}: cannot read checkpoint ({e})") from e
+
+
+def read_state_dict(path):
+    """Load a checkpoint file and unwrap it to a flat state dict of tensors.
+
+    Understands {"model": sd} (MAE, CropMAE, CDG-MAE), {"state_dict": sd}, DINO's training
+    checkpoints {"teacher": sd} and plain state dicts (DINO's released backbones), and
+    strips the "module." (DDP) and "backbone." (DINO) prefixes.
+    """
+    return unwrap_state_dict(load_checkpoint(path), str(path))
+
+
+def unwrap_state_dict(ckpt, name="checkpoint"):
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{name}: expected a dict, got {type(ckpt).__name__}")
+    for key in ("model", "state_dict", "teacher"):
+        if key in ckpt and isinstance(ckpt[key], dict):
+            ckpt = ckpt[key]
+            break
+    state = {}
+    for k, v in ckpt.items():
+        if not torch.is_tensor(v):
+            continue
+        for prefix in ("module.", "backbone."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        state[k] = v
+    if not state:
+        raise ValueError(f"{name}: no tensors found")
+    return state
+
+
+def load_encoder_state(encoder, state, name="checkpoint"):
+    """Load an encoder state dict strictly into a VisionTransformer.
+
+    Decoder keys (decoder_*, mask_token) and heads (head.*, fc_norm.*) are dropped; the
+    position embedding is interpolated if the checkpoint's grid differs from the
+    encoder's. Any other missing or unexpected key is an error that lists the keys.
+    Returns the dropped keys.
+    """
+    dropped = sorted(k for k in state if k.startswith(DECODER_PREFIXES + HEAD_PREFIXES))
+    state = {k: v for k, v in state.items() if k not in dropped}
+    if "pos_embed" in state and state["pos_embed"].shape != encoder.pos_embed.shape:
+        state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], encoder.grid_size, encoder.grid_size)
+    expected = encoder.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong_shape:
+        lines = [f"{name}: does not match the encoder ({encoder.embed_dim}-d, {encoder.depth} blocks, "
+                 f"patch {encoder.patch_size})"]
+        if missing:
+            lines.append(f"  missing keys: {missing}")
+        if unexpected:
+            lines.append(f"  unexpected keys: {unexpected}")
+        for k in wrong_shape:
+            lines.append(f"  {k}: checkpoint {tuple(state[k].shape)} vs encoder {tuple(expected[k].shape)}")
+        raise ValueError("\n".join(lines))
+    encoder.load_state_dict(state, strict=True)
+    return dropped
+
+
+def encoder_from_checkpoint(checkpoint, img_size=None, num_heads=None):
+    """Build a VisionTransformer shaped like a checkpoint's encoder and load it strictly.
+
+    checkpoint: a path or an already loaded dict. Width, depth and patch size are read off
+    the tensors; img_size defaults to the stored position-embedding grid x patch size (so
+    the embedding is resized once, to each input's grid, and never twice); heads come from
+    `num_heads`, else the checkpoint's args["num_heads"], else the ViT convention of 64
+    channels per head (ViT-T/S/B: 3/6/12).
+    """
+    name = "checkpoint" if isinstance(checkpoint, dict) else str(checkpoint)
+    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+    state = unwrap_state_dict(ckpt, name)
+    if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
+        raise ValueError(f"{name}: no patch_embed.proj.weight / pos_embed, not a ViT checkpoint")
+    embed_dim, _, patch_size, _ = state["patch_embed.proj.weight"].shape
+    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    args = ckpt.get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
+    num_heads = num_heads or args.get("num_heads") or max(1, embed_dim // 64)
+    img_size = img_size or math.isqrt(state["pos_embed"].shape[1] - 1) * patch_size
+    encoder = VisionTransformer(img_size, patch_size, embed_dim, depth, num_heads)
+    load_encoder_state(encoder, state, name)
+    return encoder
+
+
+# -----------------------------------------------------------------------------
 # The run folder: one run per --output, resumed only with the settings it was made with
 # -----------------------------------------------------------------------------
 
 RUN_FILES = ("checkpoint-last.pth", "log.jsonl", "args.json")  # a folder holding any of them holds a run
+
 # Settings that change what a run computes, besides the model's (model_config). The others
 # (workers, verification, cadence of logs, pictures and checkpoints, --max-steps, --compile,
 # --dist-timeout) may differ on resume; --epochs only once the run has finished its epochs;
@@ -1721,6 +1659,15 @@ def run_settings(args):
     """What args.json and a checkpoint record: every flag (plain values), the model's
     constructor arguments, and after the scan the bag count and list fingerprint."""
     return {**{k: plain(v) for k, v in vars(args).items()}, **model_config(args)}
+
+
+def plain(value):
+    """argparse values -> JSON/weights_only-safe plain Python (tuples become lists)."""
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
 def settings_differences(args, stored, finished=False):
@@ -1767,19 +1714,6 @@ def find_resume(args, output):
         raise SystemExit(f"{output}: holds another run ({', '.join(existing)}) and --resume {path} is not one of "
                          "its checkpoints (resume into an empty --output, or use --resume auto)")
     return path
-
-
-def one_line(error):
-    """An expected error's message on one line: `path: what is wrong (what to do)` (generate_views.py
-    and metrics.py use it too; evaluate.py keeps a torch-free twin)."""
-    if isinstance(error, OSError) and error.filename is not None and error.strerror:
-        return f"{error.filename}: {error.strerror} (check the path, its permissions and the free disk space)"
-    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
-
-
-def first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def read_training_checkpoint(path):
@@ -1843,8 +1777,85 @@ def truncate_log(path, last_step):
     save_or_exit(path, lambda tmp: Path(tmp).write_text("".join(kept)), "the log")
 
 
+def one_line(error):
+    """An expected error's message on one line: `path: what is wrong (what to do)` (generate_views.py
+    and metrics.py use it too; evaluate.py keeps a torch-free twin)."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror} (check the path, its permissions and the free disk space)"
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
+def first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+# -----------------------------------------------------------------------------
+# Temporary files and atomic writes
+# -----------------------------------------------------------------------------
+
+def temporary_path(path):
+    """A hidden temporary name beside `path`, unique to this process on this host:
+    ".<name>.<host>-<pid>.tmp". It matches no bag, frame or checkpoint pattern, two processes
+    writing the same file never share it, and `remove_stale_temporaries` can tell a killed
+    writer's leftovers from a live one's."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
+
+
+TEMPORARY_NAME = re.compile(r"^\..+\.(?P<host>[^.]+)-(?P<pid>\d+)\.tmp$")
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporaries (see `temporary_path`) in `folder` whose writer is gone: this
+    host's processes that no longer run. Another host's temporaries are left alone (their
+    writer may be alive). Returns the number removed."""
+    removed, host = 0, socket.gethostname()
+    for entry in os.scandir(folder) if os.path.isdir(folder) else ():
+        match = TEMPORARY_NAME.match(entry.name)
+        if match and match["host"] == host and not process_alive(int(match["pid"])):
+            Path(entry.path).unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def atomic_write(path, write):
+    """Call write(tmp) on a temporary name beside `path` (`temporary_path`), then rename it to
+    `path`, so that a file under its final name is always complete and two processes writing
+    the same file never clash. An error removes the temporary file; a killed process leaves
+    it, hidden, for `remove_stale_temporaries`. Used for checkpoints, bags and CSVs."""
+    tmp = temporary_path(path)
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# Start-up: list and check the data, split over ranks and processes, cached
+# -----------------------------------------------------------------------------
+
+VERIFY_LEVELS = ("none", "header", "decode")  # --verify-images, from cheapest to most thorough
+EXPECTED_LAYOUT = {"bags": "a bag is a folder holding real.* and view_NN.jpg files",
+                   "crops": f"--pretext crops reads the image files ({', '.join(IMAGE_SUFFIXES)}) at any depth",
+                   "frames": "--pretext frames reads ROOT/<video>/<frame>.jpg: a video is a folder holding images"}
+
+
 def check_data_root(args):
-    """A missing bag folder is a one-line exit saying how to make one."""
+    """A missing --data folder (bags, or the images / videos of --pretext crops / frames) is a
+    one-line exit saying what it should hold and, for bags, how to make them."""
     root = Path(args.data)
     if root.is_dir():
         return
@@ -1860,9 +1871,126 @@ def check_data_root(args):
                      "or `toyworld.py bags`)")
 
 
-# -----------------------------------------------------------------------------
-# Start-up: list and check the bags, split over ranks and processes, cached
-# -----------------------------------------------------------------------------
+def _is_bag(filenames):
+    return any(f.lower().startswith("real.") and f.lower().endswith(IMAGE_SUFFIXES) for f in filenames)
+
+
+def _folder_items(root, folder, filenames, kind="bags"):
+    """The items one folder holds, as paths relative to root: the folder itself if it is a bag
+    (kind "bags") or a video (kind "frames": it holds images), its image files (kind "crops")."""
+    relative = os.path.relpath(folder, root)
+    if kind == "crops":
+        return [os.path.normpath(os.path.join(relative, f)) for f in sorted(filenames)
+                if f.lower().endswith(IMAGE_SUFFIXES)]
+    if kind == "bags":
+        return [relative] if _is_bag(filenames) else []
+    return [relative] if any(f.lower().endswith(IMAGE_SUFFIXES) for f in filenames) else []
+
+
+def _walk_bags(job):
+    """Relative paths of the bags (or images, videos: see _folder_items) under root/top (one
+    process's share of the listing)."""
+    root, top, kind = job
+    items = []
+    for dirpath, dirnames, filenames in os.walk(os.path.join(root, top)):
+        dirnames.sort()
+        items += _folder_items(root, dirpath, filenames, kind)
+    return items
+
+
+def parallel_map(function, jobs, processes, chunksize=64):
+    """map() over worker processes (not threads: listing, header reads and decoding hold the
+    GIL), in-process for small jobs. Forked unless CUDA is already initialised."""
+    jobs = list(jobs)
+    if processes <= 1 or len(jobs) < 2 * chunksize:
+        return [function(job) for job in jobs]
+    context = multiprocessing.get_context("forkserver" if torch.cuda.is_initialized() else "fork")
+    with context.Pool(processes) as pool:
+        return pool.map(function, jobs, chunksize=chunksize)
+
+
+def find_bags(root, rank=0, world_size=1, processes=1, kind="bags"):
+    """Sorted relative paths of the bag folders (those holding real.*) under root; kind "crops":
+    of the image files, "frames": of the folders holding images (videos).
+
+    With world_size > 1 this returns rank's share only: the top-level folders are dealt out
+    round-robin over the ranks and walked by `processes` processes per rank."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: bag root is not a folder")
+    with os.scandir(root) as entries:
+        entries = sorted(entries, key=lambda e: e.name)
+    tops = [e.name for e in entries if e.is_dir()]
+    bags = _folder_items(root, root, [e.name for e in entries if e.is_file()], kind) if rank == 0 else []
+    parts = parallel_map(_walk_bags, [(str(root), top, kind) for top in tops[rank::world_size]], processes,
+                         chunksize=4)
+    return sorted(bags + [bag for part in parts for bag in part])
+
+
+def _image_problem(path, level="header"):
+    """None if the file opens as an image (level "header": its header is parsed; "decode":
+    every pixel is decoded), else a short reason."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        with Image.open(path) as im:
+            if level == "decode":
+                im.load()
+            else:
+                im.size  # noqa: B018 -- parses the header
+        return None
+    except Exception as e:  # noqa: BLE001 -- any decoder error is reported with the file's name
+        return f"unreadable ({type(e).__name__}: {e})"
+
+
+def _bag_problem(job):
+    """(bag, reason or None) for one bag; see check_bags."""
+    root, bag, num_views, min_views, level = job
+    real, views = bag_files(Path(root) / bag)
+    if real is None:
+        return bag, "no real.* image"
+    indices = [int(VIEW_NAME.match(os.path.basename(v)).group(1)) for v in views]
+    if indices[:num_views] != list(range(num_views)):
+        return bag, f"incomplete: has views {indices}, needs view_00..view_{num_views - 1:02d}"
+    if 1 + num_views < min_views:
+        return bag, f"{1 + num_views} images, needs at least {min_views}"
+    if level != "none":
+        for path in [real] + views[:num_views]:
+            if (problem := _image_problem(path, level)):
+                return bag, f"{os.path.basename(path)}: {problem}"
+    return bag, None
+
+
+def check_bags(root, bags, num_views, min_views, verify_images="header", processes=1):
+    """Problems of the given bags as {bag: reason}: no real image, views missing among
+    view_00..view_{num_views-1}, fewer than `min_views` images in all, or an image that
+    cannot be read (verify_images "header": its header; "decode": all of it; "none": no
+    image is opened). The bags are split over `processes` worker processes."""
+    level = {True: "header", False: "none"}.get(verify_images, verify_images)
+    jobs = [(str(root), bag, num_views, min_views, level) for bag in bags]
+    return {bag: reason for bag, reason in parallel_map(_bag_problem, jobs, processes) if reason}
+
+
+def _item_problem(job):
+    """(item, reason or None) for one image (--pretext crops) or video (frames); see check_items."""
+    root, item, pretext, level = job
+    path = Path(root) / item
+    paths = [path] if pretext == "crops" else video_frames(path)
+    if pretext == "frames" and len(paths) < FRAME_GAP[0] + 1:
+        return item, f"{len(paths)} frames, needs at least {FRAME_GAP[0] + 1} (a gap of {FRAME_GAP[0]} frames)"
+    if level != "none":
+        for frame in paths:
+            if (problem := _image_problem(frame, level)):
+                return item, problem if pretext == "crops" else f"{os.path.basename(frame)}: {problem}"
+    return item, None
+
+
+def check_items(root, items, pretext, verify_images="header", processes=1):
+    """check_bags for --pretext crops (each image opens) and frames (each video has at least 5
+    frames and each frame opens): {item: reason}."""
+    jobs = [(str(root), item, pretext, verify_images) for item in items]
+    return {item: reason for item, reason in parallel_map(_item_problem, jobs, processes) if reason}
+
 
 def bag_index_key(args):
     """What the cached bag list depends on: the folder, the modification times of the root and
@@ -1887,15 +2015,6 @@ def read_bag_index(path, key, level):
         return index["bags"], index["num_views"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def gather(part, world_size):
-    """The concatenation of every rank's list (bounded by --dist-timeout)."""
-    if world_size == 1:
-        return list(part)
-    parts = [None] * world_size
-    dist.all_gather_object(parts, list(part))
-    return [item for p in parts for item in p]
 
 
 def scan_bag_root(args, rank, world_size, output):
@@ -1939,264 +2058,222 @@ def scan_bag_root(args, rank, world_size, output):
     return bags, num_views
 
 
-EXPECTED_LAYOUT = {"bags": "a bag is a folder holding real.* and view_NN.jpg files",
-                   "crops": f"--pretext crops reads the image files ({', '.join(IMAGE_SUFFIXES)}) at any depth",
-                   "frames": "--pretext frames reads ROOT/<video>/<frame>.jpg: a video is a folder holding images"}
-
-
 def bag_list_id(bags, item="bag"):
     """'<count> bags, sha1 <12 hex>': recorded with the run, so a resume on another bag list is refused."""
     return f"{len(bags)} {item}s, sha1 {hashlib.sha1(chr(10).join(bags).encode()).hexdigest()[:12]}"
 
 
 # -----------------------------------------------------------------------------
-# The training loop
+# Distributed set-up (torchrun: NCCL on CUDA, gloo on CPU)
 # -----------------------------------------------------------------------------
 
-def make_loader(args, dataset, sampler, per_step, device):
-    """One DataLoader for the whole run: persistent workers (the sampler is moved on with
-    set_epoch), uint8 batches, and a prefetch depth of about 256 samples per worker (2 batches
-    of 128 or more, up to 8 small ones), so large batches do not pile up in shared memory."""
-    extra = {}
-    if args.workers > 0:
-        extra = dict(persistent_workers=True, prefetch_factor=min(8, max(2, -(-256 // per_step))))
-    return torch.utils.data.DataLoader(dataset, batch_size=per_step, sampler=sampler, num_workers=args.workers,
-                                       pin_memory=device.type == "cuda" and args.decode == "cpu", drop_last=False,
-                                       collate_fn=collate_encoded if args.decode == "gpu" else collate_batch, **extra)
+def setup_distributed(timeout_minutes=30):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo on CPU. No collective
+    waits longer than `timeout_minutes` (--dist-timeout): a rank that dies or stalls stops the
+    others with an error instead of leaving them waiting."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    return rank, world_size, device
 
 
-def batch_mover(args, device):
-    """A loader batch -> (target, anchors) normalised on the device, and the masking noise."""
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
-
-    def move(batch):
-        if args.decode == "gpu" and args.pretext == "crops":
-            target, anchors, target_noise, anchor_noise = assemble_crops_on_device(batch, args.input_size, device)
-        elif args.decode == "gpu":
-            target, anchors, target_noise, anchor_noise = assemble_on_device(
-                batch, args.input_size, device, mode="bicubic" if args.pretext == "bags" else "bilinear")
-        else:
-            target, anchors, target_noise, anchor_noise = [t.to(device, non_blocking=True) for t in batch]
-        return normalize(target, mean, std), normalize(anchors, mean, std), target_noise, anchor_noise
-    return move
-
-
-def log_progress(run, bar, record, loss_sum, loss_steps, samples_per_s):
-    """Average the loss over ranks (one collective every --log-every steps) and log it."""
-    if run.world_size > 1:
-        dist.all_reduce(loss_sum)
-        loss_sum /= run.world_size
-    record.update(loss=loss_sum.item() / loss_steps, samples_per_s=samples_per_s)
-    loss_sum.zero_()
-    if run.rank == 0:
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", samples_per_s=f"{samples_per_s:.1f}")
-        try:
-            run.log.write(json.dumps(record) + "\n")
-            run.log.flush()
-        except OSError as e:
-            raise SystemExit(f"{run.output / 'log.jsonl'}: cannot write the log ({e.strerror or e}) "
-                             f"(free space in {run.output}, then rerun with --resume auto)") from None
-
-
-def train_epoch(args, run, epoch, first, batches, global_step):
-    """Steps first..end of one epoch (or up to --max-steps). Returns (global_step, the last
-    step index done, whether --max-steps stopped it, the last batch and prediction)."""
-    steps = run.steps_per_epoch
-    bar = tqdm(range(first, steps), desc=f"epoch {epoch}", disable=run.rank != 0, dynamic_ncols=True,
-               initial=first, total=steps)
-    run.model.train()
-    t_last, seen, loss_steps = time.time(), 0, 0
-    loss_sum = torch.zeros((), device=run.device)  # summed on the device: no sync per step
-    step, stop, last = first - 1, False, None
-    for step in bar:
-        lr = learning_rate(args, epoch + step / steps)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
-        # Dropout (and any other model-side randomness) is a function of (seed, rank, step),
-        # so a resumed run replays exactly what an uninterrupted one would have drawn.
-        torch.manual_seed(args.seed * 1_000_003 + global_step * 1009 + run.rank)
-        for micro in range(args.accum_iter):
-            target, anchors, target_noise, anchor_noise = run.move(next(batches))
-            sync = micro == args.accum_iter - 1 or run.world_size == 1
-            with (contextlib.nullcontext() if sync else run.train_model.no_sync()), \
-                    torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
-                loss, pred, mask = run.train_model(target, anchors, target_noise, anchor_noise)
-            (loss / args.accum_iter).backward()
-            loss_sum += loss.detach() / args.accum_iter
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        global_step, loss_steps, seen = global_step + 1, loss_steps + 1, seen + args.batch_size
-        last = (target, anchors, pred.detach(), mask)
-        if global_step % args.log_every == 0 or step == steps - 1:
-            now = time.time()
-            log_progress(run, bar, {"epoch": epoch, "step": global_step, "lr": lr}, loss_sum, loss_steps,
-                         seen / max(now - t_last, 1e-9))
-            t_last, seen, loss_steps = now, 0, 0
-        if args.max_steps is not None and global_step >= args.max_steps:
-            stop = True
-            break
-    return global_step, step, stop, last
-
-
-def save_checkpoint(args, run, epoch, step, global_step, last):
-    """checkpoint-last.pth after every epoch or stop, a kept copy every --save-every epochs and
-    a reconstruction picture every --vis-every epochs (rank 0; each written atomically)."""
-    finished = step == run.steps_per_epoch - 1
-    next_epoch, next_step = (epoch + 1, 0) if finished else (epoch, step + 1)
-    ckpt = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "next_epoch": next_epoch,
-            "next_step": next_step, "global_step": global_step, "args": run.settings}
-
-    def write(tmp):
-        with open(tmp, "wb") as f:  # a Python file, so that a full disk is an OSError
-            torch.save(ckpt, f)
-    save_or_exit(run.output / "checkpoint-last.pth", write, "the checkpoint")
-    if finished and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
-        save_or_exit(run.output / f"checkpoint-{epoch + 1:04d}.pth", write, "the checkpoint")
-    if finished and last and args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
-        picture = reconstruction_image(run.model, *last)
-        save_or_exit(run.output / f"reconstruction-{epoch + 1:04d}.png",
-                     lambda tmp: picture.save(tmp, format="PNG"), "the reconstruction picture")
-
-
-def save_initial_checkpoint(run):
-    """checkpoint-0000.pth: the weights before the first step, in the format of the other
-    checkpoints (a run can also resume from it), so that the random-init baseline of a run is
-    read from a file rather than re-derived from the seed."""
-    ckpt = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "next_epoch": 0,
-            "next_step": 0, "global_step": 0, "args": run.settings}
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-    save_or_exit(run.output / "checkpoint-0000.pth", write, "the initial checkpoint")
-
-
-def resume_from(ckpt, resume, model, optimizer):
-    """Load a checkpoint's model and optimizer states; returns (next_epoch, next_step, global_step)."""
-    try:
-        model.load_state_dict(ckpt["model"], strict=True)
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise SystemExit(f"{resume}: does not fit this model ({first_line(e)}) "
-                         "(--resume needs a checkpoint of this run)") from None
-    return ckpt["next_epoch"], ckpt["next_step"], ckpt["global_step"]
-
-
-def main(argv=None):
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    check_args(parser, args)
-    if args.count_flops:
-        counts = count_flops(CDGMAE(**{**model_config(args), "img_size": 224}))
-        print(f"N={args.anchors} r_a={args.anchor_mask:g} r_t={args.target_mask:g}: "
-              f"{counts['fvcore'] / 1e9:.2f} GFLOPs per sample (fvcore: Linear+Conv multiply-adds "
-              f"{(counts['linear'] + counts['conv']) / 1e9:.3f} G, LayerNorm {counts['layernorm'] / 1e9:.3f} G; "
-              f"attention products, not counted: {counts['attention'] / 1e9:.3f} G)")
-        return counts
-
-    # Everything that can be refused is checked before any expensive work.
-    args.lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
-    output = Path(args.output)
-    resume = find_resume(args, output)
-    ckpt = read_training_checkpoint(resume) if resume else None
-    refuse_changed_settings(args, ckpt, resume, output)
-    check_data_root(args)
-
-    rank, world_size, device = setup_distributed(args.dist_timeout)
-    if args.decode == "gpu" and (device.type != "cuda" or importlib.util.find_spec("torchvision") is None):
-        raise SystemExit(f"--decode gpu: needs a CUDA device and torchvision (nvJPEG); this process has "
-                         f"{'a' if device.type == 'cuda' else 'no'} CUDA device and "
-                         f"{'no ' if importlib.util.find_spec('torchvision') is None else ''}torchvision "
-                         "(use --decode cpu)")
-    per_step = args.batch_size // (world_size * args.accum_iter)
-    if per_step * world_size * args.accum_iter != args.batch_size:
-        raise SystemExit(f"--batch-size {args.batch_size}: not divisible by {world_size} ranks x "
-                         f"{args.accum_iter} accumulation steps (choose a multiple of {world_size * args.accum_iter})")
-    if rank == 0:
-        output.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(output)
-    bags, args.views = scan_bag_root(args, rank, world_size, output)
-    args.bags = bag_list_id(bags, PRETEXT_ITEMS[args.pretext])
-    refuse_changed_settings(args, ckpt, resume, output)  # now with the views and the bag list known
-    return train(args, bags, rank, world_size, device, per_step, output, ckpt, resume)
-
-
-def make_dataset(args, items, num_patches, output):
-    """The dataset of --pretext: BagDataset, CropDataset or FrameDataset."""
-    common = dict(num_patches=num_patches, seed=args.seed, encoded=args.decode == "gpu",
-                  bad_bags_file=output / ("bad_bags.txt" if args.pretext == "bags" else f"bad_{args.pretext}.txt"))
-    scale, ratio = tuple(args.crop_scale), tuple(args.crop_ratio)
-    if args.pretext == "crops":
-        return CropDataset(args.data, items, args.anchors, args.input_size, scale, tuple(args.local_scale), ratio,
-                           **common)
-    if args.pretext == "frames":
-        return FrameDataset(args.data, items, args.anchors, args.input_size, scale, ratio, **common)
-    return BagDataset(args.data, items, args.views, args.anchors, args.input_size, args.target_view, scale, ratio,
-                      **common)
-
-
-def train(args, bags, rank, world_size, device, per_step, output, ckpt, resume):
-    """Model, optimizer, loader and the epoch loop (Table 6); returns the model."""
-    steps_per_epoch, item = len(bags) // args.batch_size, PRETEXT_ITEMS[args.pretext]
-    if steps_per_epoch == 0:
-        raise SystemExit(f"{args.data}: {len(bags)} {item}s is fewer than one global batch of {args.batch_size} "
-                         f"(lower --batch-size or add {item}s)")
-    config = model_config(args)
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = CDGMAE(**config).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=tuple(args.betas),
-                                  fused=device.type == "cuda" or None)  # one kernel for all parameters
-    start_epoch, start_step, global_step = resume_from(ckpt, resume, model, optimizer) if ckpt else (0, 0, 0)
-    if args.max_steps is not None and global_step >= args.max_steps or start_epoch >= args.epochs:
-        print(f"{output}: nothing to do (step {global_step}, epoch {start_epoch} of {args.epochs})")
-        return model
+def model_for_training(model, world_size, device, compile_model=False):
+    """The module the steps call: `model` wrapped in DistributedDataParallel over several ranks
+    and compiled with --compile (the checkpoints keep saving `model` itself). On CUDA, float32
+    matrix products may use TF32 (the forward runs under bf16 autocast there; on the CPU it
+    runs in float32, where bf16 is ~30x slower)."""
     train_model = model
     if world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
+    if compile_model:
         train_model = torch.compile(train_model)
-    if device.type == "cuda":  # bf16 autocast on GPU; float32 on CPU (bf16 is ~30x slower there)
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    return train_model
 
-    dataset = make_dataset(args, bags, model.num_patches, output)
-    sampler = GlobalBatchSampler(len(bags), args.batch_size, rank, world_size, seed=args.seed)
-    loader = make_loader(args, dataset, sampler, per_step, device)
-    run = argparse.Namespace(model=model, train_model=train_model, optimizer=optimizer, rank=rank,
-                             world_size=world_size, device=device, output=output, steps_per_epoch=steps_per_epoch,
-                             settings=run_settings(args), move=batch_mover(args, device), log=None)
-    if rank == 0:
-        counts = count_flops(CDGMAE(**{**config, "decoder_dropout": 0.0}))
-        data = {"bags": f"{len(bags)} bags of 1 real + {args.views} views",
-                "crops": f"{len(bags)} images (CropMAE crops)", "frames": f"{len(bags)} videos (SiamMAE frames)"}
-        print(f"{data[args.pretext]}; {world_size} rank(s) x {per_step} samples x "
-              f"{args.accum_iter} accumulation = global batch {args.batch_size}; {steps_per_epoch} steps/epoch; "
-              f"lr {args.lr:.3g}; {counts['fvcore'] / 1e9:.3g} GFLOPs/sample (fvcore)")
-        if ckpt:
-            print(f"resumed from {resume}: epoch {start_epoch}, step {start_step} of {steps_per_epoch}")
-        save_or_exit(output / "args.json", lambda tmp: Path(tmp).write_text(json.dumps(run.settings, indent=2)),
-                     "the settings")
-        truncate_log(output / "log.jsonl", global_step)
-        run.log = open(output / "log.jsonl", "a")
-        if global_step == 0:  # the initial weights: the random-init baseline of the same run
-            save_initial_checkpoint(run)
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            first = start_step if epoch == start_epoch else 0
-            sampler.set_epoch(epoch, first)  # the persistent workers stay; only the keys change
-            global_step, step, stop, last = train_epoch(args, run, epoch, first, iter(loader), global_step)
-            if rank == 0:
-                save_checkpoint(args, run, epoch, step, global_step, last)
-            if stop:
-                break
-    finally:
-        if run.log:
-            run.log.close()
-        if world_size > 1:
-            dist.destroy_process_group()
-    return model
+def gather(part, world_size):
+    """The concatenation of every rank's list (bounded by --dist-timeout)."""
+    if world_size == 1:
+        return list(part)
+    parts = [None] * world_size
+    dist.all_gather_object(parts, list(part))
+    return [item for p in parts for item in p]
+
+
+# -----------------------------------------------------------------------------
+# Command line
+# -----------------------------------------------------------------------------
+
+DEFAULT_DATA = "data/bags"  # --data default, relative to the working folder (the docstring's torchrun usage names none)
+
+
+def checked(kind, low=None, high=None, *, low_open=False, high_open=False):
+    """An argparse `type` that parses with `kind` (int or float) and holds the value to the range
+    [low, high] (an end is excluded with low_open / high_open; None means unbounded). A bad value
+    is one argparse error line naming the flag, e.g. "argument --topk: 0 is not >= 1"."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"{text} is not {'>' if low_open else '>='} {low}")
+        if high is not None and (value >= high if high_open else value > high):
+            raise argparse.ArgumentTypeError(f"{text} is not {'<' if high_open else '<='} {high}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def get_args_parser():
+    """The command line; each argument group is added by its own function, in --help's order."""
+    p = argparse.ArgumentParser(
+        description="CDG-MAE pre-training on bags of views (defaults: the paper's single-anchor "
+                    "setting, Table 6), or on the family's other pretext data (--pretext crops: CropMAE, "
+                    "frames: SiamMAE). Run with python (one process) or torchrun (DDP).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_data_arguments(p.add_argument_group("data"))
+    add_model_arguments(p.add_argument_group("model"))
+    add_optimisation_arguments(p.add_argument_group("optimisation"))
+    add_output_arguments(p.add_argument_group("output"))
+    return p
+
+
+def add_data_arguments(g):
+    """The "data" flags: --data, --pretext, the views and their crops, the loader and the start-up check."""
+    g.add_argument("--data", type=str, default=DEFAULT_DATA,
+                   help="bag root (layout: see docs/training.md, 'Bags of views on disk'; relative to the working folder); "
+                        "--pretext crops: an image folder, frames: a folder of frame folders")
+    g.add_argument("--pretext", choices=PRETEXTS, default="bags",
+                   help="bags: target and anchors among a bag's views (the paper); crops: CropMAE's global crop "
+                        "as anchor, a crop of it as target; frames: SiamMAE's frames 4 to 48 apart "
+                        "(see docs/training.md, 'Pretext data')")
+    g.add_argument("--views", type=checked(int, 1), default=None,
+                   help="M generated views per bag to use (default: the largest count in the first 1000 bags; "
+                        "a bag with fewer is an error)")
+    g.add_argument("--target-view", choices=["any", "real", "generated"], default="any",
+                   help="target chosen among all views of the bag / always the real image / "
+                        "always a generated view (Table 2)")
+    g.add_argument("--input-size", type=checked(int, 1), default=224, help="side of the square training crops (pixels)")
+    g.add_argument("--crop-scale", type=checked(float, 0, 1, low_open=True), nargs=2, default=None,
+                   help="random resized crop area (when not given: 0.5 1.0; --pretext crops, the global crop's: 0.10 1.0)")
+    g.add_argument("--crop-ratio", type=checked(float, 0, low_open=True), nargs=2, default=None,
+                   help="crop aspect ratio range (when not given: 0.75 1.33; --pretext crops and frames: 3/4 4/3)")
+    g.add_argument("--local-scale", type=checked(float, 0, 1, low_open=True), nargs=2, default=(0.3, 0.6),
+                   help="--pretext crops: the target's area as a fraction of the global crop (CropMAE)")
+    g.add_argument("--workers", type=checked(int, 0), default=8, help="DataLoader worker processes per rank")
+    g.add_argument("--verify-images", choices=VERIFY_LEVELS, default="header",
+                   help="at start-up, open every image's header or decode every image (split over ranks "
+                        "and --workers processes; the result is cached in OUTPUT/bag-index.json)")
+    g.add_argument("--no-verify-images", dest="verify_images", action="store_const", const="none",
+                   help="same as --verify-images none")
+    g.add_argument("--decode", choices=["cpu", "gpu"], default="cpu",
+                   help="cpu: workers decode, crop and resize; gpu: workers read the files' bytes and draw "
+                        "the boxes, the GPU decodes (nvJPEG, needs torchvision) and crops"
+                        " (pixels differ slightly from cpu's, so a run keeps its choice)")
+
+
+def add_model_arguments(g):
+    """The "model" flags: the encoder, the anchors and masks (Eq. 4-7), the decoder (Sec. 4) and the loss."""
+    g.add_argument("--model", choices=sorted(VIT_SIZES), default="vit_small", help="encoder size")
+    g.add_argument("--embed-dim", type=checked(int, 1), default=None, help="override the encoder width")
+    g.add_argument("--depth", type=checked(int, 1), default=None, help="override the encoder depth")
+    g.add_argument("--num-heads", type=checked(int, 1), default=None, help="override the encoder heads")
+    g.add_argument("--patch-size", type=checked(int, 1), default=16, help="ViT patch size P (16: ViT-S/16, 8: ViT-S/8)")
+    g.add_argument("--anchors", type=checked(int, 1), default=1, help="N anchors per target (Eq. 6-7)")
+    g.add_argument("--anchor-mask", type=checked(float, 0, 1, high_open=True), default=0.0, help="anchor mask ratio r_a (Eq. 6)")
+    g.add_argument("--target-mask", type=checked(float, 0, 1, low_open=True, high_open=True), default=None,
+                   help="target mask ratio r_t (Eq. 4; when not given: 0.9; --pretext crops 0.985 as CropMAE, frames 0.95 "
+                        "as SiamMAE)")
+    g.add_argument("--decoder-dim", type=checked(int, 1), default=256, help="decoder width (Sec. 4)")
+    g.add_argument("--decoder-depth", type=checked(int, 1), default=4, help="decoder blocks (Sec. 4)")
+    g.add_argument("--decoder-heads", type=checked(int, 1), default=8, help="decoder attention heads")
+    g.add_argument("--decoder-ffn-dim", type=checked(int, 1), default=2048, help="decoder feed-forward width (CropMAE)")
+    g.add_argument("--decoder-dropout", type=checked(float, 0, 1, high_open=True), default=0.1, help="decoder dropout (CropMAE)")
+    g.add_argument("--decoder-block", choices=["cdgmae", "croco"], default="cdgmae",
+                   help="decoder block: the paper's (CropMAE's post-norm cross-attn, FFN, self-attn) or "
+                        "CroCo's pre-norm self-attn, cross-attn, MLP with memory position embeddings "
+                        "(MLP ratio 4, no dropout: --decoder-ffn-dim/--decoder-dropout do not apply)")
+    g.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="regress per-patch normalised pixels")
+
+
+def add_optimisation_arguments(g):
+    """The "optimisation" flags: AdamW, the lr schedule and the batch (Table 6), the seed."""
+    g.add_argument("--epochs", type=checked(int, 1), default=100, help="passes over the bags (Table 6) and the cosine's length: a resume may raise it only once the run has finished")
+    g.add_argument("--batch-size", type=checked(int, 1), default=2048, help="global batch (all ranks, all accumulation steps)")
+    g.add_argument("--accum-iter", type=checked(int, 1), default=1, help="gradient accumulation steps per optimizer step")
+    g.add_argument("--blr", type=checked(float, 0, low_open=True), default=1.5e-4, help="base lr; lr = blr * batch_size / 256")
+    g.add_argument("--lr", type=checked(float, 0, low_open=True), default=None, help="absolute lr (overrides --blr)")
+    g.add_argument("--min-lr", type=checked(float, 0), default=0.0, help="lr at the end of the cosine")
+    g.add_argument("--warmup-epochs", type=checked(float, 0), default=5, help="linear warmup (CropMAE: 5%% of 100 epochs)")
+    g.add_argument("--weight-decay", type=checked(float, 0), default=0.05, help="AdamW weight decay (Table 6)")
+    g.add_argument("--betas", type=checked(float, 0, 1, high_open=True), nargs=2, default=(0.9, 0.95), help="AdamW betas (Table 6)")
+    g.add_argument("--seed", type=checked(int, 0), default=0, help="seeds the initial weights, the data order and every sample's crop, views and masks")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
+    g.add_argument("--max-steps", type=checked(int, 1), default=None, help="stop (with a checkpoint) after this many optimizer steps")
+
+
+def add_output_arguments(g):
+    """The "output" flags: the run folder, resuming, the cadence of checkpoints, logs and pictures."""
+    g.add_argument("--output", type=str, default="runs/cdgmae", help="folder for checkpoints, log.jsonl, args.json and reconstruction PNGs")
+    g.add_argument("--resume", type=str, default=None, help="checkpoint to continue from ('auto': OUTPUT/checkpoint-last.pth if present); refused if a setting "
+                        "that changes the computation differs")
+    g.add_argument("--save-every", type=checked(int, 1), default=25, help="keep a copy of the checkpoint every this many epochs")
+    g.add_argument("--vis-every", type=checked(int, 0), default=5, help="reconstruction PNG every this many epochs (0: never)")
+    g.add_argument("--log-every", type=checked(int, 1), default=20, help="JSON-lines log every this many steps")
+    g.add_argument("--dist-timeout", type=checked(float, 0, low_open=True), default=30,
+                   help="minutes any rank may wait in a collective (start-up scan, loss average) before the "
+                        "run stops with an error instead of hanging")
+    g.add_argument("--count-flops", action="store_true",
+                   help="print the GFLOPs of one 224x224 training sample (Table 8) and exit")
+
+
+def check_args(parser, args):
+    """Checks that involve several flags, right after parsing (parser.error: one line, exit 2);
+    fills in the pretext's defaults of the flags not given."""
+    for name in PRETEXT_DEFAULTS[args.pretext]:
+        setattr(args, name, pretext_default(args, name))
+    width, _, heads = VIT_SIZES[args.model]
+    width, heads = args.embed_dim or width, args.num_heads or heads
+    if args.input_size % args.patch_size:
+        parser.error(f"argument --input-size: {args.input_size} is not divisible by --patch-size {args.patch_size}")
+    for width_flag, width, heads_flag, heads in (("--embed-dim", width, "--num-heads", heads),
+                                                 ("--decoder-dim", args.decoder_dim, "--decoder-heads", args.decoder_heads)):
+        if width % heads:
+            parser.error(f"argument {heads_flag}: {heads} heads do not divide the width {width} ({width_flag})")
+        if width % 4:
+            parser.error(f"argument {width_flag}: {width} is not divisible by 4 (sine-cosine position embedding)")
+    for flag, (low, high) in (("--crop-scale", args.crop_scale), ("--crop-ratio", args.crop_ratio),
+                              ("--local-scale", args.local_scale)):
+        if low > high:
+            parser.error(f"argument {flag}: {low:g} {high:g} is not LOW <= HIGH")
+    if args.batch_size % args.accum_iter:
+        parser.error(f"argument --accum-iter: {args.accum_iter} does not divide --batch-size {args.batch_size}")
+
+
+def model_config(args):
+    """The CDGMAE constructor arguments implied by the command line (sizes resolved)."""
+    embed_dim, depth, num_heads = VIT_SIZES[args.model]
+    return dict(num_anchors=args.anchors, anchor_mask_ratio=args.anchor_mask,
+                target_mask_ratio=pretext_default(args, "target_mask"), img_size=args.input_size, patch_size=args.patch_size,
+                embed_dim=args.embed_dim or embed_dim, depth=args.depth or depth,
+                num_heads=args.num_heads or num_heads, decoder_embed_dim=args.decoder_dim,
+                decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_heads,
+                decoder_ffn_dim=args.decoder_ffn_dim, decoder_dropout=args.decoder_dropout,
+                norm_pix_loss=args.norm_pix_loss, decoder_block=args.decoder_block)
 
 
 if __name__ == "__main__":
