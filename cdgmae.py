@@ -1337,6 +1337,19 @@ def load_rgb(path):
         raise UnreadableImage(f"{path}: cannot decode image ({e})") from e
 
 
+def map_pixels(pixels, im):
+    """Pillow image memory over the H x W x 4 array `pixels` (what Image.frombuffer does for
+    RGBX), into which ImageFile.load then decodes; None where this Pillow has no such internal
+    (Image.core.map_buffer is not public API), and decode_rgbx copies instead."""
+    map_buffer = getattr(Image.core, "map_buffer", None)
+    if map_buffer is None:
+        return None
+    try:
+        return map_buffer(pixels, im.size, "raw", 0, ("RGB", 0, 1))
+    except (TypeError, ValueError):  # another signature in another Pillow version
+        return None
+
+
 def decode_rgbx(path):
     """A file's pixels as uint8 [4, H, W]: R, G, B and a fourth byte (255), a channels-last view
     of an H x W x 4 array. This is Pillow's own layout for RGB, so an RGB file (any JPEG in
@@ -1346,10 +1359,8 @@ def decode_rgbx(path):
     try:
         with Image.open(path) as im:
             pixels = np.empty((im.height, im.width, 4), np.uint8)
-            if im.mode == "RGB" and im.tile:
-                # Image memory over our array (what Image.frombuffer does for RGBX); ImageFile.load
-                # decodes into image memory that is already there.
-                target = Image.core.map_buffer(pixels, im.size, "raw", 0, ("RGB", 0, 1))
+            target = map_pixels(pixels, im) if im.mode == "RGB" and im.tile else None
+            if target is not None:
                 im.im = target
                 im.load()
                 if im.im is target:

@@ -258,3 +258,16 @@ def test_loader_workers_deliver_the_items_batch_by_batch(tmp_path):
         expected = torch.utils.data.default_collate([ds[key] for key in keys[step * 4:step * 4 + 4]])
         assert all(torch.equal(a, b) for a, b in zip(batch, expected))
     assert step == 1
+
+
+def test_decoding_without_pillows_internal_buffer_mapping_gives_the_same_pixels(tmp_path, monkeypatch):
+    """decode_rgbx decodes RGB JPEGs straight into its array through Pillow's non-public
+    Image.core.map_buffer; where a Pillow lacks it, the copying path gives the same pixels."""
+    path = tmp_path / "a.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)).save(path, quality=90)
+    mapped = cdgmae.decode_rgbx(path)
+    monkeypatch.setattr(Image.core, "map_buffer", None, raising=False)
+    copied = cdgmae.decode_rgbx(path)
+    expected = np.array(Image.open(path).convert("RGB"))
+    assert torch.equal(mapped, copied)
+    assert torch.equal(mapped[:3].permute(1, 2, 0), torch.from_numpy(expected)) and (mapped[3] == 255).all()
