@@ -746,7 +746,7 @@ def sample_video(seed, kind, index, frames, height, width, light=2.5, distractor
     largest steady turn of an object (radians/frame); camouflage: the chance that the
     background takes the hue of an annotated object."""
     code = {"davis": 1, "vip": 2, "jhmdb": 3}[kind]
-    for attempt in range(20):  # redraw until every annotated object is mostly visible in frame 0
+    for attempt in range(200):  # redraw until every annotated object is mostly visible in frame 0
         rng = np.random.default_rng([seed, code, index, attempt])
         objects, tracks, annotated = [], [], []
         if kind == "davis":
