@@ -18,7 +18,7 @@ project's own code -- only the configuration is small:
 It prints one table and saves a reconstruction picture and propagation strips. Every stage
 is resumable: a rerun skips what is done.
 
-    python demo.py                          # everything, 7-8 minutes on 2 cores
+    python demo.py                          # everything, about 8 minutes on one CPU core
     python demo.py --anchors 3 --anchor-mask 0.25 --output runs/demo-a3
     python demo.py --compare                # Tables 5, 2 and 4 in miniature (docs/comparisons.md)
 
