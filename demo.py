@@ -35,7 +35,6 @@ evaluate.py, metrics.py and generate_views.py beside it.
 """
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -241,7 +240,8 @@ def make_training_data(root, args, methods):
             link = root / "images" / f"{bag}.jpg"
             if not link.exists():
                 link.parent.mkdir(parents=True, exist_ok=True)
-                os.link(root / "bags" / bag / "real.jpg", link)
+                source = root / "bags" / bag / "real.jpg"  # a hard link, else a copy; renamed into place
+                cdgmae.atomic_write(link, lambda tmp, source=source: generate_views.place_file(source, tmp, link=True))
     if "siammae" in methods:
         toyworld.write_videos(root / "videos", args.train_videos, 20, *VIDEO_SIZE["davis"], args.seed, progress=False)
 
