@@ -229,7 +229,7 @@ def claim_compare_folder(out, settings):
                              "(pass the same flags, or another --output)")
         return
     out.mkdir(parents=True, exist_ok=True)
-    cdgmae.atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=1)))
+    save_json(record, settings)
 
 
 def make_training_data(root, args, methods):
@@ -286,10 +286,7 @@ def compare_seed(args, seed_dir, methods):
             continue
         run = seed_dir / name / "train"
         if name == "knn":
-            encoder_run = seed_dir / KNN_ENCODER / "train"
-            if not (encoder_run / "checkpoint-last.pth").exists():
-                cdgmae.main(method_argv(KNN_ENCODER, root, encoder_run, args))
-            make_knn_bags(root, encoder_run / "checkpoint-last.pth", args)
+            make_knn_bags(root, seed_dir / KNN_ENCODER / "train" / "checkpoint-last.pth", args)
         print(f"seed {args.seed}, {METHODS[name][0]}")
         start = time.time()
         cdgmae.main(method_argv(name, root, run, args))
@@ -447,7 +444,7 @@ def main(argv=None):
     results = {"seed": args.seed, "anchors": args.anchors, "anchor_mask": args.anchor_mask,
                "epochs": args.epochs, "train_seconds": train_seconds, "total_seconds": time.time() - start,
                "scores": scores, "view_metrics": view}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    save_json(out / "results.json", results)
     pictures = sorted(run.glob("reconstruction-*.png"))[-1:] + sorted((out / "predictions" / "trained").glob("*/visualize/*.png"))[:2]
     print()
     print(f"Toy world, seed {args.seed}: {args.num_bags} bags, N={args.anchors}, r_a={args.anchor_mask:g}, "
