@@ -61,6 +61,7 @@ import re
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -1328,13 +1329,112 @@ class UnreadableImage(RuntimeError):
     """An image file that cannot be decoded (the message starts with its path)."""
 
 
-def load_rgb(path):
-    """PIL RGB image of a file; UnreadableImage if it cannot be decoded."""
+# Images of every mode become 8-bit RGB by one rule, wherever an image is read (training
+# bags, real images for generation, frames for propagation, images for the metrics):
+#   1, L, P, RGB, RGBX, YCbCr, CMYK   Pillow's convert("RGB") (CMYK by Pillow's formula, no ICC profile)
+#   LA, PA, RGBA, P with transparency  the same, the alpha dropped (not composited), as CropMAE's
+#                                      loader (torchvision's default_loader, convert("RGB")) does
+#   I;16 (16-bit grey, any order)     the high byte, value >> 8 (convert("RGB") would clip to white)
+#   I (32-bit integers)               values in 0..65535 as 16-bit grey; other values are refused
+#   F (32-bit floats)                 values in [0, 1] times 255, rounded; other values are refused
+#   any other mode                    refused
+# EXIF orientation is ignored: pixels are used as stored, as CropMAE's loader uses them, so
+# training stays faithful and a mask drawn on a stored frame stays aligned with it. An image
+# declaring more than Image.MAX_IMAGE_PIXELS pixels (a decompression bomb or a corrupt header)
+# is refused before it is decoded. docs/training.md, "Images of every mode", says the same.
+
+RGB_CONVERTED = ("1", "L", "P", "RGB", "RGBX", "YCbCr", "CMYK", "LA", "PA", "RGBA")
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+IMAGE_MODES = RGB_CONVERTED + SIXTEEN_BIT + ("I", "F")
+WHAT_TO_DO = "save it as 8-bit RGB or grey"
+
+
+def open_image(path, name=None):
+    """Image.open(path): the header is parsed, no pixel is decoded. UnreadableImage, naming the
+    file (or `name`, for a file object), if Pillow cannot identify it or its header declares
+    more than Image.MAX_IMAGE_PIXELS pixels (Pillow only warns up to twice that)."""
+    source, path = path, path if name is None else name
+    too_large = (f"{path}: the header declares more than Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels "
+                 f"(a corrupt header or a decompression bomb; shrink the image, or raise PIL.Image.MAX_IMAGE_PIXELS "
+                 f"if it is real)")
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        # Pillow's warning would precede the one-line refusal below. (The filter is process-wide:
+        # threads calling this at once, as metrics.check_images_decode's do, may leave it set,
+        # which only silences this same warning.)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source)
+    except Image.DecompressionBombError:
+        raise UnreadableImage(too_large) from None
     except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
         raise UnreadableImage(f"{path}: cannot decode image ({e})") from e
+    if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
+        image.close()
+        raise UnreadableImage(too_large.replace("more than", f"{image.width}x{image.height} pixels, more than"))
+    return image
+
+
+def to_rgb(image, path="image"):
+    """A PIL image of any mode -> a new 8-bit RGB PIL image, by the rule above; UnreadableImage
+    "path: ..." for a mode or values the rule refuses, or pixels that do not decode."""
+    mode = image.mode
+    if mode not in IMAGE_MODES:
+        raise UnreadableImage(f"{path}: a {mode} image, which has no conversion to 8-bit RGB ({WHAT_TO_DO})")
+    try:
+        if mode == "P" and "transparency" in image.info:
+            return image.convert("RGBA").convert("RGB")  # the palette's colours; its transparency is dropped
+        if mode in RGB_CONVERTED:
+            return image.convert("RGB")
+        values = np.asarray(image)
+    except Exception as e:  # noqa: BLE001 -- the decoder's error, with the file's name
+        raise UnreadableImage(f"{path}: cannot decode image ({e})") from e
+    if mode in SIXTEEN_BIT or mode == "I" and values.min() >= 0 and values.max() <= 65535:
+        grey = (values.astype(np.uint32) >> 8).astype(np.uint8)
+    elif mode == "F" and np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1:
+        grey = np.rint(values * 255).astype(np.uint8)
+    else:
+        kind, rule = ("32-bit integer", "0..65535 (16-bit)") if mode == "I" else ("32-bit float", "[0, 1]")
+        raise UnreadableImage(f"{path}: a {kind} image (mode {mode}) with values {values.min():g}..{values.max():g}, "
+                              f"outside {rule} ({WHAT_TO_DO})")
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+def load_rgb(path):
+    """PIL RGB image of a file (`to_rgb`); UnreadableImage if it cannot be decoded or is refused."""
+    with open_image(path) as image:
+        return to_rgb(image, path)
+
+
+# What --decode gpu (torchvision) decodes as the CPU path does: format -> Pillow modes. nvJPEG's
+# CMYK, torchvision's 16-bit PNGs (uint16 pixels) and BMP (not decoded) are refused instead.
+GPU_MODES = {"JPEG": ("L", "RGB"), "MPO": ("L", "RGB"),  # MPO: a camera's JPEG with a second picture
+             "PNG": ("1", "L", "P", "LA", "RGB", "RGBA"), "WEBP": ("RGB", "RGBA")}
+
+
+def gpu_decode_problem(image, head):
+    """None if --decode gpu decodes this opened image as `to_rgb` does, else why not. head:
+    the file's first 26 bytes (a PNG's bit depth is byte 24 of its IHDR chunk)."""
+    depth = head[24] if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" else 8
+    if image.mode in GPU_MODES.get(image.format, ()) and depth <= 8:
+        return None
+    kind = f"{depth}-bit " if depth > 8 else ""
+    return (f"a {kind}{image.format} image in mode {image.mode}, which --decode gpu does not decode as --decode cpu "
+            f"does (convert it to 8-bit RGB JPEG or PNG, or train with --decode cpu)")
+
+
+def check_image(path, level="header", decode="cpu"):
+    """Refuse, before any work, an image that the loaders would refuse: UnreadableImage naming
+    the file. level "header": the header is parsed and the mode checked (a 32-bit image, whose
+    values decide, is decoded); "decode": every pixel is decoded and converted (`to_rgb`).
+    decode "gpu": also what --decode gpu would decode otherwise (`gpu_decode_problem`)."""
+    with open_image(path) as image:
+        if decode == "gpu":
+            with open(path, "rb") as f:
+                problem = gpu_decode_problem(image, f.read(26))
+            if problem:
+                raise UnreadableImage(f"{path}: {problem}")
+        if image.mode not in IMAGE_MODES or level == "decode" or image.mode in ("I", "F"):
+            to_rgb(image, path)
 
 
 def map_pixels(pixels, im):
@@ -1355,9 +1455,9 @@ def decode_rgbx(path):
     of an H x W x 4 array. This is Pillow's own layout for RGB, so an RGB file (any JPEG in
     colour) is decoded straight into the array, without the copy that np.asarray(image) makes;
     and torch's uint8 resize reads 4-byte pixels without repacking them. Other modes are
-    converted with Image.convert("RGB"). UnreadableImage if it cannot be decoded."""
-    try:
-        with Image.open(path) as im:
+    converted by `to_rgb`. UnreadableImage if it cannot be decoded or is refused."""
+    with open_image(path) as im:
+        try:
             pixels = np.empty((im.height, im.width, 4), np.uint8)
             target = map_pixels(pixels, im) if im.mode == "RGB" and im.tile else None
             if target is not None:
@@ -1365,24 +1465,30 @@ def decode_rgbx(path):
                 im.load()
                 if im.im is target:
                     return torch.from_numpy(pixels).permute(2, 0, 1)
-            pixels[..., :3] = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+            rgb = im if im.mode == "RGB" else to_rgb(im, path)
+            pixels[..., :3] = np.asarray(rgb)
             pixels[..., 3] = 255
-    except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
-        raise UnreadableImage(f"{path}: cannot decode image ({e})") from e
+        except UnreadableImage:
+            raise
+        except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
+            raise UnreadableImage(f"{path}: cannot decode image ({e})") from e
     return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def read_encoded(path):
     """A file's bytes as a uint8 tensor, for decoding on the device (--decode gpu), and the
-    image's (width, height) from its header. A file whose header does not parse or a JPEG
-    without its end-of-image marker (truncated) is UnreadableImage, so the worker can
-    substitute its bag the way the CPU path does."""
+    image's (width, height) from its header. A file whose header does not parse, an image that
+    the device would not decode as the CPU path does (`gpu_decode_problem`) or a JPEG without
+    its end-of-image marker (truncated) is UnreadableImage, so the worker can substitute its
+    bag the way the CPU path does."""
     try:
         data = Path(path).read_bytes()
-        with Image.open(io.BytesIO(data)) as im:
-            size, kind = im.size, im.format
-    except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
-        raise UnreadableImage(f"{path}: cannot decode image ({e})") from e
+    except OSError as e:
+        raise UnreadableImage(f"{path}: cannot read image ({e.strerror or e})") from e
+    with open_image(io.BytesIO(data), path) as im:
+        size, kind, problem = im.size, im.format, gpu_decode_problem(im, data[:26])
+    if problem:
+        raise UnreadableImage(f"{path}: {problem}")
     if kind == "JPEG" and b"\xff\xd9" not in data[-1024:]:
         raise UnreadableImage(f"{path}: cannot decode image (truncated JPEG: no end-of-image marker)")
     return torch.frombuffer(bytearray(data), dtype=torch.uint8), size
@@ -1938,25 +2044,23 @@ def find_bags(root, rank=0, world_size=1, processes=1, kind="bags"):
     return sorted(bags + [bag for part in parts for bag in part])
 
 
-def _image_problem(path, level="header"):
-    """None if the file opens as an image (level "header": its header is parsed; "decode":
-    every pixel is decoded), else a short reason."""
+def _image_problem(path, level="header", decode="cpu"):
+    """None if the file is an image the loaders take (`check_image` at `level` and for
+    `decode`), else a short reason."""
     try:
         if os.path.getsize(path) == 0:
             return "empty file"
-        with Image.open(path) as im:
-            if level == "decode":
-                im.load()
-            else:
-                im.size  # noqa: B018 -- parses the header
+        check_image(path, level, decode)
         return None
+    except UnreadableImage as e:
+        return str(e).removeprefix(f"{path}: ")
     except Exception as e:  # noqa: BLE001 -- any decoder error is reported with the file's name
         return f"unreadable ({type(e).__name__}: {e})"
 
 
 def _bag_problem(job):
     """(bag, reason or None) for one bag; see check_bags."""
-    root, bag, num_views, min_views, level = job
+    root, bag, num_views, min_views, level, decode = job
     real, views = bag_files(Path(root) / bag)
     if real is None:
         return bag, "no real.* image"
@@ -1967,39 +2071,40 @@ def _bag_problem(job):
         return bag, f"{1 + num_views} images, needs at least {min_views}"
     if level != "none":
         for path in [real] + views[:num_views]:
-            if (problem := _image_problem(path, level)):
+            if (problem := _image_problem(path, level, decode)):
                 return bag, f"{os.path.basename(path)}: {problem}"
     return bag, None
 
 
-def check_bags(root, bags, num_views, min_views, verify_images="header", processes=1):
+def check_bags(root, bags, num_views, min_views, verify_images="header", processes=1, decode="cpu"):
     """Problems of the given bags as {bag: reason}: no real image, views missing among
     view_00..view_{num_views-1}, fewer than `min_views` images in all, or an image that
-    cannot be read (verify_images "header": its header; "decode": all of it; "none": no
-    image is opened). The bags are split over `processes` worker processes."""
+    cannot be read or that the loader of `decode` ("cpu" or "gpu") would refuse (verify_images
+    "header": its header and mode; "decode": all of it; "none": no image is opened; see
+    `check_image`). The bags are split over `processes` worker processes."""
     level = {True: "header", False: "none"}.get(verify_images, verify_images)
-    jobs = [(str(root), bag, num_views, min_views, level) for bag in bags]
+    jobs = [(str(root), bag, num_views, min_views, level, decode) for bag in bags]
     return {bag: reason for bag, reason in parallel_map(_bag_problem, jobs, processes) if reason}
 
 
 def _item_problem(job):
     """(item, reason or None) for one image (--pretext crops) or video (frames); see check_items."""
-    root, item, pretext, level = job
+    root, item, pretext, level, decode = job
     path = Path(root) / item
     paths = [path] if pretext == "crops" else video_frames(path)
     if pretext == "frames" and len(paths) < FRAME_GAP[0] + 1:
         return item, f"{len(paths)} frames, needs at least {FRAME_GAP[0] + 1} (a gap of {FRAME_GAP[0]} frames)"
     if level != "none":
         for frame in paths:
-            if (problem := _image_problem(frame, level)):
+            if (problem := _image_problem(frame, level, decode)):
                 return item, problem if pretext == "crops" else f"{os.path.basename(frame)}: {problem}"
     return item, None
 
 
-def check_items(root, items, pretext, verify_images="header", processes=1):
+def check_items(root, items, pretext, verify_images="header", processes=1, decode="cpu"):
     """check_bags for --pretext crops (each image opens) and frames (each video has at least 5
     frames and each frame opens): {item: reason}."""
-    jobs = [(str(root), item, pretext, verify_images) for item in items]
+    jobs = [(str(root), item, pretext, verify_images, decode) for item in items]
     return {item: reason for item, reason in parallel_map(_item_problem, jobs, processes) if reason}
 
 
@@ -2012,7 +2117,8 @@ def bag_index_key(args):
         stamps = sorted((e.name, e.stat().st_mtime_ns) for e in entries if e.is_dir())
     return {"data": os.path.realpath(root), "root_mtime_ns": root.stat().st_mtime_ns,
             "folders": hashlib.sha1(json.dumps(stamps).encode()).hexdigest(),
-            "views": args.views, "anchors": args.anchors, "target_view": args.target_view, "pretext": args.pretext}
+            "views": args.views, "anchors": args.anchors, "target_view": args.target_view, "pretext": args.pretext,
+            "decode": args.decode}
 
 
 def read_bag_index(path, key, level):
@@ -2048,9 +2154,10 @@ def scan_bag_root(args, rank, world_size, output):
         num_views = args.views or max(len(bag_files(Path(args.data) / b)[1]) for b in bags[:1000])
         setting = f" (M = {num_views} views, N = {args.anchors} anchors)"
         problems = check_bags(args.data, bags[rank::world_size], num_views, 1 + args.anchors,
-                              args.verify_images, processes)
+                              args.verify_images, processes, args.decode)
     else:
-        problems = check_items(args.data, bags[rank::world_size], args.pretext, args.verify_images, processes)
+        problems = check_items(args.data, bags[rank::world_size], args.pretext, args.verify_images, processes,
+                               args.decode)
     problems = dict(gather(problems.items(), world_size))
     if args.pretext == "bags" and args.target_view == "real" and num_views < args.anchors:
         problems["(all)"] = f"--target-view real needs at least {args.anchors} generated views, bags have {num_views}"

@@ -99,8 +99,8 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import evaluate as ev
-from cdgmae import (IMAGENET_MEAN, IMAGENET_STD, process_alive, checked, encoder_from_checkpoint, image_to_tensor,
-                    load_rgb, remove_stale_temporaries)
+from cdgmae import (IMAGENET_MEAN, IMAGENET_STD, UnreadableImage, check_image, checked, encoder_from_checkpoint,
+                    image_to_tensor, load_rgb, process_alive, remove_stale_temporaries)
 
 # Table 7 and CropMAE's input sizes. input_size: (height, width), or (long side,).
 PROTOCOL = {
@@ -377,7 +377,8 @@ def prepare_videos(dataset, data_root, videos, settings, patch_size):
     """Check every video before any long work and return [(name, frames, annotation paths or
     joints, input (H, W))]: its files exist and are valid (evaluate.check_segmentation_video:
     frames readable and of one size, annotations 'P' / 'L' PNGs of their frame's size, first
-    ids 0..K (DAVIS) or classes 0..19 (VIP); JHMDB: pos_img 2x15xT with T = frames), its input
+    ids 0..K (DAVIS) or classes 0..19 (VIP); JHMDB: pos_img 2x15xT with T = frames), its frames
+    are images load_frame takes (`check_frames`: cdgmae's image rule), its input
     size is a positive multiple of the patch size and --topk does not exceed the context keys."""
     prepared = []
     for name in videos:
@@ -390,6 +391,7 @@ def prepare_videos(dataset, data_root, videos, settings, patch_size):
             else:
                 frames, extra = ev.vip_video(data_root, name)
             _, _, (width, height) = ev.check_segmentation_video(dataset, frames, extra)
+        check_frames(frames)
         size = input_size_for(height, width, settings["input_size"], settings["size_multiple"])
         if min(size) <= 0 or size[0] % patch_size or size[1] % patch_size:
             flags = f"--input-size {' '.join(map(str, settings['input_size']))}" + (
@@ -402,6 +404,16 @@ def prepare_videos(dataset, data_root, videos, settings, patch_size):
                                 f"(lower --topk or raise --queue-length / --input-size)")
         prepared.append((name, frames, extra, size))
     return prepared
+
+
+def check_frames(frames, error=ev.InputError):
+    """Every frame is an image that load_frame takes (cdgmae.check_image: a mode with a
+    conversion to RGB, at most Image.MAX_IMAGE_PIXELS pixels), else `error` naming it."""
+    for frame in frames:
+        try:
+            check_image(frame)
+        except UnreadableImage as e:
+            raise error(str(e)) from None
 
 
 def output_path(dataset, output, name):
@@ -811,6 +823,7 @@ def first_frame_of(source):
                          and not p.name.startswith(".")), key=natural_key)
         if not frames:
             raise FileNotFoundError(f"{source}: no {'/'.join(FRAME_SUFFIXES)} frames in this folder")
+        check_frames(frames, ValueError)
         return frames, load_rgb(frames[0]).size
     if not source.is_file():
         raise FileNotFoundError(f"{source}: no such frame folder or video file")
