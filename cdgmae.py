@@ -31,9 +31,12 @@ numpy and Pillow and, from this file, `bag_files`, `sample_crop_box`, `crop_view
 `crop_resize` (`resize_plan`, `crop_axis`, `RESAMPLING`: torch's antialiased resize ops),
 `copy_flipped`, `decode_rgbx` (which maps Pillow's decoder onto a numpy array through
 Pillow's internal `Image.core.map_buffer`), `read_encoded`, `batch_tensor` and
-`UnreadableImage`; `decode_on_device` (--decode gpu) needs torchvision. The checkpoint
-loaders (`load_checkpoint`, `read_state_dict`, `encoder_from_checkpoint`,
-`load_encoder_state`) need torch and VisionTransformer. `checked` (argparse ranges),
+`UnreadableImage`; `decode_on_device` (--decode gpu) needs torchvision. The image rule
+(`to_rgb`: any Pillow mode to 8-bit RGB, or refused; with `open_image`, `load_rgb`,
+`check_image`, `gpu_decode_problem` and their mode lists) needs numpy and Pillow only. The
+checkpoint loaders (`load_checkpoint`, `read_state_dict`, `encoder_from_checkpoint`,
+`load_encoder_state`, with `check_finite` and `CheckpointError`) need torch and
+VisionTransformer. `checked` (argparse ranges),
 `atomic_write`, `temporary_path` and `remove_stale_temporaries` need only the standard
 library. `train`, `train_epoch` and `main` tie everything together and also need tqdm.
 
@@ -1158,6 +1161,8 @@ def main(argv=None):
     resume = find_resume(args, output)
     ckpt = read_training_checkpoint(resume) if resume else None
     refuse_changed_settings(args, ckpt, resume, output)
+    if ckpt:
+        check_resume_fits(args, ckpt, resume)
     check_data_root(args)
 
     rank, world_size, device = setup_distributed(args.dist_timeout)
@@ -1656,17 +1661,48 @@ DECODER_PREFIXES = ("decoder_", "mask_token")  # MAE, CropMAE and CDG-MAE decode
 HEAD_PREFIXES = ("head.", "fc_norm.")          # classification / DINO projection heads
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that loads but cannot be used (a folder, non-finite weights, heads that do
+    not divide the width); the message is one complete line `path: what is wrong (what to do)`."""
+
+
+DIFFUSION_FOLDER_FILES = ("model_index.json", "sldm.json", "unet/config.json")
+
+
 def load_checkpoint(path):
     """torch.load with weights_only=True (no arbitrary code), allowing the argparse.Namespace
-    that MAE's and CropMAE's training checkpoints store under "args"."""
+    that MAE's and CropMAE's training checkpoints store under "args". A folder is a
+    CheckpointError, a missing file FileNotFoundError, a file torch.load cannot read (an image,
+    a truncated archive, a pickle of other objects) RuntimeError, each naming the path."""
     path = Path(path)
+    if path.is_dir():
+        kind = "a diffusion model folder" if any((path / n).exists() for n in DIFFUSION_FOLDER_FILES) else "a folder"
+        raise CheckpointError(f"{path}: {kind}, not a checkpoint file (give the checkpoint file itself, a .pth "
+                              f"written by torch.save)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
-        raise RuntimeError(f"{path}: cannot read checkpoint ({e})") from e
+    except Exception as e:  # noqa: BLE001 -- re-raised with the file's name and what the file is
+        raise RuntimeError(f"{path}: cannot read checkpoint ({unreadable_checkpoint_reason(path, e)})") from e
+
+
+def unreadable_checkpoint_reason(path, error):
+    """Why torch.load failed on a file, in a few words: what the file is where that explains it."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04":  # torch.save's zip archive
+        return f"a torch.save archive that is truncated or damaged: {first_line(error)}"
+    try:
+        with Image.open(path) as image:
+            return f"a {image.format} image, not a checkpoint"
+    except Exception:  # noqa: BLE001 -- not an image either
+        pass
+    text = str(error)
+    if "WeightsUnpickler error:" in text:  # torch's advice is pages long; its reason is the line after
+        return "weights_only loading refuses it: " + first_line(text.split("WeightsUnpickler error:", 1)[1])
+    return first_line(error)
 
 
 def read_state_dict(path):
@@ -1699,16 +1735,35 @@ def unwrap_state_dict(ckpt, name="checkpoint"):
     return state
 
 
+def non_finite_tensor(state):
+    """(name, count) of the first floating-point tensor of a {name: tensor} dict that holds
+    NaN or infinite values, or None."""
+    for key, tensor in state.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return key, int((~torch.isfinite(tensor)).sum())
+    return None
+
+
+def check_finite(state, name, what_to_do="use a checkpoint saved before the training diverged"):
+    """CheckpointError naming the first tensor of `state` that holds NaN or infinite values:
+    such weights would turn every feature, similarity, loss or prediction into NaN."""
+    if (bad := non_finite_tensor(state)):
+        key, count = bad
+        raise CheckpointError(f"{name}: {key} holds {count} NaN or infinite value{'s' * (count > 1)} of "
+                              f"{state[key].numel()} ({what_to_do})")
+
+
 def load_encoder_state(encoder, state, name="checkpoint"):
     """Load an encoder state dict strictly into a VisionTransformer.
 
     Decoder keys (decoder_*, mask_token) and heads (head.*, fc_norm.*) are dropped; the
     position embedding is interpolated if the checkpoint's grid differs from the
-    encoder's. Any other missing or unexpected key is an error that lists the keys.
-    Returns the dropped keys.
+    encoder's. Any other missing or unexpected key is an error that lists the keys; a tensor
+    holding NaN or infinite values is a CheckpointError naming it. Returns the dropped keys.
     """
     dropped = sorted(k for k in state if k.startswith(DECODER_PREFIXES + HEAD_PREFIXES))
     state = {k: v for k, v in state.items() if k not in dropped}
+    check_finite(state, name)
     if "pos_embed" in state and state["pos_embed"].shape != encoder.pos_embed.shape:
         state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], encoder.grid_size, encoder.grid_size)
     expected = encoder.state_dict()
@@ -1729,16 +1784,18 @@ def load_encoder_state(encoder, state, name="checkpoint"):
     return dropped
 
 
-def encoder_from_checkpoint(checkpoint, img_size=None, num_heads=None):
+def encoder_from_checkpoint(checkpoint, img_size=None, num_heads=None, name=None):
     """Build a VisionTransformer shaped like a checkpoint's encoder and load it strictly.
 
     checkpoint: a path or an already loaded dict. Width, depth and patch size are read off
     the tensors; img_size defaults to the stored position-embedding grid x patch size (so
     the embedding is resized once, to each input's grid, and never twice); heads come from
-    `num_heads`, else the checkpoint's args["num_heads"], else the ViT convention of 64
-    channels per head (ViT-T/S/B: 3/6/12).
+    `num_heads` (the commands' --num-heads), else the checkpoint's args["num_heads"], else
+    the ViT convention of 64 channels per head (ViT-T/S/B: 3/6/12). Heads that do not divide
+    the width, and weights holding NaN or infinite values, are a CheckpointError. name: what
+    the messages call a loaded dict (default "checkpoint").
     """
-    name = "checkpoint" if isinstance(checkpoint, dict) else str(checkpoint)
+    name = name or ("checkpoint" if isinstance(checkpoint, dict) else str(checkpoint))
     ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
     state = unwrap_state_dict(ckpt, name)
     if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
@@ -1747,9 +1804,19 @@ def encoder_from_checkpoint(checkpoint, img_size=None, num_heads=None):
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
     args = ckpt.get("args")
     args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
-    num_heads = num_heads or args.get("num_heads") or max(1, embed_dim // 64)
+    if num_heads:
+        heads, source = num_heads, f"--num-heads {num_heads}"
+    elif args.get("num_heads"):
+        heads, source = args["num_heads"], f"num_heads {args['num_heads']} (the checkpoint's args)"
+    else:
+        heads = max(1, embed_dim // 64)
+        source = f"{heads} heads (width / 64)"
+    if not isinstance(heads, int) or heads < 1 or embed_dim % heads:
+        divisors = ", ".join(str(d) for d in range(1, embed_dim + 1) if embed_dim % d == 0)
+        raise CheckpointError(f"{name}: {source} does not divide the encoder width {embed_dim} "
+                              f"(give --num-heads one of {divisors})")
     img_size = img_size or math.isqrt(state["pos_embed"].shape[1] - 1) * patch_size
-    encoder = VisionTransformer(img_size, patch_size, embed_dim, depth, num_heads)
+    encoder = VisionTransformer(img_size, patch_size, embed_dim, depth, heads)
     load_encoder_state(encoder, state, name)
     return encoder
 
@@ -1825,6 +1892,9 @@ def find_resume(args, output):
         last = output / "checkpoint-last.pth"
         return last if last.exists() else None
     path = Path(args.resume)
+    if path.is_dir():
+        raise SystemExit(f"{path}: a folder, not a checkpoint file (--resume takes a checkpoint file, e.g. "
+                         f"{path / 'checkpoint-last.pth'}, or 'auto')")
     if not path.is_file():
         raise SystemExit(f"{path}: checkpoint not found (--resume takes a checkpoint file or 'auto')")
     if existing and path.resolve().parent != output.resolve():
@@ -1834,17 +1904,41 @@ def find_resume(args, output):
 
 
 def read_training_checkpoint(path):
-    """A checkpoint written by this script, or a one-line exit naming the file."""
+    """A checkpoint written by this script, or a one-line exit naming the file: unreadable, of
+    another script, or holding NaN or infinite weights or optimizer moments."""
     try:
         ckpt = load_checkpoint(path)
     except (FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"{first_line(e)} (--resume needs a checkpoint that cdgmae.py wrote)") from None
     missing = [k for k in ("model", "optimizer", "next_epoch", "next_step", "global_step", "args")
                if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise SystemExit(f"{path}: not a cdgmae.py training checkpoint (no {', '.join(missing)}) "
+    if missing or not isinstance(ckpt["model"], dict) or not isinstance(ckpt["optimizer"], dict):
+        raise SystemExit(f"{path}: not a cdgmae.py training checkpoint (no {', '.join(missing) or 'state dicts'}) "
                          "(--resume continues a run of this script; it does not load other weights)")
+    moments = {f"optimizer state {index}.{name}": value for index, state in ckpt["optimizer"].get("state", {}).items()
+               if isinstance(state, dict) for name, value in state.items()}
+    try:
+        check_finite({**ckpt["model"], **moments}, path, "the run had diverged when this checkpoint was saved: "
+                     "resume from an earlier checkpoint-EEEE.pth")
+    except CheckpointError as e:
+        raise SystemExit(str(e)) from None
     return ckpt
+
+
+def check_resume_fits(args, ckpt, path):
+    """Exit with one line, before any work, if the checkpoint's weights do not fit the model
+    that this command line builds (a hand-made checkpoint whose recorded settings match but
+    whose tensors do not: another width, depth or decoder). The model is built on the meta
+    device: shapes only, no memory."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in CDGMAE(**model_config(args)).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in ckpt["model"].items() if torch.is_tensor(v)}
+    differ = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
+    if differ:
+        k = differ[0]
+        raise SystemExit(f"{path}: its weights do not fit this run's model ({len(differ)} tensor(s) differ, e.g. {k}: "
+                         f"checkpoint {found.get(k, 'absent')}, model {expected.get(k, 'absent')}) "
+                         "(--resume needs a checkpoint of this run, with its settings)")
 
 
 def refuse_changed_settings(args, ckpt, resume, output):

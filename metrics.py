@@ -449,7 +449,7 @@ def load_vit(checkpoint, input_size, num_heads=None):
     patch = weight.shape[-1]
     if input_size < patch or input_size % patch:
         raise ValueError(f"--input-size {input_size}: not a multiple of the patch size {patch} of {checkpoint}")
-    return cdgmae.encoder_from_checkpoint(ckpt, img_size=input_size)
+    return cdgmae.encoder_from_checkpoint(ckpt, img_size=input_size, num_heads=num_heads, name=str(checkpoint))
 
 
 def check_csv(path, overwrite):
@@ -530,6 +530,8 @@ def get_args_parser():
     p.add_argument("--seed", type=cdgmae.checked(int, 0), default=0)
     p.add_argument("--input-size", type=cdgmae.checked(int, 1), default=224,
                    help="side of the evaluated images, a multiple of the checkpoint's patch size")
+    p.add_argument("--num-heads", type=cdgmae.checked(int, 1), default=None,
+                   help="attention heads of the ViT (default: its checkpoint's args, else width / 64)")
     p.add_argument("--center-crop", action=argparse.BooleanOptionalAction, default=True,
                    help="resize the shorter side and centre-crop (else resize the whole image to a square)")
     p.add_argument("--batch-size", type=cdgmae.checked(int, 1), default=64, help="pairs per forward pass")
@@ -629,7 +631,7 @@ def main(argv=None):
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
             raise ValueError(f"--device {device}: {torch.cuda.device_count()} CUDA devices here (give --device cpu)")
-        vit = load_vit(args.checkpoint, args.input_size).to(device).eval()
+        vit = load_vit(args.checkpoint, args.input_size, args.num_heads).to(device).eval()
     except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: cdgmae.load_checkpoint, torch.device
         raise SystemExit(cdgmae.one_line(e)) from None
     try:

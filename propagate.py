@@ -99,8 +99,9 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import evaluate as ev
-from cdgmae import (IMAGENET_MEAN, IMAGENET_STD, UnreadableImage, check_image, checked, encoder_from_checkpoint,
-                    image_to_tensor, load_rgb, process_alive, remove_stale_temporaries)
+from cdgmae import (DIFFUSION_FOLDER_FILES, IMAGENET_MEAN, IMAGENET_STD, CheckpointError, UnreadableImage,
+                    check_finite, check_image, checked, encoder_from_checkpoint, image_to_tensor, load_rgb,
+                    process_alive, remove_stale_temporaries)
 
 # Table 7 and CropMAE's input sizes. input_size: (height, width), or (long side,).
 PROTOCOL = {
@@ -732,6 +733,9 @@ def load_dift(folder, *, timestep=DIFT_TIMESTEP, up_block=DIFT_UP_BLOCK, ensembl
         vae = vae_classes[vae_class].from_pretrained(folder / "vae", low_cpu_mem_usage=False).to(device)
         scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")  # as DIFT: only alphas_cumprod is used
         context, source = empty_prompt_embedding(folder, device), "stable-diffusion"
+        for part, state in (("unet", unet.state_dict()), ("vae", vae.state_dict()),
+                            ("text_encoder", {"the empty prompt's embedding": context})):
+            check_finite(state, folder / part, "replace the model folder")
     for module in (unet, vae):
         module.requires_grad_(False)
     return DiftFeatures(unet, vae, scheduler, context, timestep=timestep, up_block=up_block,
@@ -888,7 +892,7 @@ def check_own_video(source, output, encoder, *, mask=None, keypoints=None, topk=
         encoder = encoder()
     checkpoint = str(Path(encoder).resolve()) if isinstance(encoder, (str, Path)) else getattr(encoder, "folder", None)
     if isinstance(encoder, (str, Path)):
-        encoder = load_encoder(encoder, num_heads)
+        encoder, _ = load_checkpoint_encoder(encoder, num_heads)
     kind = "davis" if mask is not None else "jhmdb"  # the benchmark whose protocol the clip follows
     defaults = {**(DIFT_PROTOCOL if isinstance(encoder, DiftFeatures) else PROTOCOL)[kind],
                 "input_size": OWN_VIDEO_INPUT_SIZE}
@@ -1041,11 +1045,17 @@ def weights_sha256(module):
 
 
 def load_checkpoint_encoder(checkpoint, num_heads=None):
-    """(encoder, sha256 of the file): a checkpoint that cannot be read or is no ViT raises
-    InputError / FileNotFoundError naming it, on one line."""
+    """(encoder, sha256 of the file): a checkpoint that cannot be read, is a folder, is no ViT,
+    holds non-finite weights or does not split into --num-heads heads raises InputError /
+    FileNotFoundError naming it, on one line."""
+    if any((Path(checkpoint) / name).exists() for name in DIFFUSION_FOLDER_FILES):
+        raise ev.InputError(f"{checkpoint}: a diffusion model folder, not a ViT checkpoint file (give a ViT .pth, "
+                            f"or pass --features dift to propagate its DIFT features)")
     fingerprint = file_sha256(checkpoint)
     try:
         return load_encoder(checkpoint, num_heads), fingerprint
+    except CheckpointError as e:  # its message says what to do
+        raise ev.InputError(str(e)) from None
     except (RuntimeError, ValueError) as e:  # cdgmae: "path: cannot read checkpoint (...)", bad layout
         text = ev.one_line(e)
         text = text if len(text) <= 240 else text[:237] + "..."
@@ -1275,7 +1285,7 @@ def own_video_main(args, parser):
                                radius=args.radius, temperature=args.temperature, input_size=args.input_size,
                                size_multiple=args.size_multiple, batch_size=args.batch_size, num_heads=args.num_heads)
     except (OSError, ValueError, ImportError) as e:
-        raise SystemExit(str(e))
+        raise SystemExit(ev.one_line(e)) from None
     result = run_own_video(plan, args.device, args.overlay, args.overlay_height, args.fps)
     print(f"{len(result['frames'])} frames propagated -> {result['predictions']}"
           + (f", overlay {result['overlay']}" if result["overlay"] else ""))
