@@ -31,9 +31,12 @@ numpy and Pillow and, from this file, `bag_files`, `sample_crop_box`, `crop_view
 `crop_resize` (`resize_plan`, `crop_axis`, `RESAMPLING`: torch's antialiased resize ops),
 `copy_flipped`, `decode_rgbx` (which maps Pillow's decoder onto a numpy array through
 Pillow's internal `Image.core.map_buffer`), `read_encoded`, `batch_tensor` and
-`UnreadableImage`; `decode_on_device` (--decode gpu) needs torchvision. The checkpoint
-loaders (`load_checkpoint`, `read_state_dict`, `encoder_from_checkpoint`,
-`load_encoder_state`) need torch and VisionTransformer. `checked` (argparse ranges),
+`UnreadableImage`; `decode_on_device` (--decode gpu) needs torchvision. The image rule
+(`to_rgb`: any Pillow mode to 8-bit RGB, or refused; with `open_image`, `load_rgb`,
+`check_image`, `gpu_decode_problem` and their mode lists) needs numpy and Pillow only. The
+checkpoint loaders (`load_checkpoint`, `read_state_dict`, `encoder_from_checkpoint`,
+`load_encoder_state`, with `check_finite` and `CheckpointError`) need torch and
+VisionTransformer. `checked` (argparse ranges),
 `atomic_write`, `temporary_path` and `remove_stale_temporaries` need only the standard
 library. `train`, `train_epoch` and `main` tie everything together and also need tqdm.
 
@@ -61,6 +64,7 @@ import re
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -1157,6 +1161,8 @@ def main(argv=None):
     resume = find_resume(args, output)
     ckpt = read_training_checkpoint(resume) if resume else None
     refuse_changed_settings(args, ckpt, resume, output)
+    if ckpt:
+        check_resume_fits(args, ckpt, resume)
     check_data_root(args)
 
     rank, world_size, device = setup_distributed(args.dist_timeout)
@@ -1328,13 +1334,112 @@ class UnreadableImage(RuntimeError):
     """An image file that cannot be decoded (the message starts with its path)."""
 
 
-def load_rgb(path):
-    """PIL RGB image of a file; UnreadableImage if it cannot be decoded."""
+# Images of every mode become 8-bit RGB by one rule, wherever an image is read (training
+# bags, real images for generation, frames for propagation, images for the metrics):
+#   1, L, P, RGB, RGBX, YCbCr, CMYK   Pillow's convert("RGB") (CMYK by Pillow's formula, no ICC profile)
+#   LA, PA, RGBA, P with transparency  the same, the alpha dropped (not composited), as CropMAE's
+#                                      loader (torchvision's default_loader, convert("RGB")) does
+#   I;16 (16-bit grey, any order)     the high byte, value >> 8 (convert("RGB") would clip to white)
+#   I (32-bit integers)               values in 0..65535 as 16-bit grey; other values are refused
+#   F (32-bit floats)                 values in [0, 1] times 255, rounded; other values are refused
+#   any other mode                    refused
+# EXIF orientation is ignored: pixels are used as stored, as CropMAE's loader uses them, so
+# training stays faithful and a mask drawn on a stored frame stays aligned with it. An image
+# declaring more than Image.MAX_IMAGE_PIXELS pixels (a decompression bomb or a corrupt header)
+# is refused before it is decoded. docs/training.md, "Images of every mode", says the same.
+
+RGB_CONVERTED = ("1", "L", "P", "RGB", "RGBX", "YCbCr", "CMYK", "LA", "PA", "RGBA")
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+IMAGE_MODES = RGB_CONVERTED + SIXTEEN_BIT + ("I", "F")
+WHAT_TO_DO = "save it as 8-bit RGB or grey"
+
+
+def open_image(path, name=None):
+    """Image.open(path): the header is parsed, no pixel is decoded. UnreadableImage, naming the
+    file (or `name`, for a file object), if Pillow cannot identify it or its header declares
+    more than Image.MAX_IMAGE_PIXELS pixels (Pillow only warns up to twice that)."""
+    source, path = path, path if name is None else name
+    too_large = (f"{path}: the header declares more than Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels "
+                 f"(a corrupt header or a decompression bomb; shrink the image, or raise PIL.Image.MAX_IMAGE_PIXELS "
+                 f"if it is real)")
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        # Pillow's warning would precede the one-line refusal below. (The filter is process-wide:
+        # threads calling this at once, as metrics.check_images_decode's do, may leave it set,
+        # which only silences this same warning.)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source)
+    except Image.DecompressionBombError:
+        raise UnreadableImage(too_large) from None
     except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
         raise UnreadableImage(f"{path}: cannot decode image ({e})") from e
+    if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
+        image.close()
+        raise UnreadableImage(too_large.replace("more than", f"{image.width}x{image.height} pixels, more than"))
+    return image
+
+
+def to_rgb(image, path="image"):
+    """A PIL image of any mode -> a new 8-bit RGB PIL image, by the rule above; UnreadableImage
+    "path: ..." for a mode or values the rule refuses, or pixels that do not decode."""
+    mode = image.mode
+    if mode not in IMAGE_MODES:
+        raise UnreadableImage(f"{path}: a {mode} image, which has no conversion to 8-bit RGB ({WHAT_TO_DO})")
+    try:
+        if mode == "P" and "transparency" in image.info:
+            return image.convert("RGBA").convert("RGB")  # the palette's colours; its transparency is dropped
+        if mode in RGB_CONVERTED:
+            return image.convert("RGB")
+        values = np.asarray(image)
+    except Exception as e:  # noqa: BLE001 -- the decoder's error, with the file's name
+        raise UnreadableImage(f"{path}: cannot decode image ({e})") from e
+    if mode in SIXTEEN_BIT or mode == "I" and values.min() >= 0 and values.max() <= 65535:
+        grey = (values.astype(np.uint32) >> 8).astype(np.uint8)
+    elif mode == "F" and np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1:
+        grey = np.rint(values * 255).astype(np.uint8)
+    else:
+        kind, rule = ("32-bit integer", "0..65535 (16-bit)") if mode == "I" else ("32-bit float", "[0, 1]")
+        raise UnreadableImage(f"{path}: a {kind} image (mode {mode}) with values {values.min():g}..{values.max():g}, "
+                              f"outside {rule} ({WHAT_TO_DO})")
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+def load_rgb(path):
+    """PIL RGB image of a file (`to_rgb`); UnreadableImage if it cannot be decoded or is refused."""
+    with open_image(path) as image:
+        return to_rgb(image, path)
+
+
+# What --decode gpu (torchvision) decodes as the CPU path does: format -> Pillow modes. nvJPEG's
+# CMYK, torchvision's 16-bit PNGs (uint16 pixels) and BMP (not decoded) are refused instead.
+GPU_MODES = {"JPEG": ("L", "RGB"), "MPO": ("L", "RGB"),  # MPO: a camera's JPEG with a second picture
+             "PNG": ("1", "L", "P", "LA", "RGB", "RGBA"), "WEBP": ("RGB", "RGBA")}
+
+
+def gpu_decode_problem(image, head):
+    """None if --decode gpu decodes this opened image as `to_rgb` does, else why not. head:
+    the file's first 26 bytes (a PNG's bit depth is byte 24 of its IHDR chunk)."""
+    depth = head[24] if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" else 8
+    if image.mode in GPU_MODES.get(image.format, ()) and depth <= 8:
+        return None
+    kind = f"{depth}-bit " if depth > 8 else ""
+    return (f"a {kind}{image.format} image in mode {image.mode}, which --decode gpu does not decode as --decode cpu "
+            f"does (convert it to 8-bit RGB JPEG or PNG, or train with --decode cpu)")
+
+
+def check_image(path, level="header", decode="cpu"):
+    """Refuse, before any work, an image that the loaders would refuse: UnreadableImage naming
+    the file. level "header": the header is parsed and the mode checked (a 32-bit image, whose
+    values decide, is decoded); "decode": every pixel is decoded and converted (`to_rgb`).
+    decode "gpu": also what --decode gpu would decode otherwise (`gpu_decode_problem`)."""
+    with open_image(path) as image:
+        if decode == "gpu":
+            with open(path, "rb") as f:
+                problem = gpu_decode_problem(image, f.read(26))
+            if problem:
+                raise UnreadableImage(f"{path}: {problem}")
+        if image.mode not in IMAGE_MODES or level == "decode" or image.mode in ("I", "F"):
+            to_rgb(image, path)
 
 
 def map_pixels(pixels, im):
@@ -1355,9 +1460,9 @@ def decode_rgbx(path):
     of an H x W x 4 array. This is Pillow's own layout for RGB, so an RGB file (any JPEG in
     colour) is decoded straight into the array, without the copy that np.asarray(image) makes;
     and torch's uint8 resize reads 4-byte pixels without repacking them. Other modes are
-    converted with Image.convert("RGB"). UnreadableImage if it cannot be decoded."""
-    try:
-        with Image.open(path) as im:
+    converted by `to_rgb`. UnreadableImage if it cannot be decoded or is refused."""
+    with open_image(path) as im:
+        try:
             pixels = np.empty((im.height, im.width, 4), np.uint8)
             target = map_pixels(pixels, im) if im.mode == "RGB" and im.tile else None
             if target is not None:
@@ -1365,24 +1470,30 @@ def decode_rgbx(path):
                 im.load()
                 if im.im is target:
                     return torch.from_numpy(pixels).permute(2, 0, 1)
-            pixels[..., :3] = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+            rgb = im if im.mode == "RGB" else to_rgb(im, path)
+            pixels[..., :3] = np.asarray(rgb)
             pixels[..., 3] = 255
-    except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
-        raise UnreadableImage(f"{path}: cannot decode image ({e})") from e
+        except UnreadableImage:
+            raise
+        except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
+            raise UnreadableImage(f"{path}: cannot decode image ({e})") from e
     return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def read_encoded(path):
     """A file's bytes as a uint8 tensor, for decoding on the device (--decode gpu), and the
-    image's (width, height) from its header. A file whose header does not parse or a JPEG
-    without its end-of-image marker (truncated) is UnreadableImage, so the worker can
-    substitute its bag the way the CPU path does."""
+    image's (width, height) from its header. A file whose header does not parse, an image that
+    the device would not decode as the CPU path does (`gpu_decode_problem`) or a JPEG without
+    its end-of-image marker (truncated) is UnreadableImage, so the worker can substitute its
+    bag the way the CPU path does."""
     try:
         data = Path(path).read_bytes()
-        with Image.open(io.BytesIO(data)) as im:
-            size, kind = im.size, im.format
-    except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
-        raise UnreadableImage(f"{path}: cannot decode image ({e})") from e
+    except OSError as e:
+        raise UnreadableImage(f"{path}: cannot read image ({e.strerror or e})") from e
+    with open_image(io.BytesIO(data), path) as im:
+        size, kind, problem = im.size, im.format, gpu_decode_problem(im, data[:26])
+    if problem:
+        raise UnreadableImage(f"{path}: {problem}")
     if kind == "JPEG" and b"\xff\xd9" not in data[-1024:]:
         raise UnreadableImage(f"{path}: cannot decode image (truncated JPEG: no end-of-image marker)")
     return torch.frombuffer(bytearray(data), dtype=torch.uint8), size
@@ -1550,17 +1661,48 @@ DECODER_PREFIXES = ("decoder_", "mask_token")  # MAE, CropMAE and CDG-MAE decode
 HEAD_PREFIXES = ("head.", "fc_norm.")          # classification / DINO projection heads
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that loads but cannot be used (a folder, non-finite weights, heads that do
+    not divide the width); the message is one complete line `path: what is wrong (what to do)`."""
+
+
+DIFFUSION_FOLDER_FILES = ("model_index.json", "sldm.json", "unet/config.json")
+
+
 def load_checkpoint(path):
     """torch.load with weights_only=True (no arbitrary code), allowing the argparse.Namespace
-    that MAE's and CropMAE's training checkpoints store under "args"."""
+    that MAE's and CropMAE's training checkpoints store under "args". A folder is a
+    CheckpointError, a missing file FileNotFoundError, a file torch.load cannot read (an image,
+    a truncated archive, a pickle of other objects) RuntimeError, each naming the path."""
     path = Path(path)
+    if path.is_dir():
+        kind = "a diffusion model folder" if any((path / n).exists() for n in DIFFUSION_FOLDER_FILES) else "a folder"
+        raise CheckpointError(f"{path}: {kind}, not a checkpoint file (give the checkpoint file itself, a .pth "
+                              f"written by torch.save)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
-        raise RuntimeError(f"{path}: cannot read checkpoint ({e})") from e
+    except Exception as e:  # noqa: BLE001 -- re-raised with the file's name and what the file is
+        raise RuntimeError(f"{path}: cannot read checkpoint ({unreadable_checkpoint_reason(path, e)})") from e
+
+
+def unreadable_checkpoint_reason(path, error):
+    """Why torch.load failed on a file, in a few words: what the file is where that explains it."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04":  # torch.save's zip archive
+        return f"a torch.save archive that is truncated or damaged: {first_line(error)}"
+    try:
+        with Image.open(path) as image:
+            return f"a {image.format} image, not a checkpoint"
+    except Exception:  # noqa: BLE001 -- not an image either
+        pass
+    text = str(error)
+    if "WeightsUnpickler error:" in text:  # torch's advice is pages long; its reason is the line after
+        return "weights_only loading refuses it: " + first_line(text.split("WeightsUnpickler error:", 1)[1])
+    return first_line(error)
 
 
 def read_state_dict(path):
@@ -1593,16 +1735,35 @@ def unwrap_state_dict(ckpt, name="checkpoint"):
     return state
 
 
+def non_finite_tensor(state):
+    """(name, count) of the first floating-point tensor of a {name: tensor} dict that holds
+    NaN or infinite values, or None."""
+    for key, tensor in state.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return key, int((~torch.isfinite(tensor)).sum())
+    return None
+
+
+def check_finite(state, name, what_to_do="use a checkpoint saved before the training diverged"):
+    """CheckpointError naming the first tensor of `state` that holds NaN or infinite values:
+    such weights would turn every feature, similarity, loss or prediction into NaN."""
+    if (bad := non_finite_tensor(state)):
+        key, count = bad
+        raise CheckpointError(f"{name}: {key} holds {count} NaN or infinite value{'s' * (count > 1)} of "
+                              f"{state[key].numel()} ({what_to_do})")
+
+
 def load_encoder_state(encoder, state, name="checkpoint"):
     """Load an encoder state dict strictly into a VisionTransformer.
 
     Decoder keys (decoder_*, mask_token) and heads (head.*, fc_norm.*) are dropped; the
     position embedding is interpolated if the checkpoint's grid differs from the
-    encoder's. Any other missing or unexpected key is an error that lists the keys.
-    Returns the dropped keys.
+    encoder's. Any other missing or unexpected key is an error that lists the keys; a tensor
+    holding NaN or infinite values is a CheckpointError naming it. Returns the dropped keys.
     """
     dropped = sorted(k for k in state if k.startswith(DECODER_PREFIXES + HEAD_PREFIXES))
     state = {k: v for k, v in state.items() if k not in dropped}
+    check_finite(state, name)
     if "pos_embed" in state and state["pos_embed"].shape != encoder.pos_embed.shape:
         state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], encoder.grid_size, encoder.grid_size)
     expected = encoder.state_dict()
@@ -1623,16 +1784,18 @@ def load_encoder_state(encoder, state, name="checkpoint"):
     return dropped
 
 
-def encoder_from_checkpoint(checkpoint, img_size=None, num_heads=None):
+def encoder_from_checkpoint(checkpoint, img_size=None, num_heads=None, name=None):
     """Build a VisionTransformer shaped like a checkpoint's encoder and load it strictly.
 
     checkpoint: a path or an already loaded dict. Width, depth and patch size are read off
     the tensors; img_size defaults to the stored position-embedding grid x patch size (so
     the embedding is resized once, to each input's grid, and never twice); heads come from
-    `num_heads`, else the checkpoint's args["num_heads"], else the ViT convention of 64
-    channels per head (ViT-T/S/B: 3/6/12).
+    `num_heads` (the commands' --num-heads), else the checkpoint's args["num_heads"], else
+    the ViT convention of 64 channels per head (ViT-T/S/B: 3/6/12). Heads that do not divide
+    the width, and weights holding NaN or infinite values, are a CheckpointError. name: what
+    the messages call a loaded dict (default "checkpoint").
     """
-    name = "checkpoint" if isinstance(checkpoint, dict) else str(checkpoint)
+    name = name or ("checkpoint" if isinstance(checkpoint, dict) else str(checkpoint))
     ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
     state = unwrap_state_dict(ckpt, name)
     if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
@@ -1641,9 +1804,19 @@ def encoder_from_checkpoint(checkpoint, img_size=None, num_heads=None):
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
     args = ckpt.get("args")
     args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
-    num_heads = num_heads or args.get("num_heads") or max(1, embed_dim // 64)
+    if num_heads:
+        heads, source = num_heads, f"--num-heads {num_heads}"
+    elif args.get("num_heads"):
+        heads, source = args["num_heads"], f"num_heads {args['num_heads']} (the checkpoint's args)"
+    else:
+        heads = max(1, embed_dim // 64)
+        source = f"{heads} heads (width / 64)"
+    if not isinstance(heads, int) or heads < 1 or embed_dim % heads:
+        divisors = ", ".join(str(d) for d in range(1, embed_dim + 1) if embed_dim % d == 0)
+        raise CheckpointError(f"{name}: {source} does not divide the encoder width {embed_dim} "
+                              f"(give --num-heads one of {divisors})")
     img_size = img_size or math.isqrt(state["pos_embed"].shape[1] - 1) * patch_size
-    encoder = VisionTransformer(img_size, patch_size, embed_dim, depth, num_heads)
+    encoder = VisionTransformer(img_size, patch_size, embed_dim, depth, heads)
     load_encoder_state(encoder, state, name)
     return encoder
 
@@ -1719,6 +1892,9 @@ def find_resume(args, output):
         last = output / "checkpoint-last.pth"
         return last if last.exists() else None
     path = Path(args.resume)
+    if path.is_dir():
+        raise SystemExit(f"{path}: a folder, not a checkpoint file (--resume takes a checkpoint file, e.g. "
+                         f"{path / 'checkpoint-last.pth'}, or 'auto')")
     if not path.is_file():
         raise SystemExit(f"{path}: checkpoint not found (--resume takes a checkpoint file or 'auto')")
     if existing and path.resolve().parent != output.resolve():
@@ -1728,17 +1904,41 @@ def find_resume(args, output):
 
 
 def read_training_checkpoint(path):
-    """A checkpoint written by this script, or a one-line exit naming the file."""
+    """A checkpoint written by this script, or a one-line exit naming the file: unreadable, of
+    another script, or holding NaN or infinite weights or optimizer moments."""
     try:
         ckpt = load_checkpoint(path)
     except (FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"{first_line(e)} (--resume needs a checkpoint that cdgmae.py wrote)") from None
     missing = [k for k in ("model", "optimizer", "next_epoch", "next_step", "global_step", "args")
                if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise SystemExit(f"{path}: not a cdgmae.py training checkpoint (no {', '.join(missing)}) "
+    if missing or not isinstance(ckpt["model"], dict) or not isinstance(ckpt["optimizer"], dict):
+        raise SystemExit(f"{path}: not a cdgmae.py training checkpoint (no {', '.join(missing) or 'state dicts'}) "
                          "(--resume continues a run of this script; it does not load other weights)")
+    moments = {f"optimizer state {index}.{name}": value for index, state in ckpt["optimizer"].get("state", {}).items()
+               if isinstance(state, dict) for name, value in state.items()}
+    try:
+        check_finite({**ckpt["model"], **moments}, path, "the run had diverged when this checkpoint was saved: "
+                     "resume from an earlier checkpoint-EEEE.pth")
+    except CheckpointError as e:
+        raise SystemExit(str(e)) from None
     return ckpt
+
+
+def check_resume_fits(args, ckpt, path):
+    """Exit with one line, before any work, if the checkpoint's weights do not fit the model
+    that this command line builds (a hand-made checkpoint whose recorded settings match but
+    whose tensors do not: another width, depth or decoder). The model is built on the meta
+    device: shapes only, no memory."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in CDGMAE(**model_config(args)).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in ckpt["model"].items() if torch.is_tensor(v)}
+    differ = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
+    if differ:
+        k = differ[0]
+        raise SystemExit(f"{path}: its weights do not fit this run's model ({len(differ)} tensor(s) differ, e.g. {k}: "
+                         f"checkpoint {found.get(k, 'absent')}, model {expected.get(k, 'absent')}) "
+                         "(--resume needs a checkpoint of this run, with its settings)")
 
 
 def refuse_changed_settings(args, ckpt, resume, output):
@@ -1938,25 +2138,23 @@ def find_bags(root, rank=0, world_size=1, processes=1, kind="bags"):
     return sorted(bags + [bag for part in parts for bag in part])
 
 
-def _image_problem(path, level="header"):
-    """None if the file opens as an image (level "header": its header is parsed; "decode":
-    every pixel is decoded), else a short reason."""
+def _image_problem(path, level="header", decode="cpu"):
+    """None if the file is an image the loaders take (`check_image` at `level` and for
+    `decode`), else a short reason."""
     try:
         if os.path.getsize(path) == 0:
             return "empty file"
-        with Image.open(path) as im:
-            if level == "decode":
-                im.load()
-            else:
-                im.size  # noqa: B018 -- parses the header
+        check_image(path, level, decode)
         return None
+    except UnreadableImage as e:
+        return str(e).removeprefix(f"{path}: ")
     except Exception as e:  # noqa: BLE001 -- any decoder error is reported with the file's name
         return f"unreadable ({type(e).__name__}: {e})"
 
 
 def _bag_problem(job):
     """(bag, reason or None) for one bag; see check_bags."""
-    root, bag, num_views, min_views, level = job
+    root, bag, num_views, min_views, level, decode = job
     real, views = bag_files(Path(root) / bag)
     if real is None:
         return bag, "no real.* image"
@@ -1967,39 +2165,40 @@ def _bag_problem(job):
         return bag, f"{1 + num_views} images, needs at least {min_views}"
     if level != "none":
         for path in [real] + views[:num_views]:
-            if (problem := _image_problem(path, level)):
+            if (problem := _image_problem(path, level, decode)):
                 return bag, f"{os.path.basename(path)}: {problem}"
     return bag, None
 
 
-def check_bags(root, bags, num_views, min_views, verify_images="header", processes=1):
+def check_bags(root, bags, num_views, min_views, verify_images="header", processes=1, decode="cpu"):
     """Problems of the given bags as {bag: reason}: no real image, views missing among
     view_00..view_{num_views-1}, fewer than `min_views` images in all, or an image that
-    cannot be read (verify_images "header": its header; "decode": all of it; "none": no
-    image is opened). The bags are split over `processes` worker processes."""
+    cannot be read or that the loader of `decode` ("cpu" or "gpu") would refuse (verify_images
+    "header": its header and mode; "decode": all of it; "none": no image is opened; see
+    `check_image`). The bags are split over `processes` worker processes."""
     level = {True: "header", False: "none"}.get(verify_images, verify_images)
-    jobs = [(str(root), bag, num_views, min_views, level) for bag in bags]
+    jobs = [(str(root), bag, num_views, min_views, level, decode) for bag in bags]
     return {bag: reason for bag, reason in parallel_map(_bag_problem, jobs, processes) if reason}
 
 
 def _item_problem(job):
     """(item, reason or None) for one image (--pretext crops) or video (frames); see check_items."""
-    root, item, pretext, level = job
+    root, item, pretext, level, decode = job
     path = Path(root) / item
     paths = [path] if pretext == "crops" else video_frames(path)
     if pretext == "frames" and len(paths) < FRAME_GAP[0] + 1:
         return item, f"{len(paths)} frames, needs at least {FRAME_GAP[0] + 1} (a gap of {FRAME_GAP[0]} frames)"
     if level != "none":
         for frame in paths:
-            if (problem := _image_problem(frame, level)):
+            if (problem := _image_problem(frame, level, decode)):
                 return item, problem if pretext == "crops" else f"{os.path.basename(frame)}: {problem}"
     return item, None
 
 
-def check_items(root, items, pretext, verify_images="header", processes=1):
+def check_items(root, items, pretext, verify_images="header", processes=1, decode="cpu"):
     """check_bags for --pretext crops (each image opens) and frames (each video has at least 5
     frames and each frame opens): {item: reason}."""
-    jobs = [(str(root), item, pretext, verify_images) for item in items]
+    jobs = [(str(root), item, pretext, verify_images, decode) for item in items]
     return {item: reason for item, reason in parallel_map(_item_problem, jobs, processes) if reason}
 
 
@@ -2012,7 +2211,8 @@ def bag_index_key(args):
         stamps = sorted((e.name, e.stat().st_mtime_ns) for e in entries if e.is_dir())
     return {"data": os.path.realpath(root), "root_mtime_ns": root.stat().st_mtime_ns,
             "folders": hashlib.sha1(json.dumps(stamps).encode()).hexdigest(),
-            "views": args.views, "anchors": args.anchors, "target_view": args.target_view, "pretext": args.pretext}
+            "views": args.views, "anchors": args.anchors, "target_view": args.target_view, "pretext": args.pretext,
+            "decode": args.decode}
 
 
 def read_bag_index(path, key, level):
@@ -2048,9 +2248,10 @@ def scan_bag_root(args, rank, world_size, output):
         num_views = args.views or max(len(bag_files(Path(args.data) / b)[1]) for b in bags[:1000])
         setting = f" (M = {num_views} views, N = {args.anchors} anchors)"
         problems = check_bags(args.data, bags[rank::world_size], num_views, 1 + args.anchors,
-                              args.verify_images, processes)
+                              args.verify_images, processes, args.decode)
     else:
-        problems = check_items(args.data, bags[rank::world_size], args.pretext, args.verify_images, processes)
+        problems = check_items(args.data, bags[rank::world_size], args.pretext, args.verify_images, processes,
+                               args.decode)
     problems = dict(gather(problems.items(), world_size))
     if args.pretext == "bags" and args.target_view == "real" and num_views < args.anchors:
         problems["(all)"] = f"--target-view real needs at least {args.anchors} generated views, bags have {num_views}"

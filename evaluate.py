@@ -70,6 +70,7 @@ import math
 import os
 import socket
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -405,14 +406,33 @@ def write_class_png(path, ids):
     atomic_save(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
+def open_header(path):
+    """Image.open(path), the header only. A header declaring more than Image.MAX_IMAGE_PIXELS
+    pixels (a corrupt header or a decompression bomb) is Pillow's DecompressionBombError from
+    that limit on, where Pillow only warns up to twice it: cdgmae.open_image's rule (this file
+    imports no torch, so it has its own copy)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(path)
+    if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
+        image.close()
+        raise Image.DecompressionBombError(f"the header declares {image.width}x{image.height} pixels, more than "
+                                           f"Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}")
+    return image
+
+
+# What Pillow raises for a file it cannot parse, or whose header declares too many pixels.
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def image_size(path, what="image"):
     """(width, height) from an image's header; a missing or unreadable file is an InputError."""
     try:
-        with Image.open(path) as image:
+        with open_header(path) as image:
             return image.size
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: {what} not found (check --data-root and the video list)") from None
-    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a file it cannot parse
+    except UNREADABLE as e:
         raise InputError(f"{path}: cannot read {what} ({e}) (replace the file)") from None
 
 
@@ -420,11 +440,11 @@ def check_label_header(path, size=None, what="annotation"):
     """Header check of a label PNG: it opens, it is an indexed ('P') or 8-bit single-channel
     ('L') image, and its (width, height) equals `size` when given (the frame's)."""
     try:
-        with Image.open(path) as image:
+        with open_header(path) as image:
             mode, found = image.mode, image.size
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: {what} not found (check the folder)") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except UNREADABLE as e:
         raise InputError(f"{path}: cannot read {what} ({e}) (replace the file)") from None
     if mode not in LABEL_MODES:
         raise InputError(f"{path}: {what} is a {mode!r} image; ids must be stored as an indexed ('P') "

@@ -417,12 +417,19 @@ def read_sldm_meta(folder):
     return meta
 
 
-def load_piece(path, load):
-    """load() of one piece of a model folder; a file that does not load is a ValueError naming it."""
+def load_piece(path, load, what_to_do="re-create the model folder"):
+    """load() of one piece of a model folder; a file that does not load, or whose weights hold NaN
+    or infinite values, is a ValueError naming it."""
     try:
-        return load()
+        piece = load()
+    except cdgmae.CheckpointError:  # already one line naming the file and the way out
+        raise
     except (OSError, ValueError, RuntimeError) as e:  # diffusers: OSError / ValueError; torch: RuntimeError
-        raise ValueError(f"{path}: cannot load ({cdgmae.one_line(e)}) (re-create the model folder)") from e
+        reason = cdgmae.one_line(e).removeprefix(f"{path}: ")
+        raise ValueError(f"{path}: cannot load ({reason}) ({what_to_do})") from e
+    if isinstance(piece, nn.Module):
+        cdgmae.check_finite(piece.state_dict(), path, what_to_do)
+    return piece
 
 
 def load_sldm(folder, device="cpu", dtype=torch.float32):
@@ -446,6 +453,7 @@ def load_sldm(folder, device="cpu", dtype=torch.float32):
     projection_path = folder / "conditioner" / "projection.pth"
     load_piece(projection_path, lambda: conditioner.projection.load_state_dict(
         cdgmae.load_checkpoint(projection_path), strict=True))
+    cdgmae.check_finite(conditioner.projection.state_dict(), projection_path, "re-create the model folder")
     if unet.config.cross_attention_dim != cond["context_dim"]:
         raise ValueError(f"{folder}: UNet cross_attention_dim {unet.config.cross_attention_dim} != "
                          f"projection width {cond['context_dim']}")
@@ -472,7 +480,9 @@ def read_ldm_checkpoint(path, trust=False):
         ckpt = ckpt["state_dict"]
     if not isinstance(ckpt, dict) or not any(k.startswith("model.diffusion_model.") for k in ckpt):
         raise ValueError(f"{path}: no model.diffusion_model.* keys, not a CompVis-LDM checkpoint")
-    return {k: v for k, v in ckpt.items() if torch.is_tensor(v)}
+    state = {k: v for k, v in ckpt.items() if torch.is_tensor(v)}
+    cdgmae.check_finite(state, path, "convert a checkpoint saved before the training diverged")
+    return state
 
 
 def _check_all_keys_used(source, converted, what, name):
@@ -605,8 +615,9 @@ def ldm_scheduler(original_config):
 
 
 def convert_ldm(ldm_checkpoint, ldm_config, dino_checkpoint, output, cond_image_size=224,
-                extract_ema=False, trust_checkpoint=False):
-    """CompVis-LDM checkpoint + its yaml + the conditioning ViT's checkpoint -> S-LDM folder."""
+                extract_ema=False, trust_checkpoint=False, num_heads=None):
+    """CompVis-LDM checkpoint + its yaml + the conditioning ViT's checkpoint -> S-LDM folder.
+    num_heads: the ViT's heads (None: cdgmae.encoder_from_checkpoint's rule)."""
     check_new_folder(output)
     try:
         with open(ldm_config) as f:
@@ -625,8 +636,9 @@ def convert_ldm(ldm_checkpoint, ldm_config, dino_checkpoint, output, cond_image_
     except KeyError as e:  # an entry the conversion needs is not in the yaml
         raise ValueError(f"{ldm_config}: missing entry {e} in this config or in {ldm_checkpoint} "
                          f"(give the yaml the checkpoint was trained with)") from e
-    vit = load_piece(dino_checkpoint, lambda: cdgmae.encoder_from_checkpoint(str(dino_checkpoint),
-                                                                             img_size=cond_image_size))
+    vit = load_piece(dino_checkpoint, lambda: cdgmae.encoder_from_checkpoint(
+        str(dino_checkpoint), img_size=cond_image_size, num_heads=num_heads),
+        "--dino takes the conditioning ViT's checkpoint file, e.g. DINO's dino_vitbase16_pretrain.pth")
     if cond_image_size % vit.patch_size:
         raise ValueError(f"--cond-image-size {cond_image_size}: not a multiple of the patch size {vit.patch_size} "
                          f"of {dino_checkpoint}")
@@ -938,6 +950,7 @@ def knn_settings(args, checkpoint_sha256, rel_paths):
     crop size and the listing (every image is a candidate neighbour of every other)."""
     return {"pretext": "knn", "checkpoint": str(Path(args.checkpoint).resolve()),
             "checkpoint_sha256": checkpoint_sha256, "k": args.k, "input_size": args.input_size,
+            **({"num_heads": args.num_heads} if args.num_heads else {}),  # recorded when given only
             "images": len(rel_paths), "images_sha256": hashlib.sha256("\n".join(rel_paths).encode()).hexdigest()}
 
 
@@ -1017,7 +1030,7 @@ def prepare_knn(args):
         raise ValueError(f"{args.images}: {len(rel_paths)} images, a bag of k = {args.k} other images needs more "
                          f"(give more images or a lower --k)")
     device, _ = pick_device_and_dtype(args.device, "fp32")
-    vit = metrics.load_vit(args.checkpoint, args.input_size)
+    vit = metrics.load_vit(args.checkpoint, args.input_size, args.num_heads)
     settings = knn_settings(args, file_sha256(args.checkpoint), rel_paths)
     check_output(output, settings)
     folder = output / KNN_FOLDER
@@ -1103,6 +1116,8 @@ def get_convert_parser():
     p.add_argument("--output", required=True, help="S-LDM folder to create (must not exist or be empty)")
     p.add_argument("--cond-image-size", type=cdgmae.checked(int, 1), default=224,
                    help="input size of the conditioning ViT (a multiple of its patch size)")
+    p.add_argument("--num-heads", type=cdgmae.checked(int, 1), default=None,
+                   help="attention heads of the --dino ViT (default: its checkpoint's args, else width / 64)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=False,
                    help="take the UNet's model_ema.* weights")
     p.add_argument("--trust-checkpoint", action=argparse.BooleanOptionalAction, default=False,
@@ -1126,6 +1141,8 @@ def get_knn_parser():
                    help="neighbours per image (1..100: view_00 .. view_99)")
     p.add_argument("--input-size", type=cdgmae.checked(int, 1), default=224,
                    help="side of the centre crop the ViT embeds, a multiple of its patch size")
+    p.add_argument("--num-heads", type=cdgmae.checked(int, 1), default=None,
+                   help="attention heads of the ViT (default: its checkpoint's args, else width / 64)")
     p.add_argument("--batch-size", type=cdgmae.checked(int, 1), default=64, help="images per ViT forward pass")
     p.add_argument("--chunk", type=cdgmae.checked(int, 1), default=4096,
                    help="rows per side of one [chunk, D] x [D, chunk] similarity product of the search")
@@ -1193,7 +1210,7 @@ def convert_command(argv):
     args = get_convert_parser().parse_args(argv)
     try:
         convert_ldm(args.ldm_checkpoint, args.ldm_config, args.dino, args.output, args.cond_image_size,
-                    args.ema, args.trust_checkpoint)
+                    args.ema, args.trust_checkpoint, args.num_heads)
     except (ValueError, OSError) as e:
         raise SystemExit(cdgmae.one_line(e)) from None
     print(f"wrote {args.output}")

@@ -282,10 +282,15 @@ def import_cv2():
 
 
 def gray_uint8(image):
-    """PIL image or array [H, W] / [H, W, 3] (RGB) -> uint8 grey array [H, W] (ITU-R 601 luma)."""
+    """PIL image of any mode (made RGB by cdgmae.to_rgb's rule) or uint8 array [H, W] / [H, W, 3]
+    (RGB) -> uint8 grey array [H, W] (ITU-R 601 luma)."""
     if not isinstance(image, Image.Image):
-        image = Image.fromarray(np.asarray(image, dtype=np.uint8))
-    return np.asarray(image.convert("L"))
+        array = np.asarray(image)
+        if array.dtype != np.uint8:  # a cast would wrap 16-bit values around (300 -> 44)
+            raise ValueError(f"an image array of {array.dtype}, not uint8 (convert it to 8 bits, e.g. a 16-bit "
+                             f"one with >> 8, or pass a PIL image)")
+        image = Image.fromarray(array)
+    return np.asarray(cdgmae.to_rgb(image).convert("L"))
 
 
 def estimate_homography(gray_a, gray_b, ratio=0.7, min_matches=11, ransac_threshold=5.0):
@@ -408,15 +413,19 @@ def pair_overlaps(pairs, size=224, center_crop=True, seed=0, desc="overlap"):
 # -----------------------------------------------------------------------------
 
 def decode_problem(path):
-    """None if the image decodes completely, else the reason. JPEGs are decoded at 1/8 scale
-    (libjpeg's DCT scaling), which still reads every byte, so truncation is found cheaply."""
+    """None if the image decodes completely and cdgmae.to_rgb converts it (its mode, its size, a
+    32-bit image's values), else the reason. JPEGs are decoded at 1/8 scale (libjpeg's DCT
+    scaling), which still reads every byte, so truncation is found cheaply."""
     try:
-        with Image.open(path) as im:
+        with cdgmae.open_image(path) as im:
             im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
             im.load()
+            cdgmae.to_rgb(im, path)
         return None
+    except cdgmae.UnreadableImage as e:
+        return str(e).removeprefix(f"{path}: ")
     except Exception as e:  # noqa: BLE001 -- whatever stops the decoder is this file's problem
-        return f"{type(e).__name__}: {e}"
+        return f"cannot decode image ({type(e).__name__}: {e})"
 
 
 def check_images_decode(paths, threads=8):
@@ -426,12 +435,13 @@ def check_images_decode(paths, threads=8):
         bad = [(p, why) for p, why in zip(paths, pool.map(decode_problem, paths)) if why]
     if bad:
         others = f"; {len(bad) - 1} more: {[p for p, _ in bad[1:4]]}" if len(bad) > 1 else ""
-        raise ValueError(f"{bad[0][0]}: cannot decode image ({bad[0][1]}){others} "
+        raise ValueError(f"{bad[0][0]}: {bad[0][1]}{others} "
                          f"(replace or remove the files; pair sets are drawn from the files present)")
 
 
-def load_vit(checkpoint, input_size):
-    """The ViT of --checkpoint at --input-size, which must be a multiple of its patch size."""
+def load_vit(checkpoint, input_size, num_heads=None):
+    """The ViT of --checkpoint at --input-size, which must be a multiple of its patch size, with
+    --num-heads heads (None: cdgmae.encoder_from_checkpoint's rule)."""
     ckpt = cdgmae.load_checkpoint(checkpoint)
     weight = cdgmae.unwrap_state_dict(ckpt, str(checkpoint)).get("patch_embed.proj.weight")
     if weight is None:
@@ -439,7 +449,7 @@ def load_vit(checkpoint, input_size):
     patch = weight.shape[-1]
     if input_size < patch or input_size % patch:
         raise ValueError(f"--input-size {input_size}: not a multiple of the patch size {patch} of {checkpoint}")
-    return cdgmae.encoder_from_checkpoint(ckpt, img_size=input_size)
+    return cdgmae.encoder_from_checkpoint(ckpt, img_size=input_size, num_heads=num_heads, name=str(checkpoint))
 
 
 def check_csv(path, overwrite):
@@ -520,6 +530,8 @@ def get_args_parser():
     p.add_argument("--seed", type=cdgmae.checked(int, 0), default=0)
     p.add_argument("--input-size", type=cdgmae.checked(int, 1), default=224,
                    help="side of the evaluated images, a multiple of the checkpoint's patch size")
+    p.add_argument("--num-heads", type=cdgmae.checked(int, 1), default=None,
+                   help="attention heads of the ViT (default: its checkpoint's args, else width / 64)")
     p.add_argument("--center-crop", action=argparse.BooleanOptionalAction, default=True,
                    help="resize the shorter side and centre-crop (else resize the whole image to a square)")
     p.add_argument("--batch-size", type=cdgmae.checked(int, 1), default=64, help="pairs per forward pass")
@@ -619,7 +631,7 @@ def main(argv=None):
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
             raise ValueError(f"--device {device}: {torch.cuda.device_count()} CUDA devices here (give --device cpu)")
-        vit = load_vit(args.checkpoint, args.input_size).to(device).eval()
+        vit = load_vit(args.checkpoint, args.input_size, args.num_heads).to(device).eval()
     except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: cdgmae.load_checkpoint, torch.device
         raise SystemExit(cdgmae.one_line(e)) from None
     try:

@@ -99,8 +99,9 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import evaluate as ev
-from cdgmae import (IMAGENET_MEAN, IMAGENET_STD, process_alive, checked, encoder_from_checkpoint, image_to_tensor,
-                    load_rgb, remove_stale_temporaries)
+from cdgmae import (DIFFUSION_FOLDER_FILES, IMAGENET_MEAN, IMAGENET_STD, CheckpointError, UnreadableImage,
+                    check_finite, check_image, checked, encoder_from_checkpoint, image_to_tensor, load_rgb,
+                    process_alive, remove_stale_temporaries)
 
 # Table 7 and CropMAE's input sizes. input_size: (height, width), or (long side,).
 PROTOCOL = {
@@ -377,7 +378,8 @@ def prepare_videos(dataset, data_root, videos, settings, patch_size):
     """Check every video before any long work and return [(name, frames, annotation paths or
     joints, input (H, W))]: its files exist and are valid (evaluate.check_segmentation_video:
     frames readable and of one size, annotations 'P' / 'L' PNGs of their frame's size, first
-    ids 0..K (DAVIS) or classes 0..19 (VIP); JHMDB: pos_img 2x15xT with T = frames), its input
+    ids 0..K (DAVIS) or classes 0..19 (VIP); JHMDB: pos_img 2x15xT with T = frames), its frames
+    are images load_frame takes (`check_frames`: cdgmae's image rule), its input
     size is a positive multiple of the patch size and --topk does not exceed the context keys."""
     prepared = []
     for name in videos:
@@ -390,6 +392,7 @@ def prepare_videos(dataset, data_root, videos, settings, patch_size):
             else:
                 frames, extra = ev.vip_video(data_root, name)
             _, _, (width, height) = ev.check_segmentation_video(dataset, frames, extra)
+        check_frames(frames)
         size = input_size_for(height, width, settings["input_size"], settings["size_multiple"])
         if min(size) <= 0 or size[0] % patch_size or size[1] % patch_size:
             flags = f"--input-size {' '.join(map(str, settings['input_size']))}" + (
@@ -402,6 +405,16 @@ def prepare_videos(dataset, data_root, videos, settings, patch_size):
                                 f"(lower --topk or raise --queue-length / --input-size)")
         prepared.append((name, frames, extra, size))
     return prepared
+
+
+def check_frames(frames, error=ev.InputError):
+    """Every frame is an image that load_frame takes (cdgmae.check_image: a mode with a
+    conversion to RGB, at most Image.MAX_IMAGE_PIXELS pixels), else `error` naming it."""
+    for frame in frames:
+        try:
+            check_image(frame)
+        except UnreadableImage as e:
+            raise error(str(e)) from None
 
 
 def output_path(dataset, output, name):
@@ -720,6 +733,9 @@ def load_dift(folder, *, timestep=DIFT_TIMESTEP, up_block=DIFT_UP_BLOCK, ensembl
         vae = vae_classes[vae_class].from_pretrained(folder / "vae", low_cpu_mem_usage=False).to(device)
         scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")  # as DIFT: only alphas_cumprod is used
         context, source = empty_prompt_embedding(folder, device), "stable-diffusion"
+        for part, state in (("unet", unet.state_dict()), ("vae", vae.state_dict()),
+                            ("text_encoder", {"the empty prompt's embedding": context})):
+            check_finite(state, folder / part, "replace the model folder")
     for module in (unet, vae):
         module.requires_grad_(False)
     return DiftFeatures(unet, vae, scheduler, context, timestep=timestep, up_block=up_block,
@@ -811,6 +827,7 @@ def first_frame_of(source):
                          and not p.name.startswith(".")), key=natural_key)
         if not frames:
             raise FileNotFoundError(f"{source}: no {'/'.join(FRAME_SUFFIXES)} frames in this folder")
+        check_frames(frames, ValueError)
         return frames, load_rgb(frames[0]).size
     if not source.is_file():
         raise FileNotFoundError(f"{source}: no such frame folder or video file")
@@ -875,7 +892,7 @@ def check_own_video(source, output, encoder, *, mask=None, keypoints=None, topk=
         encoder = encoder()
     checkpoint = str(Path(encoder).resolve()) if isinstance(encoder, (str, Path)) else getattr(encoder, "folder", None)
     if isinstance(encoder, (str, Path)):
-        encoder = load_encoder(encoder, num_heads)
+        encoder, _ = load_checkpoint_encoder(encoder, num_heads)
     kind = "davis" if mask is not None else "jhmdb"  # the benchmark whose protocol the clip follows
     defaults = {**(DIFT_PROTOCOL if isinstance(encoder, DiftFeatures) else PROTOCOL)[kind],
                 "input_size": OWN_VIDEO_INPUT_SIZE}
@@ -1028,11 +1045,17 @@ def weights_sha256(module):
 
 
 def load_checkpoint_encoder(checkpoint, num_heads=None):
-    """(encoder, sha256 of the file): a checkpoint that cannot be read or is no ViT raises
-    InputError / FileNotFoundError naming it, on one line."""
+    """(encoder, sha256 of the file): a checkpoint that cannot be read, is a folder, is no ViT,
+    holds non-finite weights or does not split into --num-heads heads raises InputError /
+    FileNotFoundError naming it, on one line."""
+    if any((Path(checkpoint) / name).exists() for name in DIFFUSION_FOLDER_FILES):
+        raise ev.InputError(f"{checkpoint}: a diffusion model folder, not a ViT checkpoint file (give a ViT .pth, "
+                            f"or pass --features dift to propagate its DIFT features)")
     fingerprint = file_sha256(checkpoint)
     try:
         return load_encoder(checkpoint, num_heads), fingerprint
+    except CheckpointError as e:  # its message says what to do
+        raise ev.InputError(str(e)) from None
     except (RuntimeError, ValueError) as e:  # cdgmae: "path: cannot read checkpoint (...)", bad layout
         text = ev.one_line(e)
         text = text if len(text) <= 240 else text[:237] + "..."
@@ -1262,7 +1285,7 @@ def own_video_main(args, parser):
                                radius=args.radius, temperature=args.temperature, input_size=args.input_size,
                                size_multiple=args.size_multiple, batch_size=args.batch_size, num_heads=args.num_heads)
     except (OSError, ValueError, ImportError) as e:
-        raise SystemExit(str(e))
+        raise SystemExit(ev.one_line(e)) from None
     result = run_own_video(plan, args.device, args.overlay, args.overlay_height, args.fps)
     print(f"{len(result['frames'])} frames propagated -> {result['predictions']}"
           + (f", overlay {result['overlay']}" if result["overlay"] else ""))

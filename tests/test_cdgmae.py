@@ -325,7 +325,7 @@ def test_incomplete_or_unreadable_bags_fail_at_start_up_naming_them(tmp_path):
     message = str(err.value)
     assert "2 of 12 bags" in message
     assert "img002: incomplete" in message
-    assert "img003: view_02.jpg: unreadable" in message
+    assert "img003: view_02.jpg: cannot decode image" in message
 
 
 def test_a_bag_with_fewer_than_n_plus_1_views_is_an_error(tmp_path):

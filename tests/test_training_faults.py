@@ -206,7 +206,7 @@ def test_a_bag_whose_image_cannot_be_decoded_is_replaced_the_same_way_every_run(
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     # A full decode at start-up finds it before any training.
     code, message = run([*argv, "--output", str(tmp_path / "c"), "--verify-images", "decode"], capsys)
-    assert code == 1 and "img003: real.jpg: unreadable" in message and "Traceback" not in message
+    assert code == 1 and "img003: real.jpg: cannot decode image" in message and "Traceback" not in message
     assert not (tmp_path / "c" / "checkpoint-last.pth").exists()
 
 
