@@ -535,7 +535,8 @@ def get_args_parser():
                    help="replace an existing --csv")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
                    help="add MIMIC's geometric overlap (SIFT + RANSAC homography, on the same crops) as a "
-                        "column, and the fraction of pairs in MIMIC's keep range (0.5, 0.75), ends excluded, to the CSV")
+                        "column, and the fraction of pairs in MIMIC's keep range (0.5, 0.75), ends excluded, "
+                        "to the CSV")
     return p
 
 
