@@ -891,9 +891,13 @@ def check_output(output, settings):
     differences = [f"{k} {short(recorded[k]) if k in recorded else 'not recorded'} "
                    f"(now {short(settings[k]) if k in settings else 'not set'})"
                    for k in keys if recorded.get(k) != settings.get(k)]
+    way_out = "give another --output, or rerun with the recorded settings"
+    if "guidance_convention" in settings and recorded.get("guidance_convention") != settings["guidance_convention"]:
+        way_out = ("give another --output; a record without guidance_convention is of S-LDM bags whose guidance g "
+                   "meant eps_u + g (eps_c - eps_u), which is --guidance g - 1 now")
     if differences:
         raise ValueError(f"{record}: the bags here were made with other settings: {', '.join(differences)} "
-                         f"(give another --output, or rerun with the recorded settings)")
+                         f"({way_out})")
 
 
 def short(value):

@@ -156,6 +156,7 @@ def test_bags_made_in_another_guidance_convention_are_refused_with_the_conventio
         assert_one_line_naming(message, bags / gv.RECORD_NAME, "guidance_convention",
                                "not recorded" if recorded is None else recorded, "(1 + w) eps_c - w eps_u")
         assert "guidance 6.0" not in message  # the number is the same; only its meaning differs
+        assert "--guidance g - 1" in message  # how the old number reads in the new convention
         assert tree_bytes(bags) == before
 
 
