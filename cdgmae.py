@@ -27,7 +27,8 @@ anchors); it counts nn.Linear, nn.Conv2d and nn.LayerNorm, and the attention pro
 this file's Attention and CrossAttention only. `learning_rate` needs math and an object
 with lr, min_lr, warmup_epochs and epochs; `param_groups` any nn.Module;
 `GlobalBatchSampler` torch. `BagDataset` (and `CropDataset`, `FrameDataset`) needs torch,
-numpy and Pillow and, from this file, `bag_files`, `sample_crop_box`, `crop_views` with
+numpy and Pillow and, from this file, `bag_files`, `is_real_image`, `sample_crop_box`,
+`conditioning_region`, `image_boxes` with `compose_box`, `crop_views` with
 `crop_resize` (`resize_plan`, `crop_axis`, `RESAMPLING`: torch's antialiased resize ops),
 `copy_flipped`, `decode_rgbx` (which maps Pillow's decoder onto a numpy array through
 Pillow's internal `Image.core.map_buffer`), `read_encoded`, `batch_tensor` and
@@ -425,9 +426,11 @@ class CDGMAE(VisionTransformer):
 
     The encoder is this class's ViT part (so a checkpoint's keys are MAE's: cls_token,
     blocks.*, ..., then decoder_embed, mask_token, decoder_pos_embed, decoder_blocks.*,
-    decoder_norm, decoder_pred). The paper's default, CDGMAE(num_anchors=3,
-    anchor_mask_ratio=0.25), is a ViT-S/16 encoder, a 4-block decoder of width 256 and a
-    target mask ratio of 0.9.
+    decoder_norm, decoder_pred). The defaults are Table 6's, the paper's default training
+    setting "under the single anchor setting" (CDG-MAE-a1): one unmasked anchor
+    (num_anchors=1, anchor_mask_ratio=0.0), a ViT-S/16 encoder, a 4-block decoder of width 256
+    (Sec. 4) and a target mask ratio of 0.9. The paper's best model, CDG-MAE-a3 (Sec. 5.2,
+    Tables 4 and 5), is CDGMAE(num_anchors=3, anchor_mask_ratio=0.25).
 
     decoder_block="cdgmae" is the paper's (CropMAE's) post-norm block: cross-attention,
     feed-forward, self-attention; the memory gets no position embedding. decoder_block="croco"
@@ -640,7 +643,7 @@ def bag_files(bag_dir):
     real, views = None, {}
     for entry in os.scandir(bag_dir):
         name = entry.name
-        if name.lower().startswith("real.") and name.lower().endswith(IMAGE_SUFFIXES):
+        if is_real_image(name) and name.lower().endswith(IMAGE_SUFFIXES):
             real = entry.path
         elif (match := VIEW_NAME.match(name)):
             views[int(match.group(1))] = entry.path
@@ -654,12 +657,15 @@ class BagDataset(torch.utils.data.Dataset):
     the target, which N views are anchors, the crop box and flip shared by all of its
     views, and the masking noise -- is drawn from a generator seeded by (seed, epoch,
     index). So a sample does not depend on the worker, rank or world size that loads it,
-    which makes resumed and multi-process runs reproduce single-process ones.
+    which makes resumed and multi-process runs reproduce single-process ones. The box is
+    drawn once on the bag's common geometry and mapped into each image (`geometry`,
+    `image_boxes`), so it cuts the same part of the scene in the real image and every view.
 
     An item is (target [3, S, S] uint8, anchors [N, 3, S, S] uint8, target_noise [L],
     anchor_noise [N, L]); the ImageNet normalisation runs on the device (`normalize`).
-    With encoded=True (--decode gpu) the images stay encoded: ([N+1] byte tensors,
-    box [4], flip, target_noise, anchor_noise), for `assemble_on_device`.
+    With encoded=True (--decode gpu) the images stay encoded: ([N+1] byte tensors, boxes
+    [N+1, 4] (each image's box, from the sizes in the files' headers), flip, target_noise,
+    anchor_noise), for `assemble_on_device`.
 
     A bag with an image that cannot be decoded is replaced by the next bags in order
     (index + 1, + 2, ...), drawn with the generator of (seed, epoch, index, attempt): the
@@ -770,21 +776,37 @@ class BagDataset(torch.utils.data.Dataset):
         return (torch.from_numpy(rng.random(self.num_patches, dtype=np.float32)),
                 torch.from_numpy(rng.random((self.num_anchors, self.num_patches), dtype=np.float32)))
 
+    def geometry(self, chosen, sizes):
+        """Where the shared box is drawn and what it is relative to in each image: ((width, height)
+        of the common geometry, [region of each image, fractions (l, t, r, b)]).
+
+        A bag's views are generated from the real image's centre region (`conditioning_region`),
+        so that region is the bag's common geometry: the real image's region is the one the
+        generator was conditioned on, a square view's is the whole view, and the box is drawn on
+        a square of the views' size (the first view's shorter side). A view that is not square
+        (k-NN bags hold other real images) is brought to its own centre square, the crop its
+        neighbour search embedded. In a bag of square images of one size (the toy world's) every
+        region is (0, 0, 1, 1): the box is the same fractions of every image."""
+        regions = [conditioning_region(width, height) for width, height in sizes]
+        side = next(min(size) for path, size in zip(chosen, sizes) if not is_real_image(path))
+        return (side, side), regions
+
     def cut_views(self, chosen, rng, out=None):
         """The item of the image files [target, anchor_1, ..., anchor_N]: one box and one flip for all."""
         if self.encoded:
             blobs, sizes = zip(*[read_encoded(p) for p in chosen])
-            width, height = sizes[0]
         else:
             images = [decode_rgbx(p) for p in chosen]
-            height, width = images[0].shape[-2:]
-        # One crop box (relative to each image's size) and one flip for all views of the sample.
+            sizes = [(image.shape[-1], image.shape[-2]) for image in images]
+        (width, height), regions = self.geometry(chosen, sizes)
+        # One crop box (drawn on the common geometry) and one flip for all views of the sample.
         box = sample_crop_box(rng, width, height, self.crop_scale, self.crop_ratio)
         flip = rng.random() < 0.5
         target_noise, anchor_noise = self.draw_noise(rng)
+        boxes = image_boxes(box, regions)
         if self.encoded:
-            return list(blobs), torch.tensor(box, dtype=torch.float64), torch.tensor(flip), target_noise, anchor_noise
-        crops = crop_views(images, box, flip, self.input_size, self.MODE, out)
+            return list(blobs), torch.tensor(boxes, dtype=torch.float64), torch.tensor(flip), target_noise, anchor_noise
+        crops = crop_views(images, boxes, flip, self.input_size, self.MODE, out)
         return crops[0], crops[1:], target_noise, anchor_noise
 
     def report_bad(self, bag, error):
@@ -826,13 +848,39 @@ def sample_crop_box(rng, width, height, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
     return left / width, top / height, (left + w) / width, (top + h) / height
 
 
-def crop_views(images, box, flip, size, mode="bicubic", out=None):
-    """The views of one sample, cut with one shared box and flip: [C, H_i, W_i] uint8 images
-    (C = 3 or 4, any sizes, any device) -> [V, 3, size, size] uint8, written into `out` where
-    given (V tensors [3, size, size]: rows of a batch, see `BagDataset.collated`)."""
+def conditioning_region(width, height, size=224):
+    """The centre region of a width x height image that generate_views.py conditions the generator
+    on, as fractions (l, t, r, b) of the image: `conditioning_tensor`'s crop (metrics.evaluation_image:
+    the shorter side resized to `size` with rounding, a size x size centre crop) in the image's own
+    pixels. A square image's region is the whole image, exactly (0, 0, 1, 1). `size` is the S-LDM
+    conditioner's input (224 for DINO ViT-B/16); the image-variation pipeline's CLIPImageProcessor
+    crops the same centre square with its long side truncated instead of rounded (docs/training.md)."""
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return left / new_w, top / new_h, (left + size) / new_w, (top + size) / new_h
+
+
+def image_boxes(box, regions):
+    """The shared box (fractions of the common geometry) as each image's box (fractions of that
+    image): the box composed with the image's region, [compose_box(region, box), ...]. A region
+    (0, 0, 1, 1) leaves the box as it is, bit for bit."""
+    return [compose_box(region, box) for region in regions]
+
+
+def is_real_image(path):
+    """Whether a bag's file is its real image (real.*, the name bag_files looks for)."""
+    return os.path.basename(path).lower().startswith("real.")
+
+
+def crop_views(images, boxes, flip, size, mode="bicubic", out=None):
+    """The views of one sample, each cut with its own box (the sample's shared box mapped to each
+    image, `image_boxes`) and one shared flip: [C, H_i, W_i] uint8 images (C = 3 or 4, any sizes,
+    any device) -> [V, 3, size, size] uint8, written into `out` where given (V tensors
+    [3, size, size]: rows of a batch, see `BagDataset.collated`)."""
     if out is None:
         out = torch.empty(len(images), 3, size, size, dtype=torch.uint8, device=images[0].device)
-    for crop, image in zip(out, images):
+    for crop, image, box in zip(out, images, boxes):
         copy_flipped(crop, crop_resize(image, box, size, mode=mode)[:3], flip)
     return out
 
@@ -948,6 +996,11 @@ class FrameDataset(BagDataset):
         super().__init__(root, videos, 0, num_anchors, input_size, "any", crop_scale, crop_ratio, num_patches,
                          seed, encoded, bad_bags_file)
         self.gap = gap
+
+    def geometry(self, chosen, sizes):
+        """The frames of a video share one geometry: the box is drawn on the target frame's size
+        and cuts the same fractions of every frame (SiamMAE's shared crop)."""
+        return sizes[0], [(0.0, 0.0, 1.0, 1.0)] * len(sizes)
 
     def files(self, video, rng):
         frames = video_frames(self.root / video)
@@ -1629,9 +1682,11 @@ def decode_on_device(blobs, device):
 
 
 def assemble_on_device(batch, size, device, decode=decode_on_device, mode="bicubic"):
-    """--decode gpu: a batch of encoded samples (see `collate_encoded`) -> the uint8 batch
-    that the CPU path delivers: target [B, 3, S, S], anchors [B, N, 3, S, S], noise. `decode`
-    maps a list of byte tensors to [3, H, W] uint8 images (injectable: tests decode on CPU)."""
+    """--decode gpu: a batch of encoded samples (see `collate_encoded`; boxes [B, N + 1, 4], each
+    image's box, mapped by the workers from the sizes in the files' headers with `image_boxes`)
+    -> the uint8 batch that the CPU path delivers: target [B, 3, S, S], anchors [B, N, 3, S, S],
+    noise. `decode` maps a list of byte tensors to [3, H, W] uint8 images (injectable: tests
+    decode on CPU)."""
     blobs, boxes, flips, target_noise, anchor_noise = batch
     per_sample = len(blobs[0])
     images = decode([b for sample in blobs for b in sample], device)
@@ -2404,8 +2459,10 @@ def add_model_arguments(g):
     g.add_argument("--depth", type=checked(int, 1), default=None, help="override the encoder depth")
     g.add_argument("--num-heads", type=checked(int, 1), default=None, help="override the encoder heads")
     g.add_argument("--patch-size", type=checked(int, 1), default=16, help="ViT patch size P (16: ViT-S/16, 8: ViT-S/8)")
-    g.add_argument("--anchors", type=checked(int, 1), default=1, help="N anchors per target (Eq. 6-7)")
-    g.add_argument("--anchor-mask", type=checked(float, 0, 1, high_open=True), default=0.0, help="anchor mask ratio r_a (Eq. 6)")
+    g.add_argument("--anchors", type=checked(int, 1), default=1,
+                   help="N anchors per target (Eq. 6-7; Table 6's single-anchor default; CDG-MAE-a3: 3)")
+    g.add_argument("--anchor-mask", type=checked(float, 0, 1, high_open=True), default=0.0,
+                   help="anchor mask ratio r_a (Eq. 6; Table 6: 0; CDG-MAE-a3: 0.25)")
     g.add_argument("--target-mask", type=checked(float, 0, 1, low_open=True, high_open=True), default=None,
                    help="target mask ratio r_t (Eq. 4; when not given: 0.9; --pretext crops 0.985 as CropMAE, frames 0.95 "
                         "as SiamMAE)")

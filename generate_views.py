@@ -11,16 +11,19 @@ views*, written offline in the layout that `cdgmae.py` trains on:
     BAGS/generation.json                   the settings and model fingerprint the bags were made with
     BAGS/unreadable-shard*.txt             input images that could not be decoded (skipped)
 
-Sampling follows the paper (Sec. 4, after Gen-SIS): 50 DDIM steps (eta = 0) and
-classifier-free guidance of weight 6, the unconditional branch being the projection of a
-zero embedding. Guidance convention used here (the `guidance_scale` of diffusers and the
-`unconditional_guidance_scale` of the CompVis LDM sampler):
+Sampling follows the paper (Sec. 4, after Gen-SIS): 50 DDIM steps (eta = 0) and "a
+classifier-free guidance weight of 6 [18]", the unconditional branch being the projection of
+a zero embedding. [18] is Ho & Salimans, whose guided noise with weight w is
 
-    eps = eps_uncond + w * (eps_cond - eps_uncond)      w = 1: conditional, w = 0: unconditional
+    eps = (1 + w) eps_cond - w eps_uncond      w = 0: conditional, w = -1: unconditional
 
-Ho & Salimans write the same rule as (1 + w') eps_cond - w' eps_uncond, so w = 1 + w'
-(the lab's Large-Image-Diffusion notebooks use the w' form). The paper does not say which
-form its "weight of 6" is in; the default here is w = 6 (w' = 5); pass --guidance 7 for w' = 6.
+and the same lab's public diffusion code (Large-Image-Diffusion) computes
+`(1 + guidance) * cond_out - guidance * uncond_out`. So for the S-LDM, `--guidance w` is that w,
+default 6: eps_uncond + 7 (eps_cond - eps_uncond). The image-variation pipeline keeps diffusers'
+own convention, which its code defines: `--guidance s` is its guidance_scale,
+eps_uncond + s (eps_cond - eps_uncond), the conditional prediction alone for s <= 1; its
+default s = 7 is the paper's w = 6. generation.json records which convention a bag root's
+`guidance` is in.
 
 What you may copy: the method comes first in this file, the plumbing after it.
 `guided_noise_prediction`, `sample_latents` and `decode_latents` (Sec. 4) need only torch and
@@ -74,7 +77,16 @@ import metrics
 
 PAPER_VIEWS = 4          # M (Sec. 4)
 PAPER_STEPS = 50         # DDIM steps (Sec. 4)
-PAPER_GUIDANCE = 6.0     # classifier-free guidance weight (Sec. 4); convention in the docstring
+PAPER_GUIDANCE = 6.0     # classifier-free guidance weight w (Sec. 4, Ho & Salimans: (1 + w) eps_c - w eps_u)
+# --guidance per backend: the convention its value is in (recorded in generation.json) and its
+# default; both defaults give the paper's guided noise, eps_u + 7 (eps_c - eps_u). Ranges: the
+# S-LDM's w >= -1 (w = -1 is the unconditional prediction, a control: views that know nothing of
+# their image; below it the guidance pushes views away from their image); the pipeline's s >= 1
+# (diffusers guides only for s > 1 and samples conditionally for every s <= 1, so below 1 the
+# value would not mean the formula: check_image_variation).
+GUIDANCE_CONVENTION = {"sldm": "(1 + w) eps_c - w eps_u",
+                       "sd-image-variation": "eps_u + s (eps_c - eps_u), eps_c alone for s <= 1"}
+GUIDANCE_DEFAULT = {"sldm": PAPER_GUIDANCE, "sd-image-variation": 1 + PAPER_GUIDANCE}
 JPEG_QUALITY = 95
 SLDM_FORMAT = "cdgmae-sldm"
 
@@ -156,7 +168,8 @@ class SLDM:
 # -----------------------------------------------------------------------------
 
 def guided_noise_prediction(unet, latents, t, context, uncond_context, guidance):
-    """Classifier-free guidance: eps_u + w (eps_c - eps_u), both branches in ONE UNet call.
+    """Classifier-free guidance of weight w = `guidance` as Ho & Salimans (the paper's [18]) write it:
+    (1 + w) eps_c - w eps_u (w = 0: conditional, w = -1: unconditional), both branches in ONE UNet call.
 
     latents [N, C, h, w], context [N, 1, D], uncond_context [1, 1, D] -> eps [N, C, h, w] (float32).
     """
@@ -164,7 +177,7 @@ def guided_noise_prediction(unet, latents, t, context, uncond_context, guidance)
     x = torch.cat([latents, latents]).to(unet.dtype)
     ctx = torch.cat([context, uncond_context.expand(n, -1, -1)]).to(unet.dtype)
     eps_cond, eps_uncond = unet(x, t, encoder_hidden_states=ctx).sample.float().chunk(2)
-    return eps_uncond + guidance * (eps_cond - eps_uncond)
+    return (1 + guidance) * eps_cond - guidance * eps_uncond
 
 
 @torch.no_grad()
@@ -669,7 +682,7 @@ IMAGE_VARIATION_FILES = ["model_index.json", "unet/config.json", "vae/config.jso
 IMAGE_VARIATION_DDIM = {k: LDM_DDIM[k] for k in ("clip_sample", "set_alpha_to_one", "steps_offset", "timestep_spacing")}
 
 
-def check_image_variation(folder, guidance=PAPER_GUIDANCE):
+def check_image_variation(folder, guidance=GUIDANCE_DEFAULT["sd-image-variation"]):
     """Raise, naming the folder (or the flag) and the way out, unless `folder` can be loaded as a
     StableDiffusionImageVariationPipeline and `guidance` means what --guidance says. Reads no weights."""
     folder = Path(folder)
@@ -690,10 +703,9 @@ def check_image_variation(folder, guidance=PAPER_GUIDANCE):
         raise ValueError(f"{folder}/model_index.json: a {pipeline_class}, not a StableDiffusionImageVariationPipeline "
                          f"(this backend runs only that pipeline; --backend sldm runs S-LDM folders)")
     if guidance < 1:
-        # The pipeline guides only for w > 1 and samples conditionally for every w <= 1, where the
-        # S-LDM backend's eps_u + w (eps_c - eps_u) would move toward the unconditional prediction.
-        raise ValueError(f"--guidance {guidance}: the image-variation pipeline samples conditionally for any "
-                         f"w <= 1 (pass --guidance 1 for that, or w > 1 for guidance)")
+        raise ValueError(f"--guidance {guidance}: the image-variation pipeline's guidance_scale s samples "
+                         f"conditionally for any s <= 1 (pass --guidance 1 for that, or s > 1 in "
+                         f"eps_u + s (eps_c - eps_u); the paper's weight 6 is s = 7)")
 
 
 def clip_pixels(feature_extractor, img):
@@ -704,12 +716,13 @@ def clip_pixels(feature_extractor, img):
 class ImageVariationBackend:
     """Views from a local StableDiffusionImageVariationPipeline folder (needs transformers). Context:
     the CLIP image embedding, [B, 1, 768] for the Lambda Labs weights; unconditional context: zeros.
-    Sampling: DDIM (eta = 0, IMAGE_VARIATION_DDIM) and the pipeline's guidance, which is
-    eps_u + w (eps_c - eps_u) for w > 1 and the conditional prediction alone (one branch) for w = 1.
+    Sampling: DDIM (eta = 0, IMAGE_VARIATION_DDIM) and the pipeline's guidance in diffusers' own
+    convention, which its code defines: guidance_scale s gives eps_u + s (eps_c - eps_u) for s > 1
+    and the conditional prediction alone (one branch) for s = 1; s = 7 is the paper's weight 6.
     If the folder ships a safety checker, the pipeline blacks out the views it flags (counted in
     `flagged_views`). `prepare` (the CLIP preprocessing) runs in the data-loading workers."""
 
-    def __init__(self, folder, device, dtype, steps=PAPER_STEPS, guidance=PAPER_GUIDANCE):
+    def __init__(self, folder, device, dtype, steps=PAPER_STEPS, guidance=GUIDANCE_DEFAULT["sd-image-variation"]):
         check_image_variation(folder, guidance)
         from diffusers import DDIMScheduler, StableDiffusionImageVariationPipeline
 
@@ -857,9 +870,12 @@ def model_fingerprint(folder, chunk_size=1 << 24):
 
 
 def generation_settings(args, model_sha256, dtype):
-    """What a run's bags depend on, as recorded in OUTPUT/generation.json."""
+    """What a run's bags depend on, as recorded in OUTPUT/generation.json. `guidance_convention`
+    says what `guidance` means; a record without it predates the S-LDM's (1 + w) convention (its
+    guidance g then meant eps_u + g (eps_c - eps_u)) and is refused like any other difference."""
     return {"backend": args.backend, "model": str(Path(args.model).resolve()), "model_sha256": model_sha256,
-            "views": args.views, "steps": args.steps, "guidance": float(args.guidance), "seed": args.seed,
+            "views": args.views, "steps": args.steps, "guidance": float(args.guidance),
+            "guidance_convention": GUIDANCE_CONVENTION[args.backend], "seed": args.seed,
             "jpeg_quality": args.jpeg_quality, "precision": PRECISION_NAMES[dtype]}
 
 
@@ -884,11 +900,16 @@ def check_output(output, settings):
     if not isinstance(recorded, dict):
         raise ValueError(f"{record}: not a settings record (give another --output)")
     keys = [k for k in dict.fromkeys([*settings, *recorded]) if k not in NOT_COMPARED]
-    differences = [f"{k} {short(recorded.get(k))} (now {short(settings.get(k))})"
+    differences = [f"{k} {short(recorded[k]) if k in recorded else 'not recorded'} "
+                   f"(now {short(settings[k]) if k in settings else 'not set'})"
                    for k in keys if recorded.get(k) != settings.get(k)]
+    way_out = "give another --output, or rerun with the recorded settings"
+    if "guidance_convention" in settings and recorded.get("guidance_convention") != settings["guidance_convention"]:
+        way_out = ("give another --output; a record without guidance_convention is of S-LDM bags whose guidance g "
+                   "meant eps_u + g (eps_c - eps_u), which is --guidance g - 1 now")
     if differences:
         raise ValueError(f"{record}: the bags here were made with other settings: {', '.join(differences)} "
-                         f"(give another --output, or rerun with the recorded settings)")
+                         f"({way_out})")
 
 
 def short(value):
@@ -1083,9 +1104,11 @@ def get_args_parser():
                    help="M generated views per real image (1..100: view_00 .. view_99)")
     p.add_argument("--steps", type=cdgmae.checked(int, 1), default=PAPER_STEPS,
                    help="DDIM steps (eta = 0); at most the model's training timesteps")
-    p.add_argument("--guidance", type=cdgmae.checked(float, 0), default=PAPER_GUIDANCE,
-                   help="classifier-free guidance w >= 0 in eps_u + w (eps_c - eps_u): 1 = conditional only, "
-                        "0 = unconditional; w < 0 would push views away from their real image")
+    p.add_argument("--guidance", type=cdgmae.checked(float, -1), default=None,
+                   help="classifier-free guidance weight. sldm: Ho & Salimans' w (the paper's [18]) in "
+                        "(1 + w) eps_c - w eps_u, w >= -1 (0: conditional, -1: unconditional), default 6 (the "
+                        "paper's); sd-image-variation: diffusers' guidance_scale s in eps_u + s (eps_c - eps_u), "
+                        "s >= 1 (1: conditional), default 7 (the same guided noise as w = 6)")
     p.add_argument("--batch-size", type=cdgmae.checked(int, 1), default=8,
                    help="real images per UNet call (x M views x 2 branches)")
     p.add_argument("--seed", type=int, default=0, help="global seed; each view's noise hashes (seed, path, view)")
@@ -1169,12 +1192,13 @@ def pick_device_and_dtype(device, precision):
     return device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
-def check_model_folder(folder, backend, guidance=PAPER_GUIDANCE):
-    """Raise (one line) if the --model folder lacks a piece the backend loads. Reads no weights."""
+def check_model_folder(folder, backend, guidance=None):
+    """Raise (one line) if the --model folder lacks a piece the backend loads (or, for the
+    pipeline, --guidance is below 1). Reads no weights."""
     if backend == "sldm":
         read_sldm_meta(folder)
     else:
-        check_image_variation(folder, guidance)
+        check_image_variation(folder, GUIDANCE_DEFAULT[backend] if guidance is None else guidance)
 
 
 def prepare_generation(args):
@@ -1183,6 +1207,8 @@ def prepare_generation(args):
     output = Path(args.output).resolve()
     if output.is_relative_to(Path(args.images).resolve()):
         raise ValueError(f"{args.output}: lies inside --images {args.images} (give an --output outside it)")
+    if args.guidance is None:
+        args.guidance = GUIDANCE_DEFAULT[args.backend]
     rel_paths = list_images(args.images, args.file_list)
     index, count = resolve_shard(args.shard)
     mine = shard_items(rel_paths, index, count)
@@ -1202,7 +1228,8 @@ def prepare_generation(args):
                          f"{args.model} was trained with")
     claim_output(output, settings)
     print(f"shard {index}/{count}: {len(mine)} of {len(rel_paths)} images, M = {args.views} views, "
-          f"{args.steps} DDIM steps, guidance {args.guidance}, {device} {dtype}", file=sys.stderr)
+          f"{args.steps} DDIM steps, guidance {args.guidance} ({GUIDANCE_CONVENTION[args.backend]}), {device} {dtype}",
+          file=sys.stderr)
     return mine, index, count, backend
 
 

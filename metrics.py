@@ -268,7 +268,10 @@ def knn_pairs_from_features(cls, queries, k, rng, chunk=4096):
 # The six steps of App. 2.2 are numbered in the docstrings below.
 # -----------------------------------------------------------------------------
 
-MIMIC_KEEP_RANGE = (0.5, 0.7)  # MIMIC keeps pairs with overlap in [50%, 70%] (App. 2.1; 2.2 and its code: 75%)
+# App. 2.2: "we retained pairs with an overlap ranging from 50% to 75%"; MIMIC's mining code keeps
+# 50 < overlap < 75 (percent), both ends excluded. (App. 2.1's 50-70% is a different step: how
+# pairs of street views and simulator views were chosen before any overlap was measured.)
+MIMIC_KEEP_RANGE = (0.5, 0.75)
 
 
 def import_cv2():
@@ -394,8 +397,9 @@ def mimic_overlap(image_a, image_b, patch_size=16, points_per_patch=100, seed=0,
 
 
 def in_mimic_keep_range(overlap, keep_range=MIMIC_KEEP_RANGE):
-    """Whether MIMIC would keep a pair of this overlap (True / False; works on arrays too)."""
-    return (np.asarray(overlap) >= keep_range[0]) & (np.asarray(overlap) <= keep_range[1])
+    """Whether MIMIC would keep a pair of this overlap: keep_range[0] < overlap < keep_range[1], both
+    ends excluded as in MIMIC's code (True / False; works on arrays too)."""
+    return (np.asarray(overlap) > keep_range[0]) & (np.asarray(overlap) < keep_range[1])
 
 
 def pair_overlaps(pairs, size=224, center_crop=True, seed=0, desc="overlap"):
@@ -543,7 +547,8 @@ def get_args_parser():
                    help="replace an existing --csv")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
                    help="add MIMIC's geometric overlap (SIFT + RANSAC homography, on the same crops) as a "
-                        "column, and the fraction of pairs in MIMIC's keep range [0.5, 0.7] to the CSV")
+                        "column, and the fraction of pairs in MIMIC's keep range (0.5, 0.75), ends excluded, "
+                        "to the CSV")
     return p
 
 
@@ -606,7 +611,8 @@ def overlap_main(argv):
               f"a->b {report['a_to_b']:.4f}, b->a {report['b_to_a']:.4f}; {report['matches']} matches, "
               f"{report['inliers']} RANSAC inliers")
     keep = "yes" if in_mimic_keep_range(report["overlap"]) else "no"
-    print(f"{detail}; in MIMIC's keep range [{MIMIC_KEEP_RANGE[0]}, {MIMIC_KEEP_RANGE[1]}]: {keep}", file=sys.stderr)
+    print(f"{detail}; in MIMIC's keep range ({MIMIC_KEEP_RANGE[0]}, {MIMIC_KEEP_RANGE[1]}), ends excluded: {keep}",
+          file=sys.stderr)
     return report
 
 

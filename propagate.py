@@ -560,14 +560,20 @@ def propagate_dataset(dataset, data_root, encoder, output, *, topk=None, queue_l
 #       unconditional branch of its guidance (the image-conditioned model without an image);
 #   a Stable Diffusion folder (unet/, vae/, scheduler/, text_encoder/, tokenizer/): context =
 #       the empty prompt "" (App. C.3: "each image's prompt is a null prompt"); needs transformers.
-# App. C.3, DIFT_sd: t = 51, up-block n = 2 (stride 8, 640-d). The rows below are its k-NN
-# settings. Input sizes: DIFT's own DAVIS reader (DINO's, short side 480, long side floored to
-# a multiple of 32) on DAVIS's 854x480 frames gives 480x832; "smaller side 320" on JHMDB's
-# 320x240 frames gives 320x416 by the same flooring. DIFT has no VIP setting: DAVIS's k-NN
-# values with VIP's input size. Every value is overridden by an explicit flag.
+# App. C.3 picks the block by resolution: for both of its models the temporal-correspondence
+# feature map is "1/8 of the input" (DIFT_sd: n = 2, 640-d; DIFT_adm: n = 7 on DAVIS, n = 5 on
+# JHMDB). An index means another stride in another UNet (a VQ-f4 four-level UNet, the S-LDM's
+# shape, has strides 16, 8, 4, 4, so n = 2 would be stride 4), so the block is the first up-block
+# whose output has DIFT's stride of 8 (SD: n = 2, the S-LDM: n = 1), or --dift-up-block.
+# The other settings are the DIFT_sd rows' (t = 51 and the k-NN below), for both sources: the
+# S-LDM is a latent diffusion model of SD's kind (docs/dift.md says why not ADM's rows). Input
+# sizes: DIFT's own DAVIS reader (DINO's, short side 480, long side floored to a multiple of 32)
+# on DAVIS's 854x480 frames gives 480x832; "smaller side 320" on JHMDB's 320x240 frames gives
+# 320x416 by the same flooring. DIFT has no VIP setting: DAVIS's k-NN values with VIP's input
+# size. Every value is overridden by an explicit flag.
 
 DIFT_TIMESTEP = 51
-DIFT_UP_BLOCK = 2
+DIFT_STRIDE = 8    # App. C.3: "feature map size is 1/8 of input", for SD and ADM, DAVIS and JHMDB
 DIFT_ENSEMBLE = 8
 DIFT_PROTOCOL = {
     "davis": dict(topk=15, queue_length=28, radius=15, temperature=0.2, input_size=(480, 832)),
@@ -586,6 +592,16 @@ def up_block_stride(unet, vae, up_block):
     up-block that still upsamples (SD: n = 0, 1, 2, 3 -> 32, 16, 8, 8; DIFT's eval_davis.py)."""
     later = sum(1 for block in unet.up_blocks[up_block + 1:] if getattr(block, "upsamplers", None))
     return vae_downsampling(vae) * 2 ** later
+
+
+def dift_up_block(unet, vae, stride=DIFT_STRIDE):
+    """The index n of the first up-block whose output has `stride` pixels per cell (SD: 32, 16, 8, 8
+    -> n = 2; a VQ-f4 four-level S-LDM: 16, 8, 4, 4 -> n = 1). ValueError naming the strides if none has."""
+    strides = [up_block_stride(unet, vae, n) for n in range(len(unet.up_blocks))]
+    if stride not in strides:
+        raise ValueError(f"no up-block of this UNet has DIFT's stride {stride} (up-block strides {strides}; "
+                         f"choose one with --dift-up-block)")
+    return strides.index(stride)
 
 
 def image_latents(vae, images, posterior_noise):
@@ -641,13 +657,18 @@ class DiftFeatures(nn.Module):
     feature width, so the propagation code treats it like any encoder.
 
     frames [B, 3, H, W] (ImageNet-normalised, as load_frame gives) -> [B, C, H/s, W/s].
-    Each frame's noise is drawn from a generator seeded by (seed, the frame's pixels), so a
+    up_block None: the first up-block at DIFT's stride of 8 (`dift_up_block`). Each frame's noise is drawn from a generator seeded by (seed, the frame's pixels), so a
     frame's features depend neither on the batch nor on the order or resumption of a run."""
 
-    def __init__(self, unet, vae, scheduler, context, *, timestep=DIFT_TIMESTEP, up_block=DIFT_UP_BLOCK,
+    def __init__(self, unet, vae, scheduler, context, *, timestep=DIFT_TIMESTEP, up_block=None,
                  ensemble_size=DIFT_ENSEMBLE, seed=0, source=None, folder=None):
         super().__init__()
         name = folder or "DiftFeatures"
+        if up_block is None:
+            try:
+                up_block = dift_up_block(unet, vae)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
         if not 0 <= up_block < len(unet.up_blocks):
             raise ValueError(f"{name}: up-block {up_block} does not exist, the UNet has {len(unet.up_blocks)}")
         if not 0 <= timestep < len(scheduler.alphas_cumprod):
@@ -705,10 +726,11 @@ def empty_prompt_embedding(folder, device="cpu"):
         return text_encoder(ids.to(device))[0]
 
 
-def load_dift(folder, *, timestep=DIFT_TIMESTEP, up_block=DIFT_UP_BLOCK, ensemble_size=DIFT_ENSEMBLE, seed=0,
+def load_dift(folder, *, timestep=DIFT_TIMESTEP, up_block=None, ensemble_size=DIFT_ENSEMBLE, seed=0,
               device="cpu"):
     """DiftFeatures from an S-LDM folder (generate_views.py's layout; unconditional context) or a
-    Stable Diffusion folder in diffusers' layout (empty-prompt context)."""
+    Stable Diffusion folder in diffusers' layout (empty-prompt context). up_block None: the first
+    up-block at DIFT's stride of 8."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, VQModel
 
     folder = Path(folder)
@@ -1233,8 +1255,10 @@ def add_dift_arguments(p):
                    help="vit: the ViT of --checkpoint; dift: the up-block features of the diffusion model folder "
                         "--checkpoint, with DIFT's settings as the protocol's defaults")
     g.add_argument("--dift-timestep", type=checked(int, 0), default=DIFT_TIMESTEP, help="t of q(x_t | x_0)")
-    g.add_argument("--dift-up-block", type=checked(int, 0), default=DIFT_UP_BLOCK,
-                   help="index n (from 0) of the UNet up-block whose output is the feature")
+    g.add_argument("--dift-up-block", type=checked(int, 0), default=None,
+                   help="index n (from 0) of the UNet up-block whose output is the feature; unset: the first "
+                        "up-block at DIFT's stride of 8, '1/8 of the input' (Stable Diffusion: n = 2; a VQ-f4 "
+                        "four-level S-LDM: n = 1); propagation.json records the block, stride and channels")
     g.add_argument("--dift-ensemble", type=checked(int, 1), default=DIFT_ENSEMBLE,
                    help="noise draws whose features are averaged per frame")
     g.add_argument("--dift-seed", type=int, default=0, help="seed of the noise draws")

@@ -83,12 +83,14 @@ def chosen_paths(ds, key):
     return [paths[i] for i in ds.choose_views(rng)], rng
 
 
-def draw_rest(ds, rng, width, height):
+def draw_rest(ds, rng, paths, sizes):
+    """Each image's box (one box on the bag's common geometry, mapped), the flip and the noise."""
+    (width, height), regions = ds.geometry(paths, sizes)
     box = cdgmae.sample_crop_box(rng, width, height, ds.crop_scale, ds.crop_ratio)
     flip = rng.random() < 0.5
     target_noise = torch.from_numpy(rng.random(ds.num_patches, dtype=np.float32))
     anchor_noise = torch.from_numpy(rng.random((ds.num_anchors, ds.num_patches), dtype=np.float32))
-    return box, flip, target_noise, anchor_noise
+    return cdgmae.image_boxes(box, regions), flip, target_noise, anchor_noise
 
 
 def staged_after(ds, keys, clock):
@@ -105,8 +107,9 @@ def staged_after(ds, keys, clock):
         with clock("decode"):
             images = [cdgmae.decode_rgbx(path) for path in paths]
         with clock("rest"):
-            box, flip, target_noise[i], anchor_noise[i] = draw_rest(ds, rng, images[0].shape[2], images[0].shape[1])
-        for out, image in zip([target[i], *anchors[i]], images):
+            boxes, flip, target_noise[i], anchor_noise[i] = draw_rest(
+                ds, rng, paths, [(image.shape[2], image.shape[1]) for image in images])
+        for out, image, box in zip([target[i], *anchors[i]], images, boxes):
             with clock("crop + resize"):
                 crop = cdgmae.crop_resize(image, box, size)[:3]
             with clock("collate (shared memory)"):
@@ -121,9 +124,9 @@ def staged_before(ds, key, clock, keep_pixels=None):
     with clock("decode"):
         images = [cdgmae.load_rgb(p) for p in paths]
     with clock("rest"):
-        box, flip, target_noise, anchor_noise = draw_rest(ds, rng, *images[0].size)
+        boxes, flip, target_noise, anchor_noise = draw_rest(ds, rng, paths, [img.size for img in images])
     crops = []
-    for img in images:
+    for img, box in zip(images, boxes):
         with clock("crop + resize"):
             w, h = img.size
             img = img.resize((ds.input_size, ds.input_size), Image.BICUBIC,
@@ -171,17 +174,16 @@ def one_pass(ds, keys, batch):
 
 def pixel_difference(ds, keys):
     """New crops against the previous PIL crops of the same boxes, (mean |diff|, max, share > 2
-    levels) for the image the box was drawn on (whole-pixel box) and for the others (the box
-    falls between pixels and is rounded: up to half a pixel off)."""
-    diffs = {"box image": [], "other images": []}
+    levels) for the views (the box is drawn on their size: whole pixels) and for the real images
+    (the box mapped into the conditioning region falls between pixels)."""
+    diffs = {"views": [], "real images": []}
     for key in keys:
         pil = []
         staged_before(ds, key, Clock(), keep_pixels=pil)
         target, anchors, _, _ = ds[key]
         for i, (ours, theirs) in enumerate(zip([target, *anchors], pil)):
             d = np.abs(ours.permute(1, 2, 0).numpy().astype(int) - theirs.astype(int)).ravel()
-            same_size = Image.open(chosen_paths(ds, key)[0][i]).size == Image.open(chosen_paths(ds, key)[0][0]).size
-            diffs["box image" if same_size else "other images"].append(d)
+            diffs["real images" if cdgmae.is_real_image(chosen_paths(ds, key)[0][i]) else "views"].append(d)
     return {k: (np.concatenate(v).mean(), np.concatenate(v).max(), (np.concatenate(v) > 2).mean())
             for k, v in diffs.items() if v}
 

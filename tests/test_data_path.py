@@ -108,9 +108,12 @@ def test_device_decode_path_gives_the_cpu_paths_batch(tmp_path):
 
 
 def test_uint8_samples_keep_the_documented_random_choices(tmp_path):
-    """(seed, epoch, index) -> target/anchor choice, then the box, the flip and the masking noise,
-    drawn in this order; the crops are the previous PIL crops of that box."""
-    root, bags = write_bags(tmp_path / "bags", num_bags=2)
+    """(seed, epoch, index) -> target/anchor choice, then the box (on the views' 48 x 48), the flip
+    and the masking noise, drawn in this order; each image is cut with the box mapped into its
+    conditioning region, and the crops are PIL crops of those boxes."""
+    root, bags = write_bags(tmp_path / "bags", num_bags=2)  # real 80 x 60, views 48 x 48
+    # 60 -> 224 makes 80 -> 298.67, rounded 299, whose centre 224 starts at 37; a square view is all region
+    regions = {(80, 60): (37 / 299, 0, 261 / 299, 1), (48, 48): (0, 0, 1, 1)}
     ds = cdgmae.BagDataset(root, bags, 3, num_anchors=2, input_size=32, num_patches=16, seed=7)
     for epoch in range(4):
         rng = np.random.default_rng([7, epoch, 1])
@@ -118,13 +121,15 @@ def test_uint8_samples_keep_the_documented_random_choices(tmp_path):
         anchors = rng.choice([i for i in range(4) if i != target], size=2, replace=False)
         real, views = cdgmae.bag_files(root / bags[1])
         arrays = [np.asarray(Image.open(p).convert("RGB")) for p in [[real, *views][i] for i in [target, *anchors]]]
-        box = cdgmae.sample_crop_box(rng, arrays[0].shape[1], arrays[0].shape[0])
+        box = cdgmae.sample_crop_box(rng, 48, 48)
         flip = rng.random() < 0.5
         noise = rng.random(16, dtype=np.float32)
         got_target, got_anchors, got_noise, _ = ds[(epoch, 1)]
         assert np.array_equal(got_noise.numpy(), noise)
         for ours, array in zip([got_target, *got_anchors], arrays):
-            crop = pil_crop(array, box, 32).astype(int)
+            l, t, r, b = regions[array.shape[1], array.shape[0]]
+            image_box = (l + box[0] * (r - l), t + box[1] * (b - t), l + box[2] * (r - l), t + box[3] * (b - t))
+            crop = pil_crop(array, image_box, 32).astype(int)
             theirs, mirrored = (crop[:, ::-1], crop) if flip else (crop, crop[:, ::-1])
             ours = ours.permute(1, 2, 0).numpy().astype(int)
             assert np.abs(ours - theirs).mean() < 1 < np.abs(ours - mirrored).mean()  # small crops: ~0.6

@@ -48,12 +48,22 @@ def tiny_unet(channels=(32, 64), in_channels=4, seed=0):
         up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",)).eval()
 
 
-def tiny_kl_vae(seed=1):
-    """KL autoencoder with a downsampling factor of 2 and a scaling factor that is not 1."""
+def tiny_kl_vae(seed=1, levels=2):
+    """KL autoencoder with a downsampling factor of 2 ** (levels - 1) (levels = 4: SD's 8) and a
+    scaling factor that is not 1."""
     torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 32),
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
+                         up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=(32,) * levels,
                          layers_per_block=1, latent_channels=4, sample_size=16, scaling_factor=0.5).eval()
+
+
+def tiny_vq(seed=4, levels=2):
+    """VQ first stage with a downsampling factor of 2 ** (levels - 1) (levels = 3: the S-LDM's VQ-f4)."""
+    torch.manual_seed(seed)
+    return VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
+                   up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=(32,) * levels,
+                   layers_per_block=1, latent_channels=3, num_vq_embeddings=16, vq_embed_dim=3, sample_size=16,
+                   scaling_factor=1.0).eval()
 
 
 def sd_scheduler():
@@ -172,6 +182,34 @@ def test_sd_strides_are_those_dift_states():
 
 
 @torch.no_grad()
+@torch.no_grad()
+@pytest.mark.parametrize("shape", ["stable-diffusion", "sldm"])
+def test_the_block_is_the_first_at_difts_stride_of_8_on_sd_and_sldm_shaped_unets(shape):
+    """App. C.3 takes the feature map at "1/8 of the input". Four-level UNets: SD's KL-f8 latents give
+    up-block strides 32, 16, 8, 8 (n = 2, DIFT_sd's index); the S-LDM's VQ-f4 latents give 16, 8, 4, 4,
+    where n = 2 would be stride 4 (a 15-cell radius: 60 px instead of 120), so its block is n = 1."""
+    channels = (32, 32, 64, 64)
+    unet = tiny_unet(channels, in_channels=4 if shape == "stable-diffusion" else 3)
+    vae = tiny_kl_vae(levels=4) if shape == "stable-diffusion" else tiny_vq(levels=3)
+    strides = [8 * 4, 8 * 2, 8, 8] if shape == "stable-diffusion" else [4 * 4, 4 * 2, 4, 4]
+    expected = 2 if shape == "stable-diffusion" else 1
+    dift = pr.DiftFeatures(unet, vae, sd_scheduler(), torch.randn(1, 3, 32), ensemble_size=1)
+    assert dift.up_block == expected and dift.patch_size == 8 and dift.embed_dim == channels[::-1][expected]
+    assert dift(torch.randn(1, 3, 64, 96)).shape == (1, channels[::-1][expected], 64 // 8, 96 // 8)
+    for n, stride in enumerate(strides):  # an explicit block is kept, whatever its stride
+        fixed = pr.DiftFeatures(unet, vae, sd_scheduler(), torch.randn(1, 3, 32), up_block=n, ensemble_size=1)
+        assert (fixed.up_block, fixed.patch_size, fixed.embed_dim) == (n, stride, channels[::-1][n])
+    record = dift.description()  # what propagation.json keeps of the extractor
+    assert (record["up_block"], record["stride"], record["channels"]) == (expected, 8, channels[::-1][expected])
+
+
+def test_a_unet_without_a_block_at_stride_8_is_named_with_its_strides():
+    with pytest.raises(ValueError, match=r"DiftFeatures: no up-block .* stride 8 \(up-block strides \[2, 2\]; "
+                                         r"choose one with --dift-up-block\)"):
+        tiny_dift(up_block=None)
+
+
+@torch.no_grad()
 def test_a_frames_features_depend_on_its_pixels_not_on_its_batch():
     dift = tiny_dift()
     a, b = torch.randn(1, 3, 16, 24), torch.randn(1, 3, 16, 24)
@@ -183,15 +221,13 @@ def test_a_frames_features_depend_on_its_pixels_not_on_its_batch():
 # Model folders
 # -----------------------------------------------------------------------------
 
-def tiny_sldm_folder(folder):
+def tiny_sldm_folder(folder, channels=(32, 64), vq_levels=2):
+    """A random S-LDM folder; channels=(32, 32, 64, 64), vq_levels=3 gives the S-LDM's shape (VQ-f4, four levels)."""
     torch.manual_seed(3)
     conditioner = gv.Conditioner(cdgmae.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1,
                                                           num_heads=1), context_dim=32, image_size=32)
-    torch.manual_seed(4)
-    vq = VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                 up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 32), layers_per_block=1,
-                 latent_channels=3, num_vq_embeddings=16, vq_embed_dim=3, sample_size=16, scaling_factor=1.0)
-    gv.save_sldm(folder, gv.SLDM(tiny_unet(in_channels=3), vq.eval(), DDIMScheduler(**gv.LDM_DDIM), conditioner.eval()))
+    gv.save_sldm(folder, gv.SLDM(tiny_unet(channels, in_channels=3), tiny_vq(levels=vq_levels),
+                                 DDIMScheduler(**gv.LDM_DDIM), conditioner.eval()))
     return folder
 
 
@@ -290,6 +326,24 @@ def test_static_video_keeps_its_mask_with_dift_features(tmp_path):
     (root / "ImageSets/2017/val.txt").write_text("seq\n")
     pr.propagate_dataset("davis", root, tiny_dift(), tmp_path / "pred", input_size=(32, 48), progress=False)
     assert ev.evaluate_dataset("davis", root, tmp_path / "pred", progress=False)["J&F_m"] == 100.0
+
+
+def test_command_line_takes_the_stride_8_block_of_an_sldm_shaped_folder_and_records_it(tmp_path):
+    tw.write_davis(tmp_path / "DAVIS", num_videos=1, frames=2, height=64, width=96, progress=False)
+    folder = tiny_sldm_folder(tmp_path / "sldm", channels=(32, 32, 64, 64), vq_levels=3)
+    argv = ["--dataset", "davis", "--data-root", str(tmp_path / "DAVIS"), "--checkpoint", str(folder),
+            "--features", "dift", "--dift-ensemble", "1", "--input-size", "64", "96"]
+    pr.main([*argv, "--output", str(tmp_path / "pred")])
+    encoder = json.loads((tmp_path / "pred" / "propagation.json").read_text())["encoder"]
+    assert (encoder["up_block"], encoder["stride"], encoder["channels"]) == (1, 8, 64)  # VQ-f4: 16, 8, 4, 4
+    pr.main([*argv, "--output", str(tmp_path / "pred"), "--dift-up-block", "1"])  # the same block: a resume
+    with pytest.raises(SystemExit, match="encoder"):  # DIFT_sd's index, here stride 4: other features
+        pr.main([*argv, "--output", str(tmp_path / "pred"), "--dift-up-block", "2"])
+    small = tiny_sldm_folder(tmp_path / "small")  # VQ-f2, two levels: strides 4, 2
+    with pytest.raises(SystemExit) as exit_info:
+        pr.main([*argv[:5], str(small), *argv[6:], "--output", str(tmp_path / "other")])
+    assert str(exit_info.value.code).startswith(f"{small.resolve()}: no up-block")
+    assert "--dift-up-block" in str(exit_info.value.code) and not (tmp_path / "other").exists()
 
 
 def test_unloadable_model_folder_is_one_line(tmp_path):

@@ -248,18 +248,28 @@ def test_a_file_list_names_the_same_images_and_bad_lists_or_models_fail_early(tm
 # Sampling
 # -----------------------------------------------------------------------------
 
-def test_guidance_weight_1_gives_the_conditional_and_0_the_unconditional_prediction():
-    unet = tiny_unet()
+def test_guidance_w_is_ho_and_salimans_one_plus_w_conditional_minus_w_unconditional():
+    """The paper's "guidance weight of 6 [18]": [18]'s guided noise (1 + w) eps_c - w eps_u, so w = 0
+    is the conditional prediction, w = -1 the unconditional one, and w = 6 is eps_u + 7 (eps_c - eps_u)."""
+    unet = tiny_unet().double()  # float64 branches: batching both branches in one call changes them by ~1e-15
     torch.manual_seed(5)
-    latents, cond, uncond = torch.randn(3, 3, 8, 8), torch.randn(3, 1, 32), torch.randn(1, 1, 32)
+    latents, cond, uncond = (torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.randn(3, 1, 32, dtype=torch.float64),
+                             torch.randn(1, 1, 32, dtype=torch.float64))
     t = torch.tensor(501)
+    u = torch.finfo(torch.float32).eps / 2  # float32's unit roundoff
     with torch.no_grad():
-        eps_c = unet(latents, t, encoder_hidden_states=cond).sample
+        eps_c = unet(latents, t, encoder_hidden_states=cond).sample                       # separate calls
         eps_u = unet(latents, t, encoder_hidden_states=uncond.expand(3, -1, -1)).sample
-        assert (eps_c - eps_u).abs().max() > 1e-3  # the context matters, so the check below means something
-        for w, expected in [(1.0, eps_c), (0.0, eps_u), (6.0, eps_u + 6 * (eps_c - eps_u))]:
-            got = gv.guided_noise_prediction(unet, latents, t, cond, uncond, w)
-            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        for w, expected in [(6.0, eps_u + 7 * (eps_c - eps_u)), (0.0, eps_c), (-1.0, eps_u), (2.5, None)]:
+            expected = (1 + w) * eps_c - w * eps_u if expected is None else expected
+            got = gv.guided_noise_prediction(unet, latents, t, cond, uncond, w).double()
+            # got rounds each branch to float32, then forms (1 + w) a, w b and their difference in float32:
+            # each of these 4 steps errs by <= u times the magnitudes it carries, <= 4 u (|1 + w| |a| + |w| |b|)
+            # in all; + 1e-12 for the float64 UNet's own batch dependence and the float64 reference.
+            bound = 4 * u * (abs(1 + w) * eps_c.abs() + abs(w) * eps_u.abs()) + 1e-12
+            assert ((got - expected).abs() <= bound).all(), w
+            # the other reading, eps_u + w (eps_c - eps_u), differs from this one by eps_c - eps_u at every w
+            assert (got - (eps_u + w * (eps_c - eps_u))).abs().max() > 100 * bound.max(), w
 
 
 def test_scheduler_is_the_ldm_ddim_discretisation():
@@ -284,7 +294,7 @@ def test_sampler_is_guided_ddim_with_eta_zero():
         for i, t in enumerate(timesteps):
             eps_c = unet(x.float(), t, encoder_hidden_states=cond).sample.double()
             eps_u = unet(x.float(), t, encoder_hidden_states=uncond.expand(2, -1, -1)).sample.double()
-            eps = eps_u + w * (eps_c - eps_u)
+            eps = (1 + w) * eps_c - w * eps_u  # Ho & Salimans' w (the paper's [18])
             a_t = alpha_bar[t]
             a_prev = alpha_bar[timesteps[i + 1]] if i + 1 < len(timesteps) else alpha_bar[0]
             x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)

@@ -65,7 +65,7 @@ def made(tmp_path_factory, model):
 # Flags
 # -----------------------------------------------------------------------------
 
-GENERATE_FLAGS = [("--steps", "-5"), ("--steps", "0"), ("--guidance", "-1"), ("--guidance", "nan"),
+GENERATE_FLAGS = [("--steps", "-5"), ("--steps", "0"), ("--guidance", "-1.5"), ("--guidance", "nan"),
                   ("--views", "0"), ("--views", "101"), ("--jpeg-quality", "0"), ("--jpeg-quality", "500"),
                   ("--batch-size", "0"), ("--workers", "-1"), ("--shard", "2/2"), ("--shard", "x")]
 METRICS_FLAGS = [("--num-pairs", "0"), ("--knn", "0"), ("--knn-pool", "1"), ("--frame-gap", "0"),
@@ -134,6 +134,30 @@ def test_adding_bags_made_with_other_settings_is_refused_and_the_bags_stay(tmp_p
     summary = gv.main([str(a) for a in [*args, "--model", tmp_path / "moved-model"]])
     assert (summary["complete_before"], summary["generated"]) == (3, 0)
     assert tree_bytes(bags) == before
+
+
+def test_bags_made_in_another_guidance_convention_are_refused_with_the_convention_named(tmp_path, capsys, made,
+                                                                                       model):
+    """A record without guidance_convention is from before the S-LDM's --guidance became Ho & Salimans'
+    w, when --guidance g meant eps_u + g (eps_c - eps_u): same number, other views."""
+    bags = tmp_path / "bags"
+    shutil.copytree(made / "bags", bags)
+    record = json.loads((bags / gv.RECORD_NAME).read_text())
+    assert record["guidance_convention"] == "(1 + w) eps_c - w eps_u" and record["guidance"] == 6.0
+    for recorded in [None, "eps_u + s (eps_c - eps_u), eps_c alone for s <= 1"]:
+        old = {k: v for k, v in record.items() if k != "guidance_convention"}
+        if recorded is not None:
+            old["guidance_convention"] = recorded
+        (bags / gv.RECORD_NAME).write_text(json.dumps(old))
+        before = tree_bytes(bags)
+        status, err, message = cli(gv.main, ["--images", made / "images", "--model", model, "--output", bags,
+                                             *GENERATE], capsys)
+        assert status == 1 and "Traceback" not in err
+        assert_one_line_naming(message, bags / gv.RECORD_NAME, "guidance_convention",
+                               "not recorded" if recorded is None else recorded, "(1 + w) eps_c - w eps_u")
+        assert "guidance 6.0" not in message  # the number is the same; only its meaning differs
+        assert "--guidance g - 1" in message  # how the old number reads in the new convention
+        assert tree_bytes(bags) == before
 
 
 def test_an_output_of_unknown_settings_is_refused(tmp_path, capsys, made, model):

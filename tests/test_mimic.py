@@ -112,10 +112,14 @@ def test_unrelated_noise_views_have_no_overlap_and_a_reason():
     assert "matches" in report["reason"] or "homography" in report["reason"]
 
 
-def test_keep_range_is_mimics_fifty_to_seventy_percent():
-    assert metrics.in_mimic_keep_range(0.5) and metrics.in_mimic_keep_range(0.7)
-    assert not metrics.in_mimic_keep_range(0.49) and not metrics.in_mimic_keep_range(0.71)
-    assert metrics.in_mimic_keep_range(np.array([0.2, 0.6, 0.9])).tolist() == [False, True, False]
+def test_keep_range_is_mimics_fifty_to_seventy_five_percent_with_both_ends_excluded():
+    # App. 2.2 keeps "an overlap ranging from 50% to 75%"; MIMIC's code compares 50 < overlap < 75.
+    # On 14 x 14 patches both ends occur: 98 / 196 = 0.5 and 147 / 196 = 0.75 are dropped.
+    assert not metrics.in_mimic_keep_range(98 / 196) and not metrics.in_mimic_keep_range(147 / 196)
+    assert metrics.in_mimic_keep_range(99 / 196) and metrics.in_mimic_keep_range(146 / 196)
+    assert metrics.in_mimic_keep_range(0.7) and metrics.in_mimic_keep_range(0.74)
+    assert metrics.in_mimic_keep_range(np.array([0.2, 0.5, 0.6, 0.75, 0.9])).tolist() == [False, False, True, False,
+                                                                                           False]
 
 
 # --- Command line ---------------------------------------------------------------
@@ -178,7 +182,7 @@ def test_table_1_report_has_an_overlap_column(tmp_path, capsys):
     rows = metrics.main(["--checkpoint", str(tmp_path / "vit.pth"), "--bags", str(tmp_path / "bags"),
                          "--num-pairs", "2", "--workers", "0", "--device", "cpu", "--csv", str(tmp_path / "t.csv")])
     assert rows[0]["overlap"] == pytest.approx(shift_overlap_by_hand(68, 36), abs=2 / 196)
-    assert rows[0]["in_mimic_range"] == 1.0                  # 0.61 is in [0.5, 0.7]
+    assert rows[0]["in_mimic_range"] == 1.0                  # 0.61 is in (0.5, 0.75)
     out = capsys.readouterr().out
     assert "MIMIC overlap" in out.splitlines()[0]
     header = (tmp_path / "t.csv").read_text().splitlines()[0].split(",")
