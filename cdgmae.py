@@ -1071,6 +1071,8 @@ def train_epoch(args, run, epoch, first, batches, global_step):
         global_step, loss_steps, seen = global_step + 1, loss_steps + 1, seen + args.batch_size
         last = (target, anchors, pred.detach(), mask)
         if global_step % args.log_every == 0 or step == steps - 1:
+            if run.device.type == "cuda":  # samples/s of steps the GPU has finished, not merely queued
+                torch.cuda.synchronize(run.device)
             now = time.time()
             log_progress(run, bar, {"epoch": epoch, "step": global_step, "lr": lr}, loss_sum, loss_steps,
                          seen / max(now - t_last, 1e-9))
