@@ -72,7 +72,7 @@ FULL = dict(matmul=8192, batch=256, steps=30, model={}, model_flags=[], workers=
             bags=16384, real_size=(500, 375), view_size=256, e2e_steps=64, log_every=4, warmup_steps=28,
             loader_warmup=28, exact_bags=256, exact_batch=64, exact_steps=6, exact_stop=3,
             gen_batches=(4, 16, 32), gen_steps=50, frames=30, frame_size=(480, 880), vit={})
-DRY = dict(matmul=256, batch=4, steps=2, model=TINY_MODEL, model_flags=TINY_FLAGS, workers=2, bag_processes=1,
+DRY = dict(matmul=256, batch=4, steps=2, model=TINY_MODEL, model_flags=TINY_FLAGS, workers=2, bag_processes=2,
            bags=16, real_size=(80, 60), view_size=40, e2e_steps=4, log_every=1, warmup_steps=1,
            loader_warmup=1, exact_bags=12, exact_batch=4, exact_steps=5, exact_stop=2,
            gen_batches=(1, 2), gen_steps=3, frames=6, frame_size=(64, 96), vit=dict(embed_dim=32, depth=1, num_heads=2))
@@ -536,7 +536,7 @@ def write_bag_share(job):
 def run_command(command, timeout, cwd):
     """Run a command (in this stage's process group, so that stopping the stage stops it too); on
     failure raise with the end of its output (also printed). At the timeout it gets SIGTERM first,
-    which torchrun passes on to its workers (they run in sessions of their own)."""
+    which torchrun passes on to its workers (they run in process groups of their own)."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                errors="replace", cwd=cwd)
     try:
@@ -690,12 +690,13 @@ def main(argv=None):
 
     caps = {**STAGES, **dict(args.cap)}
     plan = {name: caps[name] for name in STAGES if name in args.stages}
-    env = environment(args.dry_run)
+    scratch = Path(tempfile.mkdtemp(prefix="cdgmae-gpu-run-", dir=args.scratch))
+    free = shutil.disk_usage(scratch).free / 2 ** 30
+    env = {**environment(args.dry_run), "scratch": f"{scratch} ({free:.0f} GiB free; the GPU run writes about 10 GiB)"}
     save_results(output, {"environment": env, "plan": plan, "rows": []})
     for key, value in env.items():
         say(f"{key}: {value}")
     say(f"plan: {', '.join(f'{k} {v:g} s' for k, v in plan.items())}; at most {args.budget:g} s in all")
-    scratch = Path(tempfile.mkdtemp(prefix="cdgmae-gpu-run-", dir=args.scratch))
     try:
         for name, cap in plan.items():
             left = args.budget - (time.monotonic() - start)
