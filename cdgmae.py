@@ -665,7 +665,7 @@ class BagDataset(torch.utils.data.Dataset):
     anchor_noise [N, L]); the ImageNet normalisation runs on the device (`normalize`).
     With encoded=True (--decode gpu) the images stay encoded: ([N+1] byte tensors, boxes
     [N+1, 4] (each image's box, from the sizes in the files' headers), flip, target_noise,
-    anchor_noise), for `assemble_on_device`.
+    anchor_noise), for `collate_encoded` and `assemble_on_device`.
 
     A bag with an image that cannot be decoded is replaced by the next bags in order
     (index + 1, + 2, ...), drawn with the generator of (seed, epoch, index, attempt): the
@@ -1128,6 +1128,8 @@ def train_epoch(args, run, epoch, first, batches, global_step):
         global_step, loss_steps, seen = global_step + 1, loss_steps + 1, seen + args.batch_size
         last = (target, anchors, pred.detach(), mask)
         if global_step % args.log_every == 0 or step == steps - 1:
+            if run.device.type == "cuda":  # samples/s of steps the GPU has finished, not merely queued
+                torch.cuda.synchronize(run.device)
             now = time.time()
             log_progress(run, bar, {"epoch": epoch, "step": global_step, "lr": lr}, loss_sum, loss_steps,
                          seen / max(now - t_last, 1e-9))
@@ -1665,9 +1667,24 @@ def collate_batch(batch):
 
 
 def collate_encoded(samples):
-    """Collate --decode gpu samples: byte tensors stay lists (their lengths differ)."""
+    """Collate --decode gpu samples: the bytes of all B x V files in one uint8 tensor (in shared
+    memory inside a DataLoader worker) with their lengths [B, V], then the stacked boxes, flips and
+    noise. A worker hands each tensor of a batch over as its own shared-memory segment and file
+    descriptor: one tensor per file (1,024 for a batch of 256 a3 samples) cost milliseconds each
+    and exceeded the usual limit of 1,024 open files, which stalled the loader."""
     blobs, boxes, flips, target_noise, anchor_noise = zip(*samples)
-    return list(blobs), torch.stack(boxes), torch.stack(flips), torch.stack(target_noise), torch.stack(anchor_noise)
+    files = [b for sample in blobs for b in sample]
+    data = batch_tensor((sum(len(b) for b in files),), torch.uint8, torch.utils.data.get_worker_info() is not None)
+    torch.cat(files, out=data)
+    lengths = torch.tensor([[len(b) for b in sample] for sample in blobs], dtype=torch.int64)
+    return (data, lengths, torch.stack(boxes), torch.stack(flips), torch.stack(target_noise),
+            torch.stack(anchor_noise))
+
+
+def encoded_files(data, lengths):
+    """The files of a collated encoded batch (`collate_encoded`), in order: B * V byte tensors
+    (views into `data`), sample by sample."""
+    return list(torch.split(data, lengths.flatten().tolist()))
 
 
 def decode_on_device(blobs, device):
@@ -1687,21 +1704,21 @@ def assemble_on_device(batch, size, device, decode=decode_on_device, mode="bicub
     -> the uint8 batch that the CPU path delivers: target [B, 3, S, S], anchors [B, N, 3, S, S],
     noise. `decode` maps a list of byte tensors to [3, H, W] uint8 images (injectable: tests
     decode on CPU)."""
-    blobs, boxes, flips, target_noise, anchor_noise = batch
-    per_sample = len(blobs[0])
-    images = decode([b for sample in blobs for b in sample], device)
+    data, lengths, boxes, flips, target_noise, anchor_noise = batch
+    per_sample = lengths.shape[1]
+    images = decode(encoded_files(data, lengths), device)
     crops = torch.stack([crop_views(images[i * per_sample:(i + 1) * per_sample], boxes[i].tolist(),
-                                    bool(flips[i]), size, mode) for i in range(len(blobs))])
+                                    bool(flips[i]), size, mode) for i in range(len(lengths))])
     return (crops[:, 0], crops[:, 1:], target_noise.to(device, non_blocking=True),
             anchor_noise.to(device, non_blocking=True))
 
 
 def assemble_crops_on_device(batch, size, device, decode=decode_on_device):
-    """--decode gpu for --pretext crops: encoded samples of CropDataset (one byte tensor, the
-    boxes [N + 1, 4]: the global ones, then the local one, flips [N + 1]) -> the uint8 batch of
-    the CPU path (see `assemble_on_device`)."""
-    blobs, boxes, flips, target_noise, anchor_noise = batch
-    images = decode([sample[0] for sample in blobs], device)
+    """--decode gpu for --pretext crops: a collated batch of CropDataset's encoded samples (one
+    file each, the boxes [N + 1, 4]: the global ones, then the local one, flips [N + 1]) -> the
+    uint8 batch of the CPU path (see `assemble_on_device`)."""
+    data, lengths, boxes, flips, target_noise, anchor_noise = batch
+    images = decode(encoded_files(data, lengths), device)  # one file per sample
     views = [cut_crops(image, box[:-1].tolist(), box[-1].tolist(), flip.tolist(), size)
              for image, box, flip in zip(images, boxes, flips)]
     return (torch.stack([v[0] for v in views]), torch.stack([v[1] for v in views]),

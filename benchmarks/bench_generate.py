@@ -59,6 +59,23 @@ def tiny_sldm():
     return gv.SLDM(unet.eval(), vae.eval(), DDIMScheduler(**gv.LDM_DDIM), gv.Conditioner(vit, 32, True, 32).eval())
 
 
+def real_size_sldm(device="cpu", unet_dtype=torch.float32):
+    """An S-LDM of the real size with random weights, as load_sldm sets one up: the LDM-cin256-v2
+    UNet in `unet_dtype`, the VQ-f4 first stage and the DINO ViT-B/16 conditioner (224x224, cls
+    -> Linear(768, 512)) in float32, all on `device`."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(gv.ldm_unet_config(REAL_SIZE_CONFIG, {}))
+    context_dim = REAL_SIZE_CONFIG["model"]["params"]["unet_config"]["params"]["context_dim"]
+    conditioner = gv.Conditioner(cdgmae.vit_base(patch_size=16), context_dim, True, 224)
+    sldm = gv.SLDM(unet.to(device, unet_dtype).eval(), first_stage_from_config(REAL_SIZE_CONFIG).to(device),
+                   DDIMScheduler(**gv.LDM_DDIM), conditioner.to(device).eval())
+    for module in (sldm.unet, sldm.vae, sldm.conditioner):
+        module.requires_grad_(False)
+    return sldm
+
+
 def bench_tiny(num_images, views, steps, batch_sizes):
     print(f"== tiny random S-LDM on this CPU ({torch.get_num_threads()} threads): {num_images} images, M = {views}, "
           f"{steps} DDIM steps, guidance {gv.PAPER_GUIDANCE}")

@@ -47,15 +47,24 @@ def matmul_rate(device, dtype, sizes=(1024, 2048, 4096), seconds=1.0):
     return best
 
 
-def step_rate(setting, device, batch_size, steps, bf16, compile_model):
+def training_flops(counts):
+    """FLOPs of one training sample from count_flops' per-sample counts: 3x the forward (backward =
+    2x forward), 2 FLOPs per multiply-add, Linear, Conv and the attention products."""
+    return 3 * 2 * (counts["linear"] + counts["conv"] + counts["attention"])
+
+
+def step_rate(setting, device, batch_size, steps, bf16, compile_model, compile_backend="inductor", **model_kwargs):
+    """samples/s of full training steps of CDGMAE(setting, **model_kwargs) on random inputs already on
+    `device`, after two warm-up steps (which also compile, with torch.compile's `compile_backend`)."""
     num_anchors, anchor_mask = SETTINGS[setting]
     torch.manual_seed(0)
-    model = CDGMAE(num_anchors=num_anchors, anchor_mask_ratio=anchor_mask).to(device)
+    model = CDGMAE(num_anchors=num_anchors, anchor_mask_ratio=anchor_mask, **model_kwargs).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95),
                                   fused=device.type == "cuda" or None)  # as cdgmae.py trains
-    run = torch.compile(model) if compile_model else model
-    target = torch.randn(batch_size, 3, 224, 224, device=device)
-    anchors = torch.randn(batch_size, num_anchors, 3, 224, 224, device=device)
+    run = torch.compile(model, backend=compile_backend) if compile_model else model
+    size = model.img_size
+    target = torch.randn(batch_size, 3, size, size, device=device)
+    anchors = torch.randn(batch_size, num_anchors, 3, size, size, device=device)
 
     def one_step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -106,7 +115,7 @@ def main():
     for setting in args.settings:
         n, r = SETTINGS[setting]
         counts = count_flops(CDGMAE(num_anchors=n, anchor_mask_ratio=r))
-        train_flops = 3 * 2 * (counts["linear"] + counts["conv"] + counts["attention"])
+        train_flops = training_flops(counts)
         for label, _, bf16 in modes:
             rate = step_rate(setting, device, batch_size, steps, bf16, args.compile)
             achieved = rate * train_flops

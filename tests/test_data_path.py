@@ -14,6 +14,7 @@ from PIL import Image
 
 import cdgmae
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--embed-dim", "32", "--depth", "1", "--num-heads", "2", "--decoder-dim", "32", "--decoder-depth", "1",
         "--decoder-heads", "2", "--decoder-ffn-dim", "64", "--patch-size", "8", "--input-size", "32",
         "--workers", "0", "--log-every", "1", "--vis-every", "0"]
@@ -101,10 +102,50 @@ def test_device_decode_path_gives_the_cpu_paths_batch(tmp_path):
     keys = [(1, i) for i in range(len(bags))]
     expected = torch.utils.data.default_collate([cpu[k] for k in keys])
     batch = cdgmae.collate_encoded([encoded[k] for k in keys])
-    assert all(isinstance(b, torch.Tensor) and b.dtype == torch.uint8 for sample in batch[0] for b in sample)
+    # The batch carries every file of every sample, byte for byte and in order, in one tensor.
+    files = cdgmae.encoded_files(batch[0], batch[1])
+    assert [f.numpy().tobytes() for f in files] == [b.numpy().tobytes() for k in keys for b in encoded[k][0]]
     got = cdgmae.assemble_on_device(batch, 32, torch.device("cpu"), decode=pil_decode)
     for a, b in zip(got, expected):
         assert torch.equal(a, b)  # same bytes, same boxes, flips and noise, same crop code
+
+
+LOW_FILE_LIMIT = """
+import resource, sys
+import torch
+import cdgmae
+# 128 open files per process, fewer than the 160 files of one batch below.
+resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+root = sys.argv[1]
+ds = cdgmae.BagDataset(root, cdgmae.find_bags(root), 3, num_anchors=3, input_size=16, num_patches=4, encoded=True)
+sampler = cdgmae.GlobalBatchSampler(len(ds), 40, 0, 1)
+loader = torch.utils.data.DataLoader(ds, batch_size=40, sampler=sampler, num_workers=2,
+                                     collate_fn=cdgmae.collate_encoded)
+for epoch in range(2):
+    sampler.set_epoch(epoch)
+    for batch in loader:
+        expected = cdgmae.collate_encoded([ds[key] for key in sampler])  # one batch per epoch: all 40 bags
+        assert all(torch.equal(a, b) for a, b in zip(batch, expected))
+print("delivered")
+"""
+
+
+def test_encoded_batches_reach_the_main_process_within_a_low_open_file_limit(tmp_path):
+    """--decode gpu: 40 samples x 4 files per batch come from two DataLoader workers to the main
+    process under a limit of 128 open files: the files travel as one tensor, not one tensor each."""
+    import signal
+    import subprocess
+    import sys
+    root, _ = write_bags(tmp_path / "bags", num_bags=40)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-c", LOW_FILE_LIMIT, str(root)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # the loader stalled: end it and its workers
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+    assert process.returncode == 0 and out.strip() == "delivered", err[-2000:]
 
 
 def test_uint8_samples_keep_the_documented_random_choices(tmp_path):
