@@ -43,7 +43,9 @@ line prints one line `path: what is wrong (what to do)` and exits 1):
   * VIP: annotations and predictions hold only the classes 0..19 (VIP defines no void
     value; CRW's fast_hist drops other ground-truth values without a word);
   * JHMDB: pos_img is 2x15xT with T = the number of frames (annotation, finite) or of the
-    annotation (prediction; NaN = not visible).
+    annotation (prediction; NaN = not visible, no infinities);
+  * a video has a frame to score: DAVIS at least 3 frames (1..T-2 are scored), JHMDB at least
+    2 (the official scorers would average no frame and print NaN).
 
 What you may copy: the whole file imports no torch and no other file of this repository, so
 it can be copied alone (numpy, scipy, Pillow; tqdm for progress bars). The scores come first:
@@ -515,8 +517,13 @@ def read_joints_mat(path, num_frames=None, what="joint file", num_joints=len(JHM
         raise InputError(f"{path}: pos_img has {pos.shape[2]} frames but the video has {num_frames} "
                          f"(joints must be given for every frame; CRW would pair them with the wrong frames)")
     pos = pos.astype(np.float64)
-    if what == "annotation" and not np.isfinite(pos).all():
-        raise InputError(f"{path}: pos_img holds NaN or infinite coordinates (ground truth must be finite)")
+    bad = ~np.isfinite(pos) if what == "annotation" else np.isinf(pos)  # a prediction's NaN: "not visible"
+    if bad.any():
+        _, joint, frame = np.argwhere(bad)[0]
+        name = f" ({JHMDB_JOINTS[joint]})" if pos.shape[1] == len(JHMDB_JOINTS) else ""
+        rule = "ground truth must be finite" if what == "annotation" else "NaN marks a hidden joint; inf is no position"
+        raise InputError(f"{path}: pos_img holds {'NaN or infinite' if what == 'annotation' else 'infinite'} "
+                         f"coordinates, first at frame {frame + 1}, joint {joint}{name} ({rule}; fix the file)")
     return pos.transpose(2, 1, 0) - 1.0
 
 
@@ -680,6 +687,9 @@ def jhmdb_video(data_root, name):
     frames = sorted_frames(Path(data_root) / "Rename_Images" / name, (".png", ".jpg", ".jpeg"))
     if not frames:
         raise FileNotFoundError(f"{Path(data_root) / 'Rename_Images' / name}: no frames (.png/.jpg)")
+    if len(frames) < 2:
+        raise InputError(f"{frames[0].parent}: {len(frames)} frame; JHMDB scores the frames after the first, so a "
+                         f"video needs at least 2 (remove it from the video list)")
     mat = Path(data_root) / "joint_positions" / name / "joint_positions.mat"
     joints = read_joints_mat(mat, len(frames), what="annotation")
     return frames, mat, joints
@@ -691,6 +701,9 @@ def check_segmentation_video(dataset, frames, annotations):
     frame's size; every annotation (None = absent) is a 'P' / 'L' PNG of that size that
     decodes; the first annotation's ids are valid (DAVIS: 0..K, davis_object_count; VIP:
     classes 0..19) and so are the others' (DAVIS: 0..K and 255; VIP: 0..19)."""
+    if dataset == "davis" and len(frames) < 3:  # the official scorer would average no frame: NaN
+        raise InputError(f"{frames[0].parent}: {len(frames)} frame(s); DAVIS scores frames 1..T-2 (not the first "
+                         f"and the last), so a video needs at least 3 (remove it from the video list)")
     size = frame_size(frames)
     first = read_label_png(annotations[0], size)
     num_objects = davis_object_count(annotations[0], first) if dataset == "davis" else None
