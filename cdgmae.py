@@ -2126,6 +2126,7 @@ def gather(part, world_size):
 # -----------------------------------------------------------------------------
 
 DEFAULT_DATA = "data/bags"  # --data default, relative to the working folder (the docstring's torchrun usage names none)
+SEED_MAX = 2 ** 32 - 1  # torch's seed of a step, seed * 1_000_003 + ..., must stay below 2^64
 
 
 def checked(kind, low=None, high=None, *, low_open=False, high_open=False):
@@ -2232,7 +2233,8 @@ def add_optimisation_arguments(g):
     g.add_argument("--warmup-epochs", type=checked(float, 0), default=5, help="linear warmup (CropMAE: 5%% of 100 epochs)")
     g.add_argument("--weight-decay", type=checked(float, 0), default=0.05, help="AdamW weight decay (Table 6)")
     g.add_argument("--betas", type=checked(float, 0, 1, high_open=True), nargs=2, default=(0.9, 0.95), help="AdamW betas (Table 6)")
-    g.add_argument("--seed", type=checked(int, 0), default=0, help="seeds the initial weights, the data order and every sample's crop, views and masks")
+    g.add_argument("--seed", type=checked(int, 0, SEED_MAX), default=0,
+                   help="seeds the initial weights, the data order and every sample's crop, views and masks (0..2^32-1)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
     g.add_argument("--max-steps", type=checked(int, 1), default=None, help="stop (with a checkpoint) after this many optimizer steps")
 
@@ -2245,7 +2247,8 @@ def add_output_arguments(g):
     g.add_argument("--save-every", type=checked(int, 1), default=25, help="keep a copy of the checkpoint every this many epochs")
     g.add_argument("--vis-every", type=checked(int, 0), default=5, help="reconstruction PNG every this many epochs (0: never)")
     g.add_argument("--log-every", type=checked(int, 1), default=20, help="JSON-lines log every this many steps")
-    g.add_argument("--dist-timeout", type=checked(float, 0, low_open=True), default=30,
+    # At most 10^6 minutes (two years): a datetime.timedelta of 1.5e12 minutes overflows.
+    g.add_argument("--dist-timeout", type=checked(float, 0, 10 ** 6, low_open=True), default=30,
                    help="minutes any rank may wait in a collective (start-up scan, loss average) before the "
                         "run stops with an error instead of hanging")
     g.add_argument("--count-flops", action="store_true",
@@ -2273,6 +2276,14 @@ def check_args(parser, args):
             parser.error(f"argument {flag}: {low:g} {high:g} is not LOW <= HIGH")
     if args.batch_size % args.accum_iter:
         parser.error(f"argument --accum-iter: {args.accum_iter} does not divide --batch-size {args.batch_size}")
+    if args.min_lr > peak_lr(args):  # the cosine would raise the lr from its peak to its "minimum"
+        parser.error(f"argument --min-lr: {args.min_lr:g} is above the peak lr {peak_lr(args):g} "
+                     f"({'--lr' if args.lr is not None else '--blr x --batch-size / 256'})")
+
+
+def peak_lr(args):
+    """The lr at the end of the warmup: --lr, else --blr x --batch-size / 256 (MAE's scaling rule)."""
+    return args.lr if args.lr is not None else args.blr * args.batch_size / 256
 
 
 def model_config(args):

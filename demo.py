@@ -35,6 +35,7 @@ evaluate.py, metrics.py and generate_views.py beside it.
 """
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -76,7 +77,8 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default=None, help="folder for the toy world, the run and the results "
                                                  "(default: runs/demo, with --compare runs/compare)")
-    p.add_argument("--seed", type=cdgmae.checked(int, 0), default=0, help="seeds the toy world and the training run")
+    p.add_argument("--seed", type=cdgmae.checked(int, 0, cdgmae.SEED_MAX), default=0,
+                   help="seeds the toy world and the training run")
     g = p.add_argument_group("toy world")
     g.add_argument("--num-bags", type=cdgmae.checked(int, 1), default=2000, help="bags of 1 real + 4 views, 64x64")
     g.add_argument("--davis-videos", type=cdgmae.checked(int, 1), default=40, help="toy DAVIS videos (96x160, 20 frames)")
@@ -93,12 +95,14 @@ def get_args_parser():
     g = p.add_argument_group("evaluation")
     g.add_argument("--datasets", nargs="+", default=["davis", "vip", "jhmdb"], choices=["davis", "vip", "jhmdb"])
     g.add_argument("--metric-pairs", type=cdgmae.checked(int, 1), default=200, help="pairs per set for GS / LS / NPS")
-    g.add_argument("--threads", type=cdgmae.checked(int, 1), default=None, help="torch CPU threads (default: torch's)")
+    g.add_argument("--threads", type=cdgmae.checked(int, 1, os.cpu_count() or 1), default=None,
+                   help="torch CPU threads, at most the CPUs here (default: torch's)")
     g = p.add_argument_group("the paper's comparisons in miniature (--compare; see docs/comparisons.md)")
     g.add_argument("--compare", action="store_true",
                    help="train the same encoder on every pretext data of --methods for every seed of --seeds and "
                         "print Tables 5, 2 and 4 in miniature (output: runs/compare unless --output)")
-    g.add_argument("--seeds", type=cdgmae.checked(int, 0), nargs="+", default=[0, 1, 2], help="--compare: seeds")
+    g.add_argument("--seeds", type=cdgmae.checked(int, 0, cdgmae.SEED_MAX), nargs="+", default=[0, 1, 2],
+                   help="--compare: seeds")
     g.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="--compare: pretexts")
     g.add_argument("--train-videos", type=cdgmae.checked(int, 1), default=256,
                    help="--compare: unlabelled toy videos of 20 frames for the SiamMAE pretext (never evaluated ones)")

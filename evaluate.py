@@ -777,15 +777,24 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def pck_threshold(text):
-    """argparse type of --alphas: a number in (0, 1] (a fraction of 0.6 x the box diagonal)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
-    return value
+def checked(kind, low=None, high=None, *, low_open=False, high_open=False):
+    """An argparse `type` that parses with `kind` (int or float) and holds the value to the range
+    [low, high] (an end is excluded with low_open / high_open; None: unbounded); NaN and infinities
+    are refused. (cdgmae.checked's torch-free twin, for this file and toyworld.py.)"""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"{text} is not {'>' if low_open else '>='} {low}")
+        if high is not None and (value >= high if high_open else value > high):
+            raise argparse.ArgumentTypeError(f"{text} is not {'<' if high_open else '<='} {high}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def add_dataset_arguments(parser, required=True):
@@ -815,16 +824,18 @@ def get_args_parser():
     parser.add_argument("--exclude-void", action=argparse.BooleanOptionalAction, default=False,
                         help="DAVIS: leave void (255) pixels out of J and F; the official semi-supervised "
                              "scorer does not (it counts them as background)")
-    parser.add_argument("--alphas", type=pck_threshold, nargs="+", default=[0.1, 0.2],
-                        help="JHMDB: PCK thresholds, each in (0, 1]")
+    parser.add_argument("--alphas", type=checked(float, 0, 1, low_open=True), nargs="+", default=[0.1, 0.2],
+                        help="JHMDB: PCK thresholds, each in (0, 1] (a fraction of 0.6 x the box diagonal)")
     parser.add_argument("--csv", type=Path, default=None,
                         help="where to write the table (default: <predictions>/<dataset>_scores.csv)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     return parser
 
 
-# OSError numbers that are the user's to fix (disk full, quota, permission, read-only disk).
-EXPECTED_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+# OSError numbers that are the user's to fix: a full disk or quota, a file-size limit, no permission, a
+# read-only disk, a path through a file, a folder where a file should be, a symbolic link that loops.
+EXPECTED_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS,
+                      errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG)
 
 
 def one_line(error):

@@ -1075,7 +1075,8 @@ def get_args_parser():
                         "0 = unconditional; w < 0 would push views away from their real image")
     p.add_argument("--batch-size", type=cdgmae.checked(int, 1), default=8,
                    help="real images per UNet call (x M views x 2 branches)")
-    p.add_argument("--seed", type=int, default=0, help="global seed; each view's noise hashes (seed, path, view)")
+    p.add_argument("--seed", type=cdgmae.checked(int, 0), default=0,
+                   help="global seed >= 0; each view's noise hashes (seed, path, view)")
     p.add_argument("--jpeg-quality", type=cdgmae.checked(int, 1, 100), default=JPEG_QUALITY,
                    help="quality of the views' JPEGs, 1..100 (libjpeg's scale; PIL advises <= 95: above it files "
                         "grow with hardly any gain)")

@@ -558,8 +558,7 @@ def draw_pair_sets(args, names):
     return pair_sets
 
 
-def overlap_main(argv):
-    """`python metrics.py overlap A B`: print the MIMIC overlap of two images."""
+def get_overlap_parser():
     p = argparse.ArgumentParser(prog="metrics.py overlap", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="MIMIC's overlap of two views (MIMIC appendix Sec. 2.2): SIFT, "
                                             "ratio-test matching, RANSAC homography, uniquely matched 16x16 "
@@ -570,8 +569,16 @@ def overlap_main(argv):
                    help="resize both images to size x size first, as MIMIC does (0: keep their sizes)")
     p.add_argument("--patch-size", type=cdgmae.checked(int, 1), default=16)
     p.add_argument("--points", type=cdgmae.checked(int, 1), default=100, help="random points per patch")
-    p.add_argument("--seed", type=int, default=0, help="seeds the random points")
-    args = p.parse_args(argv)
+    p.add_argument("--seed", type=cdgmae.checked(int, 0), default=0, help="seeds the random points")
+    return p
+
+
+def overlap_main(argv):
+    """`python metrics.py overlap A B`: print the MIMIC overlap of two images."""
+    parser = get_overlap_parser()
+    args = parser.parse_args(argv)
+    if 0 < args.size < args.patch_size:
+        parser.error(f"argument --size: {args.size} is smaller than --patch-size {args.patch_size}")
     try:
         import_cv2()
     except ImportError as e:
@@ -602,7 +609,11 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["overlap"]:  # python metrics.py overlap A B
         return overlap_main(argv[1:])
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.images and args.knn_pool <= args.knn:
+        parser.error(f"argument --knn-pool: {args.knn_pool} is not above --knn {args.knn} (an image's neighbours "
+                     f"are other images of the pool)")
     if args.overlap:
         try:
             import_cv2()

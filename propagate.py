@@ -108,6 +108,7 @@ PROTOCOL = {
     "vip": dict(topk=10, queue_length=20, radius=20, temperature=0.7, input_size=(880,)),
     "jhmdb": dict(topk=7, queue_length=20, radius=20, temperature=0.7, input_size=(320, 320)),
 }
+MIN_TEMPERATURE = torch.finfo(torch.float32).tiny  # a lower one overflows score / temperature (<= 1 / it): NaN labels
 JHMDB_SIGMA = 0.5        # Gaussian width of a joint on the feature grid, in cells
 JHMDB_DECODE_TOPK = 5    # cells averaged to read a joint's position back
 # JHMDB limbs (0-based joint indices, evaluate.JHMDB_JOINTS order), for drawing only.
@@ -1042,7 +1043,9 @@ def load_checkpoint_encoder(checkpoint, num_heads=None):
 def check_settings(settings):
     """Range checks of the protocol settings (the command line checks them when parsing)."""
     rules = [("topk", settings["topk"] >= 1, ">= 1"), ("queue_length", settings["queue_length"] >= 0, ">= 0"),
-             ("radius", settings["radius"] > 0, "> 0"), ("temperature", settings["temperature"] > 0, "> 0"),
+             ("radius", settings["radius"] > 0, "> 0"),
+             ("temperature", settings["temperature"] >= MIN_TEMPERATURE, f">= {MIN_TEMPERATURE:.3g} (float32's smallest "
+              "normal number: a lower one overflows the scores)"),
              ("input_size", len(settings["input_size"]) in (1, 2) and min(settings["input_size"]) >= 1,
               "(height, width) or (long side,), each >= 1"),
              ("size_multiple", settings["size_multiple"] >= 1, ">= 1"), ("batch_size", settings["batch_size"] >= 1, ">= 1")]
@@ -1179,8 +1182,9 @@ def get_args_parser():
                    help="previous frames in the context, >= 0 (0: frame 0 only) (20)")
     g.add_argument("--radius", type=checked(float, 0, low_open=True), default=None,
                    help="queue keys must lie strictly within this many feature cells of the query, > 0 (20)")
-    g.add_argument("--temperature", type=checked(float, 0, low_open=True), default=None,
-                   help="softmax temperature over the top-k, > 0 (0.7)")
+    g.add_argument("--temperature", type=checked(float, MIN_TEMPERATURE), default=None,
+                   help=f"softmax temperature over the top-k, >= {MIN_TEMPERATURE:.3g}: float32's smallest normal "
+                        "number (0.7)")
     g.add_argument("--input-size", type=checked(int, 1), nargs="+", default=None,
                    help="H W, or one number L: long side L, short side scaled and floored to --size-multiple; "
                         "multiples of the patch size (480 880 / 880 / 320 320)")
@@ -1191,7 +1195,8 @@ def get_args_parser():
                    help="attention heads (default: the checkpoint's args, else width / 64)")
     g.add_argument("--batch-size", type=checked(int, 1), default=8, help="frames per feature-extraction batch")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    g.add_argument("--threads", type=checked(int, 1), default=None, help="torch CPU threads (default: torch's)")
+    g.add_argument("--threads", type=checked(int, 1, os.cpu_count() or 1), default=None,
+                   help="torch CPU threads, at most the CPUs here (default: torch's)")
     g = p.add_argument_group("extras")
     g.add_argument("--visualize", action=argparse.BooleanOptionalAction, default=False,
                    help="write output/visualize/<video>.png: frames with the propagated masks or joints")
@@ -1214,7 +1219,7 @@ def add_dift_arguments(p):
                    help="index n (from 0) of the UNet up-block whose output is the feature")
     g.add_argument("--dift-ensemble", type=checked(int, 1), default=DIFT_ENSEMBLE,
                    help="noise draws whose features are averaged per frame")
-    g.add_argument("--dift-seed", type=int, default=0, help="seed of the noise draws")
+    g.add_argument("--dift-seed", type=checked(int, 0), default=0, help="seed of the noise draws, >= 0")
 
 
 def add_own_video_arguments(p):
