@@ -124,7 +124,7 @@ def training_argv(root, run, args, data="bags", extra=()):
     """cdgmae.py's command line for the toy model, trained on root/<data>; `extra` flags come last
     (argparse keeps the last value of a flag given twice)."""
     m = TOY_MODEL
-    return ["--data", str(root / data), "--output", str(run), "--seed", str(args.seed),
+    return [f"--data={root / data}", f"--output={run}", "--seed", str(args.seed),  # =: a path may start with "-"
             "--embed-dim", str(m["embed_dim"]), "--depth", str(m["depth"]), "--num-heads", str(m["num_heads"]),
             "--patch-size", str(m["patch_size"]), "--input-size", str(m["input_size"]),
             "--decoder-dim", str(m["decoder_dim"]), "--decoder-depth", str(m["decoder_depth"]),
@@ -253,8 +253,8 @@ def make_training_data(root, args, methods):
 def make_knn_bags(root, checkpoint, args):
     """Table 2's k-NN bags: each toy image with its 5 nearest other toy images by the cls
     embedding of `checkpoint` (generate_views.py knn, resumable)."""
-    generate_views.knn_command(["--images", str(root / "images"), "--checkpoint", str(checkpoint),
-                                "--output", str(root / "knn_bags"), "--input-size", str(TOY_MODEL["input_size"]),
+    generate_views.knn_command([f"--images={root / 'images'}", f"--checkpoint={checkpoint}",
+                                f"--output={root / 'knn_bags'}", "--input-size", str(TOY_MODEL["input_size"]),
                                 "--workers", "0", "--device", "cpu", "--no-progress"])
 
 
@@ -415,8 +415,28 @@ def compare(args):
     return table
 
 
+def check_args(parser, args):
+    """Flags that contradict each other are one argparse line (exit 2), and an --output that cannot
+    be a folder one line, before the toy world is drawn."""
+    if args.batch_size > args.num_bags:
+        parser.error(f"argument --batch-size: {args.batch_size} is more than --num-bags {args.num_bags} "
+                     f"(a training step takes one batch of bags)")
+    if args.compare and "siammae" in args.methods and args.batch_size > args.train_videos:
+        parser.error(f"argument --batch-size: {args.batch_size} is more than --train-videos {args.train_videos} "
+                     f"(SiamMAE's step takes one batch of videos)")
+    if args.compare and "knn" in args.methods and args.num_bags <= generate_views.PAPER_KNN:
+        parser.error(f"argument --num-bags: {args.num_bags} images hold no {generate_views.PAPER_KNN} other "
+                     f"images for the k-NN bags (give more than {generate_views.PAPER_KNN})")
+    try:
+        cdgmae.check_output_folder(args.output or ("runs/compare" if args.compare else "runs/demo"))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compare:
@@ -459,4 +479,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cdgmae.run_command(main)

@@ -70,6 +70,7 @@ import csv
 import errno
 import math
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -377,7 +378,8 @@ def atomic_save(path, save):
     is unique per process and is the one cdgmae.temporary_path makes, so
     cdgmae.remove_stale_temporaries sweeps what a killed writer left. (This file keeps its own
     copy so that it imports no torch and can be copied alone, like the official evaluators.)
-    A full disk raises OSError with the message `path: no space left on device (...)`."""
+    A full disk raises OSError with the message `path: no space left on device (...)`, a file-size
+    limit `path: file too large (...)`; any other error of the temporary names `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
@@ -385,10 +387,15 @@ def atomic_save(path, save):
         save(tmp)
         os.replace(tmp, path)
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise OSError(e.errno, f"{path}: no space left on device (free some space and rerun; "
-                               f"finished files are kept)") from None
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, f"{path}: no space left on device (free some space and rerun; "
+                                   f"finished files are kept)") from None
+        if e.errno == errno.EFBIG:
+            raise OSError(e.errno, f"{path}: file too large for the file-size limit (ulimit -f) or the file "
+                                   f"system (raise the limit or write elsewhere, and rerun; finished files are kept)") from None
+        if e.errno is not None and (e.filename is None or str(tmp) in (str(e.filename), str(e.filename2))):
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None  # the temporary's error is the file's
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -846,11 +853,46 @@ def one_line(error):
     return " ".join(text.split())
 
 
+def check_output_path(path, flag, folder=False):
+    """Raise InputError (one line) if `path` cannot be written as a file (folder=False) or a folder:
+    it exists as the other kind, or a path component above it is a file."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise InputError(f"{path}: {'not a folder' if folder else 'a folder'} (give another {flag})")
+    existing = next((p for p in path.parents if p.exists() or p.is_symlink()), path)
+    if not existing.is_dir():
+        raise InputError(f"{existing}: not a folder (give another {flag})")
+
+
+def run_command(main):
+    """Run a script's main() as a command: SIGTERM becomes a KeyboardInterrupt, as SIGINT is, so
+    that atomic writes remove their temporaries, and either ends the command with one line and the
+    exit status 128 + the signal's number. (cdgmae.run_command's torch-free twin, for this file and
+    toyworld.py.)"""
+    owner = os.getpid()
+
+    def interrupt(signum, frame):
+        if os.getpid() != owner:  # a forked child keeps the default: the signal ends it
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt(signum)
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        main()
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+        print(f"interrupted by {signal.Signals(signum).name}; rerun the same command "
+              f"(finished files are kept, unfinished ones removed)", file=sys.stderr)
+        raise SystemExit(128 + signum) from None
+
+
 def main(argv=None):
     """Score, print the tables and write the CSV. An expected failure (a bad or missing file, a
     full disk) exits with one line `path: what is wrong (what to do)`, no traceback."""
     args = get_args_parser().parse_args(argv)
     try:
+        check_output_path(args.csv or Path(args.predictions) / f"{args.dataset}_scores.csv", "--csv")
         summary = evaluate_dataset(args.dataset, args.data_root, args.predictions, args.list_file, args.videos,
                                    args.resolution, args.subset, args.exclude_void, args.progress, tuple(args.alphas))
         rows = summary["rows"]
@@ -877,4 +919,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_command(main)

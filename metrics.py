@@ -443,12 +443,17 @@ def load_vit(checkpoint, input_size):
 
 
 def check_csv(path, overwrite):
-    """The CSV may be written: its folder exists, and an existing file is replaced only with --overwrite."""
+    """The CSV may be written: its folder exists and is writable, and an existing file is replaced
+    only with --overwrite (a folder never)."""
     path = Path(path)
-    if path.exists() and (path.is_dir() or not overwrite):
+    if path.is_dir():
+        raise ValueError(f"{path}: a folder (give a file name to --csv)")
+    if path.exists() and not overwrite:
         raise ValueError(f"{path}: exists, not overwritten (give another --csv, or --overwrite to replace it)")
     if not path.parent.is_dir():
+        cdgmae.check_output_folder(path.parent, "--csv")  # a file on the way is named as such
         raise FileNotFoundError(f"{path.parent}: folder of --csv not found (create it or give another --csv)")
+    cdgmae.check_output_folder(path.parent, "--csv")
 
 
 # -----------------------------------------------------------------------------
@@ -642,6 +647,8 @@ def main(argv=None):
 
     common = dict(size=args.input_size, center_crop=args.center_crop, batch_size=args.batch_size,
                   workers=args.workers, device=device)
+    print(f"{', '.join(name for name, _ in pair_sets)}: features on {device} (the table is written to {args.csv} "
+          f"at the end)", file=sys.stderr)
     rows = []
     for name, pairs in pair_sets:
         if name == "K-nn images":
@@ -660,10 +667,10 @@ def main(argv=None):
         raise SystemExit(f"{args.csv}: written by another run meanwhile, not overwritten (this run's table is "
                          f"printed above; give another --csv or --overwrite)") from None
     except OSError as e:
-        raise SystemExit(f"{args.csv}: cannot write ({e.strerror or e}) (the table is printed above)") from None
+        raise SystemExit(cdgmae.write_failure(args.csv, e, then="rerun; the table is printed above")) from None
     print(f"wrote {args.csv}", file=sys.stderr)
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    cdgmae.run_command(main)

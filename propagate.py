@@ -99,8 +99,8 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import evaluate as ev
-from cdgmae import (IMAGENET_MEAN, IMAGENET_STD, process_alive, checked, encoder_from_checkpoint, image_to_tensor,
-                    load_rgb, remove_stale_temporaries)
+from cdgmae import (IMAGENET_MEAN, IMAGENET_STD, process_alive, check_output_folder, check_outside, checked,
+                    encoder_from_checkpoint, image_to_tensor, load_rgb, remove_stale_temporaries, run_command)
 
 # Table 7 and CropMAE's input sizes. input_size: (height, width), or (long side,).
 PROTOCOL = {
@@ -500,6 +500,11 @@ def propagate_dataset(dataset, data_root, encoder, output, *, topk=None, queue_l
                     size_multiple=size_multiple, resolution=resolution, batch_size=batch_size)
     settings["input_size"] = list(settings["input_size"])
     check_settings(settings)
+    try:  # the output is a writable folder, outside the dataset (the next step reads the dataset)
+        check_output_folder(output)
+        check_outside(output, data_root, "--output", "--data-root")
+    except ValueError as e:
+        raise ev.InputError(str(e)) from None
     names = videos or ev.list_videos(dataset, data_root, list_file, subset)
     if isinstance(encoder, (str, Path)):
         settings["checkpoint"] = str(Path(encoder).resolve())
@@ -858,6 +863,7 @@ def check_own_video(source, output, encoder, *, mask=None, keypoints=None, topk=
     if (mask is None) == (keypoints is None):
         raise ValueError("give exactly one of a first-frame mask and first-frame keypoints")
     output = Path(output)
+    check_output_folder(output)
     final = output / ("masks" if mask is not None else "joint_positions.mat")
     if final.exists():
         raise FileExistsError(f"{final}: already exists (choose another output folder)")
@@ -1268,7 +1274,12 @@ def own_video_main(args, parser):
                                size_multiple=args.size_multiple, batch_size=args.batch_size, num_heads=args.num_heads)
     except (OSError, ValueError, ImportError) as e:
         raise SystemExit(str(e))
-    result = run_own_video(plan, args.device, args.overlay, args.overlay_height, args.fps)
+    try:
+        result = run_own_video(plan, args.device, args.overlay, args.overlay_height, args.fps)
+    except OSError as e:  # a full disk, a folder made read-only meanwhile: finished files stay whole
+        if e.errno not in ev.EXPECTED_OS_ERRORS:
+            raise
+        raise SystemExit(ev.one_line(e)) from None
     print(f"{len(result['frames'])} frames propagated -> {result['predictions']}"
           + (f", overlay {result['overlay']}" if result["overlay"] else ""))
     return result
@@ -1306,13 +1317,13 @@ def main(argv=None):
             raise
         raise SystemExit(ev.one_line(e)) from None
     print(f"{len(result['written'])} videos propagated, {len(result['skipped'])} already done -> {args.output}")
-    if args.evaluate:
-        ev.main(["--dataset", args.dataset, "--data-root", str(args.data_root), "--predictions", str(args.output),
-                 "--subset", args.subset, "--resolution", args.resolution]
-                + (["--list", str(args.list_file)] if args.list_file else [])
+    if args.evaluate:  # --flag=value: a path or name that starts with "-" stays a value
+        ev.main([f"--dataset={args.dataset}", f"--data-root={args.data_root}", f"--predictions={args.output}",
+                 f"--subset={args.subset}", f"--resolution={args.resolution}"]
+                + ([f"--list={args.list_file}"] if args.list_file else [])
                 + (["--videos", *args.videos] if args.videos else []))
     return result
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_command(main)
