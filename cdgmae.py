@@ -38,8 +38,10 @@ Pillow's internal `Image.core.map_buffer`), `read_encoded`, `batch_tensor` and
 checkpoint loaders (`load_checkpoint`, `read_state_dict`, `encoder_from_checkpoint`,
 `load_encoder_state`, with `check_finite` and `CheckpointError`) need torch and
 VisionTransformer. `checked` (argparse ranges),
-`atomic_write`, `temporary_path` and `remove_stale_temporaries` need only the standard
-library. `train`, `train_epoch` and `main` tie everything together and also need tqdm.
+`atomic_write`, `temporary_path`, `remove_stale_temporaries`, the output checks
+(`check_output_folder`, `check_outside`, `refuse_line_breaks`, `write_failure`),
+`torchrun_environment` and `run_command` (Ctrl-C and SIGTERM as one line) need only the
+standard library. `train`, `train_epoch` and `main` tie everything together and also need tqdm.
 
 Usage:
     python cdgmae.py --data BAGS --output runs/a1                       # one process
@@ -54,6 +56,7 @@ Import:
 import argparse
 import contextlib
 import datetime
+import errno
 import hashlib
 import importlib.util
 import io
@@ -62,6 +65,7 @@ import math
 import multiprocessing
 import os
 import re
+import signal
 import socket
 import sys
 import time
@@ -820,7 +824,7 @@ class BagDataset(torch.utils.data.Dataset):
         self.reported.add(bag)
         if self.bad_bags_file:
             with open(self.bad_bags_file, "a") as f:  # one short append: whole lines from many processes
-                f.write(f"{bag}\t{error}\n")
+                f.write(f"{bag}\t{' '.join(str(error).split())}\n")
 
 
 def sample_crop_box(rng, width, height, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -1211,16 +1215,25 @@ def main(argv=None):
         return counts
 
     # Everything that can be refused is checked before any expensive work.
-    args.lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
+    args.lr = peak_lr(args)
     output = Path(args.output)
+    try:
+        check_output_folder(output)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     resume = find_resume(args, output)
     ckpt = read_training_checkpoint(resume) if resume else None
     refuse_changed_settings(args, ckpt, resume, output)
     if ckpt:
         check_resume_fits(args, ckpt, resume)
     check_data_root(args)
+    try:
+        check_outside(output, args.data, "--output", "--data")
+        rank, world_size, local_rank = torchrun_environment()
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
-    rank, world_size, device = setup_distributed(args.dist_timeout)
+    device = setup_distributed(rank, world_size, local_rank, args.dist_timeout)
     if args.decode == "gpu" and (device.type != "cuda" or importlib.util.find_spec("torchvision") is None):
         raise SystemExit(f"--decode gpu: needs a CUDA device and torchvision (nvJPEG); this process has "
                          f"{'a' if device.type == 'cuda' else 'no'} CUDA device and "
@@ -1230,10 +1243,13 @@ def main(argv=None):
     if per_step * world_size * args.accum_iter != args.batch_size:
         raise SystemExit(f"--batch-size {args.batch_size}: not divisible by {world_size} ranks x "
                          f"{args.accum_iter} accumulation steps (choose a multiple of {world_size * args.accum_iter})")
+    try:
+        bags, args.views = scan_bag_root(args, rank, world_size, output)
+    except ValueError as e:  # a name that breaks the lists, a symbolic link that loops
+        raise SystemExit(one_line(e)) from None
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(output)
-    bags, args.views = scan_bag_root(args, rank, world_size, output)
     args.bags = bag_list_id(bags, PRETEXT_ITEMS[args.pretext])
     refuse_changed_settings(args, ckpt, resume, output)  # now with the views and the bag list known
     return train(args, bags, rank, world_size, device, per_step, output, ckpt, resume)
@@ -1912,9 +1928,12 @@ FLAG_NAMES = {"num_anchors": "--anchors", "anchor_mask_ratio": "--anchor-mask", 
 
 
 def run_settings(args):
-    """What args.json and a checkpoint record: every flag (plain values), the model's
+    """What args.json and a checkpoint record: every flag (plain values; --data as its real path,
+    so that a resume started from another working folder compares the same folder), the model's
     constructor arguments, and after the scan the bag count and list fingerprint."""
-    return {**{k: plain(v) for k, v in vars(args).items()}, **model_config(args)}
+    settings = {**{k: plain(v) for k, v in vars(args).items()}, **model_config(args)}
+    settings["data"] = os.path.realpath(args.data)
+    return settings
 
 
 def plain(value):
@@ -1952,8 +1971,6 @@ def find_resume(args, output):
     """The checkpoint to resume from, or None for a fresh start. Refuses to start a new run in
     a folder that holds another one (unless resuming it) and a --resume that names a
     checkpoint outside such a folder."""
-    if output.exists() and not output.is_dir():
-        raise SystemExit(f"{output}: --output is a file, not a folder (choose a folder)")
     existing = [name for name in RUN_FILES if (output / name).exists()]
     if args.resume is None:
         if existing:
@@ -2036,12 +2053,15 @@ def refuse_changed_settings(args, ckpt, resume, output):
 
 
 def save_or_exit(path, write, what):
-    """atomic_write; a full disk (any OS error) is a one-line exit, and the previous file stays whole."""
+    """atomic_write; a full disk, a file-size limit, a read-only folder (any OS error, also one that
+    torch.save's writer turns into a RuntimeError) is a one-line exit, and the previous file stays whole."""
     try:
         atomic_write(path, write)
-    except OSError as e:
-        raise SystemExit(f"{path}: cannot write {what} ({e.strerror or e}) "
-                         f"(free space in {Path(path).parent}, then rerun with --resume auto)") from None
+    except (OSError, RuntimeError) as e:
+        message = write_failure(path, e, what, then="rerun with --resume auto")
+        if message is None:
+            raise
+        raise SystemExit(message) from None
 
 
 def truncate_log(path, last_step):
@@ -2058,6 +2078,79 @@ def truncate_log(path, last_step):
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= last_step:
             kept.append(line + "\n")
     save_or_exit(path, lambda tmp: Path(tmp).write_text("".join(kept)), "the log")
+
+
+def write_failure(path, error, what="", then="rerun"):
+    """The one line for a write of `path` that failed: `path: cannot write <what> (reason) (what to
+    do, then <then>)`; None when no OSError lies behind `error` (torch.save's zip writer raises a
+    RuntimeError over the OSError of a full disk)."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__context__
+    if error is None:
+        return None
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = f"free space in {Path(path).parent}"
+    elif error.errno == errno.EFBIG:
+        fix = "raise the file-size limit (ulimit -f) or write to a file system that takes larger files"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = f"make {Path(path).parent} writable or write elsewhere"
+    else:
+        fix = "check the path"
+    return f"{path}: cannot write{' ' + what if what else ''} ({error.strerror or error}) ({fix}, then {then})"
+
+
+def check_output_folder(folder, flag="--output"):
+    """Raise ValueError (one line) unless `folder` is a folder this process can write in or create:
+    it, or else its nearest existing parent, is a folder (not a file) and writable. (As root every
+    folder is writable to os.access; a read-only one then fails at the first write, with one line.)"""
+    folder = Path(folder)
+    existing = next(p for p in [folder, *folder.parents] if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        raise ValueError(f"{existing}: not a folder (give another {flag})")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{existing}: the folder is not writable (make it writable, or give another {flag})")
+
+
+def check_outside(output, source, flag, source_flag):
+    """Raise ValueError (one line) if `output` lies inside the input folder `source` (or is it):
+    what a script writes there would be read back as input by its next run, or by the next step."""
+    if Path(output).resolve().is_relative_to(Path(source).resolve()):
+        raise ValueError(f"{output}: lies inside {source_flag} {source} (give an {flag} outside it)")
+
+
+def refuse_line_breaks(root, names, item="file"):
+    """Raise ValueError (one line) if a name (a path relative to `root`) holds a line break or a tab:
+    the lists the scripts write (bad_bags.txt, the problem lists, unreadable-shard*.txt) put one
+    name on a line, tab-separated from its reason, and the messages one on a line."""
+    odd = [name for name in names if any(c in name for c in "\n\r\t")]
+    if odd:
+        raise ValueError(f"{root}: {len(odd)} {item} name(s) hold a line break or a tab, e.g. {odd[0]!r} (rename "
+                         f"them: the lists and messages of this script put one name on a line)")
+
+
+def run_command(main, resume="rerun the same command to resume"):
+    """Run a script's main() as a command. SIGTERM (what `kill`, job schedulers and torchrun send)
+    becomes a KeyboardInterrupt in this process, as SIGINT (Ctrl-C) is, so that `finally` blocks
+    and atomic writes remove their temporaries; either ends the command with one line and the exit
+    status 128 + the signal's number instead of a traceback. Outputs are renamed into place only
+    when complete and long jobs skip what is done, so the command resumes (`resume` says how).
+    (Processes forked from this one, e.g. DataLoader workers, keep SIGTERM's default: it ends them.)"""
+    owner = os.getpid()
+
+    def interrupt(signum, frame):
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt(signum)
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        main()
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+        print(f"interrupted by {signal.Signals(signum).name}; {resume} (finished files are kept, unfinished ones "
+              f"removed)", file=sys.stderr)
+        raise SystemExit(128 + signum) from None
 
 
 def one_line(error):
@@ -2120,10 +2213,19 @@ def atomic_write(path, write):
     tmp = temporary_path(path)
     try:
         write(tmp)
+    except OSError as e:  # the temporary's error is the file's: it names `path`, not the temporary
+        tmp.unlink(missing_ok=True)
+        if e.errno is not None and (e.filename is None or str(tmp) in (str(e.filename), str(e.filename2))):
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except OSError as e:  # e.g. `path` is a folder
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 # -----------------------------------------------------------------------------
@@ -2201,13 +2303,38 @@ def find_bags(root, rank=0, world_size=1, processes=1, kind="bags"):
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: bag root is not a folder")
-    with os.scandir(root) as entries:
-        entries = sorted(entries, key=lambda e: e.name)
-    tops = [e.name for e in entries if e.is_dir()]
-    bags = _folder_items(root, root, [e.name for e in entries if e.is_file()], kind) if rank == 0 else []
+    tops, files = top_level_entries(root)
+    bags = _folder_items(root, root, files, kind) if rank == 0 else []
     parts = parallel_map(_walk_bags, [(str(root), top, kind) for top in tops[rank::world_size]], processes,
                          chunksize=4)
     return sorted(bags + [bag for part in parts for bag in part])
+
+
+def top_level_entries(root):
+    """(folder names, file names) of the top of a data folder, sorted. A symbolic link to a folder
+    counts as a folder (a data set linked in) and is walked; deeper links are not followed
+    (os.walk). A link that loops, or that leads back to the root, above it or into it, whose items
+    the walk would list twice, is a ValueError naming it."""
+    real_root = os.path.realpath(root)
+    folders, files = [], []
+    with os.scandir(root) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.is_symlink():
+                try:
+                    target = os.path.realpath(entry.path, strict=True)
+                except OSError as e:
+                    if e.errno == errno.ELOOP:
+                        raise ValueError(f"{entry.path}: a symbolic link that loops (remove it)") from None
+                    continue  # a dangling link: neither a folder nor a file
+                if os.path.isdir(target) and (Path(target).is_relative_to(real_root)
+                                              or Path(real_root).is_relative_to(target)):
+                    raise ValueError(f"{entry.path}: a symbolic link to {target}, so the folders of {root} would be "
+                                     f"listed twice (remove the link)")
+            if entry.is_dir():
+                folders.append(entry.name)
+            elif entry.is_file():
+                files.append(entry.name)
+    return folders, files
 
 
 def _image_problem(path, level="header", decode="cpu"):
@@ -2279,8 +2406,7 @@ def bag_index_key(args):
     of its top-level folders (adding or removing a bag changes its parent's), and the flags that
     decide which bags are usable. A file replaced inside a bag is not seen (see docs/training.md)."""
     root = Path(args.data)
-    with os.scandir(root) as entries:
-        stamps = sorted((e.name, e.stat().st_mtime_ns) for e in entries if e.is_dir())
+    stamps = [(name, (root / name).stat().st_mtime_ns) for name in top_level_entries(root)[0]]
     return {"data": os.path.realpath(root), "root_mtime_ns": root.stat().st_mtime_ns,
             "folders": hashlib.sha1(json.dumps(stamps).encode()).hexdigest(),
             "views": args.views, "anchors": args.anchors, "target_view": args.target_view, "pretext": args.pretext,
@@ -2315,6 +2441,7 @@ def scan_bag_root(args, rank, world_size, output):
     bags = sorted(gather(find_bags(args.data, rank, world_size, processes, kind=args.pretext), world_size))
     if not bags:
         raise SystemExit(f"{args.data}: no {item}s found ({EXPECTED_LAYOUT[args.pretext]})")
+    refuse_line_breaks(args.data, bags, item)
     num_views, setting = None, ""
     if args.pretext == "bags":
         num_views = args.views or max(len(bag_files(Path(args.data) / b)[1]) for b in bags[:1000])
@@ -2329,14 +2456,16 @@ def scan_bag_root(args, rank, world_size, output):
         problems["(all)"] = f"--target-view real needs at least {args.anchors} generated views, bags have {num_views}"
     if problems:
         listed = sorted(problems.items())
-        if rank == 0:
-            save_or_exit(output / f"{item}-problems.txt",
-                         lambda tmp: Path(tmp).write_text("".join(f"{b}\t{why}\n" for b, why in listed)), "a list")
+        if rank == 0:  # one "item<TAB>reason" a line
+            text = "".join(f"{b}\t{' '.join(why.split())}\n" for b, why in listed)
+            output.mkdir(parents=True, exist_ok=True)
+            save_or_exit(output / f"{item}-problems.txt", lambda tmp: Path(tmp).write_text(text), "a list")
         shown = "; ".join(f"{bag}: {why}" for bag, why in listed[:3])
         raise SystemExit(f"{args.data}: {len(problems)} of {len(bags)} {item}s cannot be used{setting}: "
                          f"{shown}{' ...' if len(listed) > 3 else ''} "
                          f"(fix or remove them; all are listed in {output / f'{item}-problems.txt'})")
     if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
         index = {"key": key, "verified": args.verify_images, "num_views": num_views, "bags": bags}
         save_or_exit(cache, lambda tmp: Path(tmp).write_text(json.dumps(index)), "the bag index")
     return bags, num_views
@@ -2351,14 +2480,44 @@ def bag_list_id(bags, item="bag"):
 # Distributed set-up (torchrun: NCCL on CUDA, gloo on CPU)
 # -----------------------------------------------------------------------------
 
-def setup_distributed(timeout_minutes=30):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo on CPU. No collective
-    waits longer than `timeout_minutes` (--dist-timeout): a rank that dies or stalls stops the
-    others with an error instead of leaving them waiting."""
-    rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+TORCHRUN_HINT = "torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; unset them to run one process"
+
+
+def torchrun_environment(env=None):
+    """(rank, world size, local rank) from torchrun's RANK, WORLD_SIZE and LOCAL_RANK in `env`
+    (os.environ; unset: 0, 1, 0), checked: integers with 0 <= LOCAL_RANK <= RANK < WORLD_SIZE.
+    Otherwise (a leftover export, a hand-made launch) a ValueError names the variable, before
+    any work, instead of a traceback deep in the run."""
+    env = os.environ if env is None else env
+    values = {}
+    for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
+        text = env.get(name)
+        try:
+            values[name] = default if text is None else int(text)
+        except ValueError:
+            raise ValueError(f"{name}={text}: not an integer ({TORCHRUN_HINT})") from None
+    rank, world_size, local_rank = values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
+    if world_size < 1:
+        raise ValueError(f"WORLD_SIZE={world_size}: not a number of processes ({TORCHRUN_HINT})")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"RANK={rank}: not in 0..WORLD_SIZE-1 = 0..{world_size - 1} ({TORCHRUN_HINT})")
+    if not 0 <= local_rank <= rank:
+        raise ValueError(f"LOCAL_RANK={local_rank}: not in 0..RANK = 0..{rank} ({TORCHRUN_HINT})")
+    return rank, world_size, local_rank
+
+
+def setup_distributed(rank, world_size, local_rank, timeout_minutes=30):
+    """The process's device, and with several ranks (torchrun: `torchrun_environment`) the process
+    group: NCCL on CUDA, gloo on CPU. No collective waits longer than `timeout_minutes`
+    (--dist-timeout): a rank that dies or stalls stops the others with an error instead of
+    leaving them waiting. A launch that cannot work is a one-line exit."""
+    if world_size > 1 and not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+        raise SystemExit(f"WORLD_SIZE={world_size}: MASTER_ADDR and MASTER_PORT are not set, so the ranks cannot "
+                         f"meet (start the processes with torchrun, or unset WORLD_SIZE and RANK to run one)")
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise SystemExit(f"LOCAL_RANK={local_rank}: this machine has {torch.cuda.device_count()} CUDA devices "
+                             f"(start at most {torch.cuda.device_count()} processes per machine)")
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
@@ -2366,7 +2525,7 @@ def setup_distributed(timeout_minutes=30):
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
-    return rank, world_size, device
+    return device
 
 
 def model_for_training(model, world_size, device, compile_model=False):
@@ -2399,6 +2558,7 @@ def gather(part, world_size):
 # -----------------------------------------------------------------------------
 
 DEFAULT_DATA = "data/bags"  # --data default, relative to the working folder (the docstring's torchrun usage names none)
+SEED_MAX = 2 ** 32 - 1  # torch's seed of a step, seed * 1_000_003 + ..., must stay below 2^64
 
 
 def checked(kind, low=None, high=None, *, low_open=False, high_open=False):
@@ -2507,7 +2667,8 @@ def add_optimisation_arguments(g):
     g.add_argument("--warmup-epochs", type=checked(float, 0), default=5, help="linear warmup (CropMAE: 5%% of 100 epochs)")
     g.add_argument("--weight-decay", type=checked(float, 0), default=0.05, help="AdamW weight decay (Table 6)")
     g.add_argument("--betas", type=checked(float, 0, 1, high_open=True), nargs=2, default=(0.9, 0.95), help="AdamW betas (Table 6)")
-    g.add_argument("--seed", type=checked(int, 0), default=0, help="seeds the initial weights, the data order and every sample's crop, views and masks")
+    g.add_argument("--seed", type=checked(int, 0, SEED_MAX), default=0,
+                   help="seeds the initial weights, the data order and every sample's crop, views and masks (0..2^32-1)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
     g.add_argument("--max-steps", type=checked(int, 1), default=None, help="stop (with a checkpoint) after this many optimizer steps")
 
@@ -2520,7 +2681,8 @@ def add_output_arguments(g):
     g.add_argument("--save-every", type=checked(int, 1), default=25, help="keep a copy of the checkpoint every this many epochs")
     g.add_argument("--vis-every", type=checked(int, 0), default=5, help="reconstruction PNG every this many epochs (0: never)")
     g.add_argument("--log-every", type=checked(int, 1), default=20, help="JSON-lines log every this many steps")
-    g.add_argument("--dist-timeout", type=checked(float, 0, low_open=True), default=30,
+    # At most 10^6 minutes (two years): a datetime.timedelta of 1.5e12 minutes overflows.
+    g.add_argument("--dist-timeout", type=checked(float, 0, 10 ** 6, low_open=True), default=30,
                    help="minutes any rank may wait in a collective (start-up scan, loss average) before the "
                         "run stops with an error instead of hanging")
     g.add_argument("--count-flops", action="store_true",
@@ -2548,6 +2710,14 @@ def check_args(parser, args):
             parser.error(f"argument {flag}: {low:g} {high:g} is not LOW <= HIGH")
     if args.batch_size % args.accum_iter:
         parser.error(f"argument --accum-iter: {args.accum_iter} does not divide --batch-size {args.batch_size}")
+    if args.min_lr > peak_lr(args):  # the cosine would raise the lr from its peak to its "minimum"
+        parser.error(f"argument --min-lr: {args.min_lr:g} is above the peak lr {peak_lr(args):g} "
+                     f"({'--lr' if args.lr is not None else '--blr x --batch-size / 256'})")
+
+
+def peak_lr(args):
+    """The lr at the end of the warmup: --lr, else --blr x --batch-size / 256 (MAE's scaling rule)."""
+    return args.lr if args.lr is not None else args.blr * args.batch_size / 256
 
 
 def model_config(args):
@@ -2563,4 +2733,4 @@ def model_config(args):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, resume="rerun with --resume auto to resume")

@@ -35,6 +35,7 @@ evaluate.py, metrics.py and generate_views.py beside it.
 """
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -76,7 +77,8 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default=None, help="folder for the toy world, the run and the results "
                                                  "(default: runs/demo, with --compare runs/compare)")
-    p.add_argument("--seed", type=cdgmae.checked(int, 0), default=0, help="seeds the toy world and the training run")
+    p.add_argument("--seed", type=cdgmae.checked(int, 0, cdgmae.SEED_MAX), default=0,
+                   help="seeds the toy world and the training run")
     g = p.add_argument_group("toy world")
     g.add_argument("--num-bags", type=cdgmae.checked(int, 1), default=2000, help="bags of 1 real + 4 views, 64x64")
     g.add_argument("--davis-videos", type=cdgmae.checked(int, 1), default=40, help="toy DAVIS videos (96x160, 20 frames)")
@@ -93,12 +95,14 @@ def get_args_parser():
     g = p.add_argument_group("evaluation")
     g.add_argument("--datasets", nargs="+", default=["davis", "vip", "jhmdb"], choices=["davis", "vip", "jhmdb"])
     g.add_argument("--metric-pairs", type=cdgmae.checked(int, 1), default=200, help="pairs per set for GS / LS / NPS")
-    g.add_argument("--threads", type=cdgmae.checked(int, 1), default=None, help="torch CPU threads (default: torch's)")
+    g.add_argument("--threads", type=cdgmae.checked(int, 1, os.cpu_count() or 1), default=None,
+                   help="torch CPU threads, at most the CPUs here (default: torch's)")
     g = p.add_argument_group("the paper's comparisons in miniature (--compare; see docs/comparisons.md)")
     g.add_argument("--compare", action="store_true",
                    help="train the same encoder on every pretext data of --methods for every seed of --seeds and "
                         "print Tables 5, 2 and 4 in miniature (output: runs/compare unless --output)")
-    g.add_argument("--seeds", type=cdgmae.checked(int, 0), nargs="+", default=[0, 1, 2], help="--compare: seeds")
+    g.add_argument("--seeds", type=cdgmae.checked(int, 0, cdgmae.SEED_MAX), nargs="+", default=[0, 1, 2],
+                   help="--compare: seeds")
     g.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="--compare: pretexts")
     g.add_argument("--train-videos", type=cdgmae.checked(int, 1), default=256,
                    help="--compare: unlabelled toy videos of 20 frames for the SiamMAE pretext (never evaluated ones)")
@@ -120,7 +124,7 @@ def training_argv(root, run, args, data="bags", extra=()):
     """cdgmae.py's command line for the toy model, trained on root/<data>; `extra` flags come last
     (argparse keeps the last value of a flag given twice)."""
     m = TOY_MODEL
-    return ["--data", str(root / data), "--output", str(run), "--seed", str(args.seed),
+    return [f"--data={root / data}", f"--output={run}", "--seed", str(args.seed),  # =: a path may start with "-"
             "--embed-dim", str(m["embed_dim"]), "--depth", str(m["depth"]), "--num-heads", str(m["num_heads"]),
             "--patch-size", str(m["patch_size"]), "--input-size", str(m["input_size"]),
             "--decoder-dim", str(m["decoder_dim"]), "--decoder-depth", str(m["decoder_depth"]),
@@ -249,8 +253,8 @@ def make_training_data(root, args, methods):
 def make_knn_bags(root, checkpoint, args):
     """Table 2's k-NN bags: each toy image with its 5 nearest other toy images by the cls
     embedding of `checkpoint` (generate_views.py knn, resumable)."""
-    generate_views.knn_command(["--images", str(root / "images"), "--checkpoint", str(checkpoint),
-                                "--output", str(root / "knn_bags"), "--input-size", str(TOY_MODEL["input_size"]),
+    generate_views.knn_command([f"--images={root / 'images'}", f"--checkpoint={checkpoint}",
+                                f"--output={root / 'knn_bags'}", "--input-size", str(TOY_MODEL["input_size"]),
                                 "--workers", "0", "--device", "cpu", "--no-progress"])
 
 
@@ -411,8 +415,28 @@ def compare(args):
     return table
 
 
+def check_args(parser, args):
+    """Flags that contradict each other are one argparse line (exit 2), and an --output that cannot
+    be a folder one line, before the toy world is drawn."""
+    if args.batch_size > args.num_bags:
+        parser.error(f"argument --batch-size: {args.batch_size} is more than --num-bags {args.num_bags} "
+                     f"(a training step takes one batch of bags)")
+    if args.compare and "siammae" in args.methods and args.batch_size > args.train_videos:
+        parser.error(f"argument --batch-size: {args.batch_size} is more than --train-videos {args.train_videos} "
+                     f"(SiamMAE's step takes one batch of videos)")
+    if args.compare and "knn" in args.methods and args.num_bags <= generate_views.PAPER_KNN:
+        parser.error(f"argument --num-bags: {args.num_bags} images hold no {generate_views.PAPER_KNN} other "
+                     f"images for the k-NN bags (give more than {generate_views.PAPER_KNN})")
+    try:
+        cdgmae.check_output_folder(args.output or ("runs/compare" if args.compare else "runs/demo"))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compare:
@@ -455,4 +479,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cdgmae.run_command(main)

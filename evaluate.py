@@ -43,7 +43,9 @@ line prints one line `path: what is wrong (what to do)` and exits 1):
   * VIP: annotations and predictions hold only the classes 0..19 (VIP defines no void
     value; CRW's fast_hist drops other ground-truth values without a word);
   * JHMDB: pos_img is 2x15xT with T = the number of frames (annotation, finite) or of the
-    annotation (prediction; NaN = not visible).
+    annotation (prediction; NaN = not visible, no infinities);
+  * a video has a frame to score: DAVIS at least 3 frames (1..T-2 are scored), JHMDB at least
+    2 (the official scorers would average no frame and print NaN).
 
 What you may copy: the whole file imports no torch and no other file of this repository, so
 it can be copied alone (numpy, scipy, Pillow; tqdm for progress bars). The scores come first:
@@ -68,6 +70,7 @@ import csv
 import errno
 import math
 import os
+import signal
 import socket
 import sys
 import warnings
@@ -376,7 +379,8 @@ def atomic_save(path, save):
     is unique per process and is the one cdgmae.temporary_path makes, so
     cdgmae.remove_stale_temporaries sweeps what a killed writer left. (This file keeps its own
     copy so that it imports no torch and can be copied alone, like the official evaluators.)
-    A full disk raises OSError with the message `path: no space left on device (...)`."""
+    A full disk raises OSError with the message `path: no space left on device (...)`, a file-size
+    limit `path: file too large (...)`; any other error of the temporary names `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
@@ -384,10 +388,15 @@ def atomic_save(path, save):
         save(tmp)
         os.replace(tmp, path)
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise OSError(e.errno, f"{path}: no space left on device (free some space and rerun; "
-                               f"finished files are kept)") from None
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, f"{path}: no space left on device (free some space and rerun; "
+                                   f"finished files are kept)") from None
+        if e.errno == errno.EFBIG:
+            raise OSError(e.errno, f"{path}: file too large for the file-size limit (ulimit -f) or the file "
+                                   f"system (raise the limit or write elsewhere, and rerun; finished files are kept)") from None
+        if e.errno is not None and (e.filename is None or str(tmp) in (str(e.filename), str(e.filename2))):
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None  # the temporary's error is the file's
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -535,8 +544,13 @@ def read_joints_mat(path, num_frames=None, what="joint file", num_joints=len(JHM
         raise InputError(f"{path}: pos_img has {pos.shape[2]} frames but the video has {num_frames} "
                          f"(joints must be given for every frame; CRW would pair them with the wrong frames)")
     pos = pos.astype(np.float64)
-    if what == "annotation" and not np.isfinite(pos).all():
-        raise InputError(f"{path}: pos_img holds NaN or infinite coordinates (ground truth must be finite)")
+    bad = ~np.isfinite(pos) if what == "annotation" else np.isinf(pos)  # a prediction's NaN: "not visible"
+    if bad.any():
+        _, joint, frame = np.argwhere(bad)[0]
+        name = f" ({JHMDB_JOINTS[joint]})" if pos.shape[1] == len(JHMDB_JOINTS) else ""
+        rule = "ground truth must be finite" if what == "annotation" else "NaN marks a hidden joint; inf is no position"
+        raise InputError(f"{path}: pos_img holds {'NaN or infinite' if what == 'annotation' else 'infinite'} "
+                         f"coordinates, first at frame {frame + 1}, joint {joint}{name} ({rule}; fix the file)")
     return pos.transpose(2, 1, 0) - 1.0
 
 
@@ -700,6 +714,9 @@ def jhmdb_video(data_root, name):
     frames = sorted_frames(Path(data_root) / "Rename_Images" / name, (".png", ".jpg", ".jpeg"))
     if not frames:
         raise FileNotFoundError(f"{Path(data_root) / 'Rename_Images' / name}: no frames (.png/.jpg)")
+    if len(frames) < 2:
+        raise InputError(f"{frames[0].parent}: {len(frames)} frame; JHMDB scores the frames after the first, so a "
+                         f"video needs at least 2 (remove it from the video list)")
     mat = Path(data_root) / "joint_positions" / name / "joint_positions.mat"
     joints = read_joints_mat(mat, len(frames), what="annotation")
     return frames, mat, joints
@@ -711,6 +728,9 @@ def check_segmentation_video(dataset, frames, annotations):
     frame's size; every annotation (None = absent) is a 'P' / 'L' PNG of that size that
     decodes; the first annotation's ids are valid (DAVIS: 0..K, davis_object_count; VIP:
     classes 0..19) and so are the others' (DAVIS: 0..K and 255; VIP: 0..19)."""
+    if dataset == "davis" and len(frames) < 3:  # the official scorer would average no frame: NaN
+        raise InputError(f"{frames[0].parent}: {len(frames)} frame(s); DAVIS scores frames 1..T-2 (not the first "
+                         f"and the last), so a video needs at least 3 (remove it from the video list)")
     size = frame_size(frames)
     first = read_label_png(annotations[0], size)
     num_objects = davis_object_count(annotations[0], first) if dataset == "davis" else None
@@ -784,15 +804,24 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def pck_threshold(text):
-    """argparse type of --alphas: a number in (0, 1] (a fraction of 0.6 x the box diagonal)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
-    return value
+def checked(kind, low=None, high=None, *, low_open=False, high_open=False):
+    """An argparse `type` that parses with `kind` (int or float) and holds the value to the range
+    [low, high] (an end is excluded with low_open / high_open; None: unbounded); NaN and infinities
+    are refused. (cdgmae.checked's torch-free twin, for this file and toyworld.py.)"""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"{text} is not {'>' if low_open else '>='} {low}")
+        if high is not None and (value >= high if high_open else value > high):
+            raise argparse.ArgumentTypeError(f"{text} is not {'<' if high_open else '<='} {high}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def add_dataset_arguments(parser, required=True):
@@ -822,16 +851,18 @@ def get_args_parser():
     parser.add_argument("--exclude-void", action=argparse.BooleanOptionalAction, default=False,
                         help="DAVIS: leave void (255) pixels out of J and F; the official semi-supervised "
                              "scorer does not (it counts them as background)")
-    parser.add_argument("--alphas", type=pck_threshold, nargs="+", default=[0.1, 0.2],
-                        help="JHMDB: PCK thresholds, each in (0, 1]")
+    parser.add_argument("--alphas", type=checked(float, 0, 1, low_open=True), nargs="+", default=[0.1, 0.2],
+                        help="JHMDB: PCK thresholds, each in (0, 1] (a fraction of 0.6 x the box diagonal)")
     parser.add_argument("--csv", type=Path, default=None,
                         help="where to write the table (default: <predictions>/<dataset>_scores.csv)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     return parser
 
 
-# OSError numbers that are the user's to fix (disk full, quota, permission, read-only disk).
-EXPECTED_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+# OSError numbers that are the user's to fix: a full disk or quota, a file-size limit, no permission, a
+# read-only disk, a path through a file, a folder where a file should be, a symbolic link that loops.
+EXPECTED_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS,
+                      errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG)
 
 
 def one_line(error):
@@ -842,11 +873,46 @@ def one_line(error):
     return " ".join(text.split())
 
 
+def check_output_path(path, flag, folder=False):
+    """Raise InputError (one line) if `path` cannot be written as a file (folder=False) or a folder:
+    it exists as the other kind, or a path component above it is a file."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise InputError(f"{path}: {'not a folder' if folder else 'a folder'} (give another {flag})")
+    existing = next((p for p in path.parents if p.exists() or p.is_symlink()), path)
+    if not existing.is_dir():
+        raise InputError(f"{existing}: not a folder (give another {flag})")
+
+
+def run_command(main):
+    """Run a script's main() as a command: SIGTERM becomes a KeyboardInterrupt, as SIGINT is, so
+    that atomic writes remove their temporaries, and either ends the command with one line and the
+    exit status 128 + the signal's number. (cdgmae.run_command's torch-free twin, for this file and
+    toyworld.py.)"""
+    owner = os.getpid()
+
+    def interrupt(signum, frame):
+        if os.getpid() != owner:  # a forked child keeps the default: the signal ends it
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt(signum)
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        main()
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+        print(f"interrupted by {signal.Signals(signum).name}; rerun the same command "
+              f"(finished files are kept, unfinished ones removed)", file=sys.stderr)
+        raise SystemExit(128 + signum) from None
+
+
 def main(argv=None):
     """Score, print the tables and write the CSV. An expected failure (a bad or missing file, a
     full disk) exits with one line `path: what is wrong (what to do)`, no traceback."""
     args = get_args_parser().parse_args(argv)
     try:
+        check_output_path(args.csv or Path(args.predictions) / f"{args.dataset}_scores.csv", "--csv")
         summary = evaluate_dataset(args.dataset, args.data_root, args.predictions, args.list_file, args.videos,
                                    args.resolution, args.subset, args.exclude_void, args.progress, tuple(args.alphas))
         rows = summary["rows"]
@@ -873,4 +939,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_command(main)

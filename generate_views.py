@@ -801,6 +801,7 @@ def list_images(root, file_list=None):
     clashes = [v for v in bags.values() if len(v) > 1]
     if clashes:
         raise ValueError(f"{root}: images that would share a bag folder (same folder and stem): {clashes[:5]}")
+    cdgmae.refuse_line_breaks(root, rel_paths, "image")
     return rel_paths
 
 
@@ -820,10 +821,10 @@ def raise_error(error):
 
 def resolve_shard(shard=None, env=None):
     """(index, count) of this process's share of the work: a --shard i/n split further by the
-    torchrun rank (RANK / WORLD_SIZE), giving shard i * world + rank of n * world."""
-    env = os.environ if env is None else env
+    torchrun rank (RANK / WORLD_SIZE, checked by cdgmae.torchrun_environment: a ValueError names a
+    variable out of range), giving shard i * world + rank of n * world."""
     index, count = shard if shard is not None else (0, 1)
-    rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+    rank, world, _ = cdgmae.torchrun_environment(env)
     return index * world + rank, count * world
 
 
@@ -884,10 +885,7 @@ def check_output(output, settings):
     but no record. A fresh or missing folder, or a record equal to `settings`, passes."""
     output = Path(output)
     record = output / RECORD_NAME
-    existing = next(p for p in [output, *output.parents] if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{existing}: {'not a writable folder' if existing.is_dir() else 'not a folder'} "
-                         f"(give another --output)")
+    cdgmae.check_output_folder(output)
     if not record.exists():
         if output.is_dir() and any(not e.name.startswith(".") for e in os.scandir(output)):
             raise ValueError(f"{output}: holds files but no {RECORD_NAME}, so the settings of its bags are unknown "
@@ -930,6 +928,8 @@ def claim_output(output, settings):
         os.link(tmp, record)
     except FileExistsError:
         pass  # another process's record: compared below
+    except OSError as e:  # a full disk, a file-size limit: the record's error, not its temporary's
+        raise OSError(e.errno, e.strerror or str(e), str(record)) from None
     finally:
         tmp.unlink(missing_ok=True)
     check_output(output, settings)
@@ -1044,8 +1044,7 @@ def prepare_knn(args):
     """Every check of a k-NN run before its work: inputs, ViT, device, the output's settings, the
     images still to embed. Returns (relative image paths, ViT on the device, device, .knn folder)."""
     output = Path(args.output).resolve()
-    if output.is_relative_to(Path(args.images).resolve()):
-        raise ValueError(f"{args.output}: lies inside --images {args.images} (give an --output outside it)")
+    cdgmae.check_outside(args.output, args.images, "--output", "--images")
     rel_paths = list_images(args.images, args.file_list)
     if len(rel_paths) <= args.k:
         raise ValueError(f"{args.images}: {len(rel_paths)} images, a bag of k = {args.k} other images needs more "
@@ -1111,7 +1110,8 @@ def get_args_parser():
                         "s >= 1 (1: conditional), default 7 (the same guided noise as w = 6)")
     p.add_argument("--batch-size", type=cdgmae.checked(int, 1), default=8,
                    help="real images per UNet call (x M views x 2 branches)")
-    p.add_argument("--seed", type=int, default=0, help="global seed; each view's noise hashes (seed, path, view)")
+    p.add_argument("--seed", type=cdgmae.checked(int, 0), default=0,
+                   help="global seed >= 0; each view's noise hashes (seed, path, view)")
     p.add_argument("--jpeg-quality", type=cdgmae.checked(int, 1, 100), default=JPEG_QUALITY,
                    help="quality of the views' JPEGs, 1..100 (libjpeg's scale; PIL advises <= 95: above it files "
                         "grow with hardly any gain)")
@@ -1177,7 +1177,7 @@ def get_knn_parser():
 
 def pick_device_and_dtype(device, precision):
     if device is None:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        device = f"cuda:{cdgmae.torchrun_environment()[2]}" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(device)
     except RuntimeError as e:
@@ -1205,8 +1205,7 @@ def prepare_generation(args):
     """Every check of a generation run before its work: inputs, shard, model, output settings.
     Returns (this process's image paths, shard index, shard count, backend)."""
     output = Path(args.output).resolve()
-    if output.is_relative_to(Path(args.images).resolve()):
-        raise ValueError(f"{args.output}: lies inside --images {args.images} (give an --output outside it)")
+    cdgmae.check_outside(args.output, args.images, "--output", "--images")
     if args.guidance is None:
         args.guidance = GUIDANCE_DEFAULT[args.backend]
     rel_paths = list_images(args.images, args.file_list)
@@ -1256,8 +1255,8 @@ def knn_command(argv):
         neighbours = knn_search(embeddings, args.k, folder, args.chunk, device, args.progress)
         written, complete = write_knn_bags(args.images, rel_paths, neighbours, args.output, args.progress)
     except OSError as e:  # disk full, output not writable: saved shards and complete bags stay
-        raise SystemExit(f"{e.filename or args.output}: cannot write ({e.strerror or e}) (free disk space or fix "
-                         f"permissions, then rerun: saved shards and complete bags are kept)") from None
+        raise SystemExit(cdgmae.write_failure(e.filename or args.output, e,
+                                              then="rerun: saved shards and complete bags are kept")) from None
     except ValueError as e:  # a saved shard that does not fit the listing (load_shard)
         raise SystemExit(cdgmae.one_line(e)) from None
     print(f"{len(rel_paths)} images, k = {args.k}: {written} bags written, {complete} already complete "
@@ -1277,25 +1276,26 @@ def main(argv=None):
         mine, index, count, backend = prepare_generation(args)
     except (ValueError, OSError) as e:  # expected failures, each with its path and the way out
         raise SystemExit(cdgmae.one_line(e)) from None
+    report = Path(args.output) / f"unreadable-shard{index:03d}-of-{count:03d}.txt"
+    progress = args.progress and cdgmae.torchrun_environment()[0] == 0  # one bar: rank 0's
     try:
         summary = generate_bags(backend, args.images, mine, args.output, args.views, args.batch_size, args.seed,
-                                args.jpeg_quality, args.workers,
-                                args.progress and int(os.environ.get("RANK", 0)) == 0)
+                                args.jpeg_quality, args.workers, progress)
+        report.unlink(missing_ok=True)  # a previous run's list, of images that may have been replaced since
+        if summary["unreadable"]:  # one line per image: the reason's own line breaks are spaces
+            text = "".join(f"{path}\t{' '.join(reason.split())}\n" for path, reason in summary["unreadable"])
+            cdgmae.atomic_write(report, lambda tmp: tmp.write_text(text))
     except OSError as e:  # disk full, output not writable: the complete bags stay, a rerun resumes
-        raise SystemExit(f"{e.filename or args.output}: cannot write ({e.strerror or e}) "
-                         f"(free disk space or fix permissions, then rerun: complete bags are kept)") from None
+        raise SystemExit(cdgmae.write_failure(e.filename or args.output, e,
+                                              then="rerun: complete bags are kept")) from None
     rate = summary["generated"] / max(summary["seconds"], 1e-9)
     print(f"shard {index}/{count}: {summary['generated']} bags generated ({rate:.2f} images/s), "
           f"{summary['complete_before']} already complete, {len(summary['unreadable'])} unreadable images skipped",
           file=sys.stderr)
-    report = Path(args.output) / f"unreadable-shard{index:03d}-of-{count:03d}.txt"
-    report.unlink(missing_ok=True)  # a previous run's list, of images that may have been replaced since
     if summary["unreadable"]:
-        text = "".join(f"{path}\t{reason}\n" for path, reason in summary["unreadable"])
-        cdgmae.atomic_write(report, lambda tmp: tmp.write_text(text))
         print(f"unreadable images listed in {report}", file=sys.stderr)
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    cdgmae.run_command(main)

@@ -457,12 +457,17 @@ def load_vit(checkpoint, input_size, num_heads=None):
 
 
 def check_csv(path, overwrite):
-    """The CSV may be written: its folder exists, and an existing file is replaced only with --overwrite."""
+    """The CSV may be written: its folder exists and is writable, and an existing file is replaced
+    only with --overwrite (a folder never)."""
     path = Path(path)
-    if path.exists() and (path.is_dir() or not overwrite):
+    if path.is_dir():
+        raise ValueError(f"{path}: a folder (give a file name to --csv)")
+    if path.exists() and not overwrite:
         raise ValueError(f"{path}: exists, not overwritten (give another --csv, or --overwrite to replace it)")
     if not path.parent.is_dir():
+        cdgmae.check_output_folder(path.parent, "--csv")  # a file on the way is named as such
         raise FileNotFoundError(f"{path.parent}: folder of --csv not found (create it or give another --csv)")
+    cdgmae.check_output_folder(path.parent, "--csv")
 
 
 # -----------------------------------------------------------------------------
@@ -575,8 +580,7 @@ def draw_pair_sets(args, names):
     return pair_sets
 
 
-def overlap_main(argv):
-    """`python metrics.py overlap A B`: print the MIMIC overlap of two images."""
+def get_overlap_parser():
     p = argparse.ArgumentParser(prog="metrics.py overlap", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="MIMIC's overlap of two views (MIMIC appendix Sec. 2.2): SIFT, "
                                             "ratio-test matching, RANSAC homography, uniquely matched 16x16 "
@@ -587,8 +591,16 @@ def overlap_main(argv):
                    help="resize both images to size x size first, as MIMIC does (0: keep their sizes)")
     p.add_argument("--patch-size", type=cdgmae.checked(int, 1), default=16)
     p.add_argument("--points", type=cdgmae.checked(int, 1), default=100, help="random points per patch")
-    p.add_argument("--seed", type=int, default=0, help="seeds the random points")
-    args = p.parse_args(argv)
+    p.add_argument("--seed", type=cdgmae.checked(int, 0), default=0, help="seeds the random points")
+    return p
+
+
+def overlap_main(argv):
+    """`python metrics.py overlap A B`: print the MIMIC overlap of two images."""
+    parser = get_overlap_parser()
+    args = parser.parse_args(argv)
+    if 0 < args.size < args.patch_size:
+        parser.error(f"argument --size: {args.size} is smaller than --patch-size {args.patch_size}")
     try:
         import_cv2()
     except ImportError as e:
@@ -620,7 +632,11 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["overlap"]:  # python metrics.py overlap A B
         return overlap_main(argv[1:])
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.images and args.knn_pool <= args.knn:
+        parser.error(f"argument --knn-pool: {args.knn_pool} is not above --knn {args.knn} (an image's neighbours "
+                     f"are other images of the pool)")
     if args.overlap:
         try:
             import_cv2()
@@ -649,6 +665,8 @@ def main(argv=None):
 
     common = dict(size=args.input_size, center_crop=args.center_crop, batch_size=args.batch_size,
                   workers=args.workers, device=device)
+    print(f"{', '.join(name for name, _ in pair_sets)}: features on {device} (the table is written to {args.csv} "
+          f"at the end)", file=sys.stderr)
     rows = []
     for name, pairs in pair_sets:
         if name == "K-nn images":
@@ -667,10 +685,10 @@ def main(argv=None):
         raise SystemExit(f"{args.csv}: written by another run meanwhile, not overwritten (this run's table is "
                          f"printed above; give another --csv or --overwrite)") from None
     except OSError as e:
-        raise SystemExit(f"{args.csv}: cannot write ({e.strerror or e}) (the table is printed above)") from None
+        raise SystemExit(cdgmae.write_failure(args.csv, e, then="rerun; the table is printed above")) from None
     print(f"wrote {args.csv}", file=sys.stderr)
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    cdgmae.run_command(main)

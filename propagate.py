@@ -100,8 +100,9 @@ from tqdm import tqdm
 
 import evaluate as ev
 from cdgmae import (DIFFUSION_FOLDER_FILES, IMAGENET_MEAN, IMAGENET_STD, CheckpointError, UnreadableImage,
-                    check_finite, check_image, checked, encoder_from_checkpoint, image_to_tensor, load_rgb,
-                    process_alive, remove_stale_temporaries)
+                    check_finite, check_image, check_output_folder, check_outside, checked,
+                    encoder_from_checkpoint, image_to_tensor, load_rgb, process_alive, remove_stale_temporaries,
+                    run_command)
 
 # Table 7 and CropMAE's input sizes. input_size: (height, width), or (long side,).
 PROTOCOL = {
@@ -109,6 +110,7 @@ PROTOCOL = {
     "vip": dict(topk=10, queue_length=20, radius=20, temperature=0.7, input_size=(880,)),
     "jhmdb": dict(topk=7, queue_length=20, radius=20, temperature=0.7, input_size=(320, 320)),
 }
+MIN_TEMPERATURE = torch.finfo(torch.float32).tiny  # a lower one overflows score / temperature (<= 1 / it): NaN labels
 JHMDB_SIGMA = 0.5        # Gaussian width of a joint on the feature grid, in cells
 JHMDB_DECODE_TOPK = 5    # cells averaged to read a joint's position back
 # JHMDB limbs (0-based joint indices, evaluate.JHMDB_JOINTS order), for drawing only.
@@ -512,6 +514,11 @@ def propagate_dataset(dataset, data_root, encoder, output, *, topk=None, queue_l
                     size_multiple=size_multiple, resolution=resolution, batch_size=batch_size)
     settings["input_size"] = list(settings["input_size"])
     check_settings(settings)
+    try:  # the output is a writable folder, outside the dataset (the next step reads the dataset)
+        check_output_folder(output)
+        check_outside(output, data_root, "--output", "--data-root")
+    except ValueError as e:
+        raise ev.InputError(str(e)) from None
     names = videos or ev.list_videos(dataset, data_root, list_file, subset)
     if isinstance(encoder, (str, Path)):
         settings["checkpoint"] = str(Path(encoder).resolve())
@@ -896,6 +903,7 @@ def check_own_video(source, output, encoder, *, mask=None, keypoints=None, topk=
     if (mask is None) == (keypoints is None):
         raise ValueError("give exactly one of a first-frame mask and first-frame keypoints")
     output = Path(output)
+    check_output_folder(output)
     final = output / ("masks" if mask is not None else "joint_positions.mat")
     if final.exists():
         raise FileExistsError(f"{final}: already exists (choose another output folder)")
@@ -1087,7 +1095,9 @@ def load_checkpoint_encoder(checkpoint, num_heads=None):
 def check_settings(settings):
     """Range checks of the protocol settings (the command line checks them when parsing)."""
     rules = [("topk", settings["topk"] >= 1, ">= 1"), ("queue_length", settings["queue_length"] >= 0, ">= 0"),
-             ("radius", settings["radius"] > 0, "> 0"), ("temperature", settings["temperature"] > 0, "> 0"),
+             ("radius", settings["radius"] > 0, "> 0"),
+             ("temperature", settings["temperature"] >= MIN_TEMPERATURE, f">= {MIN_TEMPERATURE:.3g} (float32's smallest "
+              "normal number: a lower one overflows the scores)"),
              ("input_size", len(settings["input_size"]) in (1, 2) and min(settings["input_size"]) >= 1,
               "(height, width) or (long side,), each >= 1"),
              ("size_multiple", settings["size_multiple"] >= 1, ">= 1"), ("batch_size", settings["batch_size"] >= 1, ">= 1")]
@@ -1224,8 +1234,9 @@ def get_args_parser():
                    help="previous frames in the context, >= 0 (0: frame 0 only) (20)")
     g.add_argument("--radius", type=checked(float, 0, low_open=True), default=None,
                    help="queue keys must lie strictly within this many feature cells of the query, > 0 (20)")
-    g.add_argument("--temperature", type=checked(float, 0, low_open=True), default=None,
-                   help="softmax temperature over the top-k, > 0 (0.7)")
+    g.add_argument("--temperature", type=checked(float, MIN_TEMPERATURE), default=None,
+                   help=f"softmax temperature over the top-k, >= {MIN_TEMPERATURE:.3g}: float32's smallest normal "
+                        "number (0.7)")
     g.add_argument("--input-size", type=checked(int, 1), nargs="+", default=None,
                    help="H W, or one number L: long side L, short side scaled and floored to --size-multiple; "
                         "multiples of the patch size (480 880 / 880 / 320 320)")
@@ -1236,7 +1247,8 @@ def get_args_parser():
                    help="attention heads (default: the checkpoint's args, else width / 64)")
     g.add_argument("--batch-size", type=checked(int, 1), default=8, help="frames per feature-extraction batch")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    g.add_argument("--threads", type=checked(int, 1), default=None, help="torch CPU threads (default: torch's)")
+    g.add_argument("--threads", type=checked(int, 1, os.cpu_count() or 1), default=None,
+                   help="torch CPU threads, at most the CPUs here (default: torch's)")
     g = p.add_argument_group("extras")
     g.add_argument("--visualize", action=argparse.BooleanOptionalAction, default=False,
                    help="write output/visualize/<video>.png: frames with the propagated masks or joints")
@@ -1261,7 +1273,7 @@ def add_dift_arguments(p):
                         "four-level S-LDM: n = 1); propagation.json records the block, stride and channels")
     g.add_argument("--dift-ensemble", type=checked(int, 1), default=DIFT_ENSEMBLE,
                    help="noise draws whose features are averaged per frame")
-    g.add_argument("--dift-seed", type=int, default=0, help="seed of the noise draws")
+    g.add_argument("--dift-seed", type=checked(int, 0), default=0, help="seed of the noise draws, >= 0")
 
 
 def add_own_video_arguments(p):
@@ -1310,7 +1322,12 @@ def own_video_main(args, parser):
                                size_multiple=args.size_multiple, batch_size=args.batch_size, num_heads=args.num_heads)
     except (OSError, ValueError, ImportError) as e:
         raise SystemExit(ev.one_line(e)) from None
-    result = run_own_video(plan, args.device, args.overlay, args.overlay_height, args.fps)
+    try:
+        result = run_own_video(plan, args.device, args.overlay, args.overlay_height, args.fps)
+    except OSError as e:  # a full disk, a folder made read-only meanwhile: finished files stay whole
+        if e.errno not in ev.EXPECTED_OS_ERRORS:
+            raise
+        raise SystemExit(ev.one_line(e)) from None
     print(f"{len(result['frames'])} frames propagated -> {result['predictions']}"
           + (f", overlay {result['overlay']}" if result["overlay"] else ""))
     return result
@@ -1348,13 +1365,13 @@ def main(argv=None):
             raise
         raise SystemExit(ev.one_line(e)) from None
     print(f"{len(result['written'])} videos propagated, {len(result['skipped'])} already done -> {args.output}")
-    if args.evaluate:
-        ev.main(["--dataset", args.dataset, "--data-root", str(args.data_root), "--predictions", str(args.output),
-                 "--subset", args.subset, "--resolution", args.resolution]
-                + (["--list", str(args.list_file)] if args.list_file else [])
+    if args.evaluate:  # --flag=value: a path or name that starts with "-" stays a value
+        ev.main([f"--dataset={args.dataset}", f"--data-root={args.data_root}", f"--predictions={args.output}",
+                 f"--subset={args.subset}", f"--resolution={args.resolution}"]
+                + ([f"--list={args.list_file}"] if args.list_file else [])
                 + (["--videos", *args.videos] if args.videos else []))
     return result
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_command(main)

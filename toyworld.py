@@ -52,6 +52,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from evaluate import JHMDB_JOINTS, VIP_CLASSES, atomic_save, davis_palette  # classes, joints, DAVIS colour map
+from evaluate import EXPECTED_OS_ERRORS, InputError, check_output_path, checked, one_line, run_command  # plumbing
 
 # -----------------------------------------------------------------------------
 # Dataset conventions
@@ -583,7 +584,8 @@ def write_bags(output, num_bags=2000, num_views=4, size=64, seed=0, gt_output=No
     if gt_output is not None:
         gt = Path(gt_output).resolve()
         if gt == output.resolve() or output.resolve() in gt.parents:
-            raise ValueError(f"{gt_output}: the ground-truth folder must not be inside the bag folder {output}")
+            raise InputError(f"{gt_output}: the ground-truth folder must not be inside the bag folder {output} "
+                             f"(give another --gt-output)")
     names = [f"scene_{i:06d}" for i in range(num_bags)]
     for i, name in enumerate(tqdm(names, desc="bags", disable=not progress)):
         folder = output / name
@@ -983,13 +985,7 @@ def write_videos(output, num_videos=256, frames=20, height=96, width=160, seed=0
 # -----------------------------------------------------------------------------
 
 VIDEO_DEFAULTS = {"davis": (96, 160), "vip": (96, 160), "jhmdb": (96, 128)}
-
-
-def positive(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
-    return value
+MIN_SIZE = 32  # pixels of a side: objects are 14-28 pixels wide
 
 
 def get_args_parser():
@@ -998,25 +994,27 @@ def get_args_parser():
 
     def common(p, output_help):
         p.add_argument("--output", required=True, help=output_help)
-        p.add_argument("--seed", type=int, default=0, help="everything is a function of the seed (default 0)")
+        p.add_argument("--seed", type=checked(int, 0), default=0, help="everything is a function of the seed (default 0)")
         p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
 
     def bag_flags(p):
-        p.add_argument("--num-bags", type=positive, default=2000, help="number of bags (default 2000)")
-        p.add_argument("--views", type=positive, default=4, help="generated views per bag, M (default 4, as the paper)")
-        p.add_argument("--size", type=positive, default=64, help="bag image side in pixels (default 64)")
+        p.add_argument("--num-bags", type=checked(int, 1), default=2000, help="number of bags (default 2000)")
+        p.add_argument("--views", type=checked(int, 1), default=4, help="generated views per bag, M (default 4, as the paper)")
+        p.add_argument("--size", type=checked(int, MIN_SIZE), default=64,
+                       help=f"bag image side in pixels (default 64; at least {MIN_SIZE}: objects are 14-28 pixels wide)")
 
     def video_flags(p, kind):
-        p.add_argument("--num-videos", type=positive, default=10, help="number of videos (default 10)")
-        p.add_argument("--frames", type=positive, default=20, help="frames per video (default 20; at least 3)")
-        p.add_argument("--light", type=float, default=2.5, help="strength of the lighting changes over a video (default 2.5; 0: none)")
-        p.add_argument("--distractors", type=int, nargs=2, default=[2, 3], metavar=("MIN", "MAX"),
+        p.add_argument("--num-videos", type=checked(int, 1), default=10, help="number of videos (default 10)")
+        p.add_argument("--frames", type=checked(int, 3), default=20,
+                       help="frames per video (default 20; at least 3: DAVIS scores frames 1..T-2)")
+        p.add_argument("--light", type=checked(float, 0), default=2.5, help="strength of the lighting changes over a video (default 2.5; 0: none)")
+        p.add_argument("--distractors", type=checked(int, 0), nargs=2, default=[2, 3], metavar=("MIN", "MAX"),
                        help="distractors per video: objects with an annotated object's colours (default 2 3)")
-        p.add_argument("--spin", type=float, default=0.08, help="largest steady turn of an object, radians/frame (default 0.08)")
-        p.add_argument("--camouflage", type=float, default=1.0, help="chance that the background takes an annotated object's hue (default 1)")
+        p.add_argument("--spin", type=checked(float, 0), default=0.08, help="largest steady turn of an object, radians/frame (default 0.08)")
+        p.add_argument("--camouflage", type=checked(float, 0, 1), default=1.0, help="chance that the background takes an annotated object's hue (default 1)")
         if kind is not None:
-            p.add_argument("--height", type=positive, default=VIDEO_DEFAULTS[kind][0], help=f"frame height (default {VIDEO_DEFAULTS[kind][0]})")
-            p.add_argument("--width", type=positive, default=VIDEO_DEFAULTS[kind][1], help=f"frame width (default {VIDEO_DEFAULTS[kind][1]})")
+            p.add_argument("--height", type=checked(int, MIN_SIZE), default=VIDEO_DEFAULTS[kind][0], help=f"frame height (default {VIDEO_DEFAULTS[kind][0]})")
+            p.add_argument("--width", type=checked(int, MIN_SIZE), default=VIDEO_DEFAULTS[kind][1], help=f"frame width (default {VIDEO_DEFAULTS[kind][1]})")
 
     p = sub.add_parser("bags", help="bags of views in cdgmae.py's layout")
     common(p, "bag root folder")
@@ -1035,23 +1033,37 @@ def get_args_parser():
     return parser
 
 
-def check_args(args):
-    """Raises ValueError on flags that would fail later."""
-    out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: --output exists and is not a folder")
-    if hasattr(args, "distractors") and not 0 <= args.distractors[0] <= args.distractors[1]:
-        raise ValueError(f"--distractors {args.distractors}: needs 0 <= MIN <= MAX")
-    if getattr(args, "frames", 3) < 3:
-        raise ValueError(f"--frames {args.frames}: DAVIS scores frames 1..T-2, so at least 3 are needed")
-    for name in ("size", "height", "width"):
-        if getattr(args, name, 32) < 32:
-            raise ValueError(f"--{name} {getattr(args, name)}: at least 32 pixels (objects are 14-28 pixels wide)")
+def check_args(parser, args):
+    """Flags that contradict each other are one argparse line (exit 2); an --output (or
+    --gt-output) that is a file, or lies below one, is one line `path: what is wrong (what to do)`."""
+    if hasattr(args, "distractors") and args.distractors[0] > args.distractors[1]:
+        parser.error(f"argument --distractors: {args.distractors[0]} {args.distractors[1]} is not MIN <= MAX")
+    try:
+        check_output_path(args.output, "--output", folder=True)
+        if getattr(args, "gt_output", None) is not None:
+            check_output_path(args.gt_output, "--gt-output", folder=True)
+    except InputError as e:
+        raise SystemExit(str(e)) from None
 
 
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
-    check_args(args)
+    """Write the toy data. An expected failure (a bad flag, an output that cannot be written, a full
+    disk) ends with one line; a rerun skips what is finished."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    try:
+        write(args)
+    except InputError as e:  # write_bags: a --gt-output inside --output
+        raise SystemExit(str(e)) from None
+    except OSError as e:
+        if e.errno not in EXPECTED_OS_ERRORS:
+            raise
+        raise SystemExit(one_line(e)) from None
+
+
+def write(args):
+    """The command's data sets under --output."""
     out = Path(args.output)
     difficulty = {k: getattr(args, k) for k in ("light", "distractors", "spin", "camouflage") if hasattr(args, k)}
     if args.command == "bags":
@@ -1074,4 +1086,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -279,6 +279,82 @@ def test_davis_predictions_of_the_wrong_size_format_or_ids_are_refused(tmp_path,
         assert_refused(status, err, bad, words, folder=out, before=before)
 
 
+def test_videos_too_short_to_be_scored_are_refused_before_any_work(tmp_path, capsys, checkpoint):
+    """DAVIS scores frames 1..T-2 and JHMDB the frames after the first: a DAVIS video of 1 or 2
+    frames, or a JHMDB video of 1, has no scored frame, and its mean over no frame would be NaN
+    (the official scorer prints it as the score)."""
+    for frames in (1, 2):
+        root = make_davis(tmp_path / f"davis{frames}", frames=frames)
+        check_both_tools("davis", root, checkpoint, tmp_path, capsys, root / "JPEGImages/480p/seq", "at least 3")
+    root = make_jhmdb(tmp_path / "jhmdb1", frames=1)
+    check_both_tools("jhmdb", root, checkpoint, tmp_path, capsys, root / "Rename_Images/clap/v1", "at least 2")
+    # the shortest videos that can be scored are scored: one frame each, perfect predictions score 100
+    root = make_davis(tmp_path / "davis3", frames=3)
+    assert ev.evaluate_dataset("davis", root, root / "Annotations/480p", progress=False)["J&F_m"] == 100
+    root = make_jhmdb(tmp_path / "jhmdb2", frames=2)
+    assert ev.evaluate_dataset("jhmdb", root, root / "joint_positions", progress=False)["PCK@0.1"] == 100
+
+
+def test_joint_coordinates_that_are_no_positions_name_the_file_and_frame(tmp_path, capsys, checkpoint):
+    root = make_jhmdb(tmp_path / "gt")
+    good = sio.loadmat(root / "joint_positions/clap/v1/joint_positions.mat")["pos_img"]
+    for value in (np.nan, np.inf):  # ground truth: every coordinate is a position
+        bad = good.copy()
+        bad[1, 3, 1] = value
+        write_pos_img(root / "joint_positions/clap/v1/joint_positions.mat", bad)
+        check_both_tools("jhmdb", root, checkpoint, tmp_path, capsys, root / "joint_positions/clap/v1/joint_positions.mat",
+                         "frame 2, joint 3")
+    write_pos_img(root / "joint_positions/clap/v1/joint_positions.mat", good)
+    # a prediction: NaN marks a joint it does not see (scored as not visible), an infinity is no position
+    predictions = tmp_path / "predicted"
+    shutil.copytree(root / "joint_positions", predictions)
+    hidden = good.copy()
+    hidden[:, 3, 1] = np.nan
+    write_pos_img(predictions / "clap/v1/joint_positions.mat", hidden)
+    assert run(ev, evaluate_argv("jhmdb", root, predictions), capsys)[0] == 0
+    hidden[0, 5, 2] = -np.inf
+    write_pos_img(predictions / "clap/v1/joint_positions.mat", hidden)
+    before = snapshot(predictions)
+    status, err = run(ev, evaluate_argv("jhmdb", root, predictions), capsys)
+    assert_refused(status, err, predictions / "clap/v1/joint_positions.mat", "infinite", "frame 3, joint 5",
+                   folder=predictions, before=before)
+
+
+def test_predictions_missing_a_frame_are_named_and_a_missing_object_scores_zero(tmp_path, capsys, checkpoint):
+    for dataset, make, labels, missing in [("vip", make_vip, "Annotations/Category_ids", "videos1/000000000002.png"),
+                                           ("jhmdb", make_jhmdb, "joint_positions", "clap/v1/joint_positions.mat")]:
+        root = make(tmp_path / dataset)
+        predictions = tmp_path / f"{dataset}_pred"
+        shutil.copytree(root / labels, predictions)
+        (predictions / missing).unlink()
+        before = snapshot(predictions)
+        status, err = run(ev, evaluate_argv(dataset, root, predictions), capsys)
+        assert_refused(status, err, predictions / missing, "missing", folder=predictions, before=before)
+    # DAVIS: a prediction without object 2 is a prediction (the official scorer scores it): that
+    # object's J and F are 0 (an empty prediction against a non-empty truth), object 1's are 100
+    root = make_davis(tmp_path / "davis")
+    predictions = tmp_path / "davis_pred"
+    for t in range(4):
+        ev.write_palette_png(predictions / f"seq/{t:05d}.png", bands(1, 0))
+    rows = {r["sequence"]: r for r in ev.evaluate_dataset("davis", root, predictions, progress=False)["rows"]}
+    assert (rows["seq_1"]["J&F"], rows["seq_2"]["J"], rows["seq_2"]["F"]) == (100, 0, 0)
+
+
+def test_a_class_absent_from_the_first_frame_is_scored_and_a_davis_object_id_refused(tmp_path, capsys, checkpoint):
+    """VIP: CRW's protocol scores every frame over all 20 classes; a class that appears after the
+    first frame cannot be propagated and scores IoU 0. DAVIS: objects are the first frame's ids, so
+    a later annotation with another id is an error (test_davis_ids_that_are_not_0_to_K_are_refused)."""
+    root = make_vip(tmp_path / "vip")
+    later = bands(7, 13)
+    later[0:4] = 5  # "dress" from the second frame on
+    for t in (2, 3):
+        ev.write_class_png(root / f"Annotations/Category_ids/videos1/{t:012d}.png", later)
+    out = tmp_path / "out"
+    assert run(pr, propagate_argv("vip", root, checkpoint, out), capsys)[0] == 0
+    summary = ev.evaluate_dataset("vip", root, out, progress=False)
+    assert summary["IoU_dress"] == 0 and 0 < summary["mIoU"] < 100
+
+
 # -----------------------------------------------------------------------------
 # Flags, missing or unreadable inputs, settings of an earlier run, full disks
 # -----------------------------------------------------------------------------

@@ -421,7 +421,7 @@ def test_metrics_bad_inputs_are_one_line_naming_the_file_and_write_no_csv(tmp_pa
         ({"--checkpoint": root / "not-vit.pth"}, None, root / "not-vit.pth"),
         ({"--csv": root / "no-folder" / "t.csv"}, None, root / "no-folder"),
         ({"--device": "gpu7"}, None, "gpu7"),
-        ({"--knn-pool": "2"}, None, "--knn 2"),
+        ({"--knn": "6"}, None, "--knn 6"),                   # a pool of all 6 images holds no 6 others
         ({}, lambda: truncated.write_bytes(truncated.read_bytes()[:200]), truncated),
         ({}, lambda: (root / "davis" / "JPEGImages" / "480p" / "seq" / "00002.jpg").write_bytes(b""), "00002.jpg"),
     ]
