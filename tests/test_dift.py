@@ -329,7 +329,7 @@ def test_static_video_keeps_its_mask_with_dift_features(tmp_path):
 
 
 def test_command_line_takes_the_stride_8_block_of_an_sldm_shaped_folder_and_records_it(tmp_path):
-    tw.write_davis(tmp_path / "DAVIS", num_videos=1, frames=2, height=64, width=96, progress=False)
+    tw.write_davis(tmp_path / "DAVIS", num_videos=1, frames=3, height=64, width=96, progress=False)
     folder = tiny_sldm_folder(tmp_path / "sldm", channels=(32, 32, 64, 64), vq_levels=3)
     argv = ["--dataset", "davis", "--data-root", str(tmp_path / "DAVIS"), "--checkpoint", str(folder),
             "--features", "dift", "--dift-ensemble", "1", "--input-size", "64", "96"]
@@ -347,7 +347,7 @@ def test_command_line_takes_the_stride_8_block_of_an_sldm_shaped_folder_and_reco
 
 
 def test_unloadable_model_folder_is_one_line(tmp_path):
-    tw.write_davis(tmp_path / "DAVIS", num_videos=1, frames=2, height=64, width=96, progress=False)
+    tw.write_davis(tmp_path / "DAVIS", num_videos=1, frames=3, height=64, width=96, progress=False)
     with pytest.raises(SystemExit) as exit_info:
         pr.main(["--dataset", "davis", "--data-root", str(tmp_path / "DAVIS"), "--checkpoint", str(tmp_path / "none"),
                  "--output", str(tmp_path / "pred"), "--features", "dift"])
