@@ -390,11 +390,12 @@ ZERO_IS_A_VALUE = {  # options where 0 means something; every other numeric opti
     "--seed", "--seeds", "--dift-seed",                                  # a seed
     "--workers",                                                         # load in the main process
     "--anchor-mask", "--decoder-dropout", "--min-lr", "--warmup-epochs",  # the paper's r_a = 0, no dropout, ...
-    "--weight-decay", "--betas", "--guidance",                           # ..., w = 0: unconditional
+    "--weight-decay", "--betas", "--guidance",                           # ..., w = 0: conditional
     "--vis-every", "metrics.py overlap --size",                          # never; keep the sizes
     "--queue-length", "--dift-timestep", "--dift-up-block",              # frame 0 only; t = 0; the first block
     "--light", "--spin", "--camouflage", "--distractors",                # the toy world without that difficulty
 }
+BELOW_MINUS_ONE = {"--guidance"}  # w = -1 is the S-LDM's unconditional prediction; below it is refused
 
 
 def refusal(parser, argv, capsys):
@@ -419,7 +420,8 @@ def test_every_numeric_flag_refuses_nan_infinities_negatives_and_a_meaningless_z
         flag = action.option_strings[-1]
         count = action.nargs if isinstance(action.nargs, int) else 1
         zero = flag in ZERO_IS_A_VALUE or f"{script} {flag}" in ZERO_IS_A_VALUE
-        for value in ["nan", "inf", "-inf", "-1"] + ([] if zero else ["0"]):
+        negative = "-2" if flag in BELOW_MINUS_ONE else "-1"
+        for value in ["nan", "inf", "-inf", negative] + ([] if zero else ["0"]):
             outcomes = [refusal(parser, [*prefix, flag, *[value] * count], capsys) for prefix in prefixes]
             named = [status == 2 and f"argument {flag}: " in line for status, line in outcomes]
             absent = [status == 2 and "unrecognized arguments" in line for status, line in outcomes]
