@@ -25,7 +25,6 @@ import propagate as pr
 import cdgmae
 from cdgmae import VisionTransformer
 
-torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]
 H, W = 32, 48  # frames; 8-pixel patches -> a 4x6 grid
 

@@ -10,14 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
-import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cdgmae  # noqa: E402
 import toyworld as tw  # noqa: E402
-
-torch.set_num_threads(2)
 
 
 def files_under(root):
@@ -45,8 +42,10 @@ def test_an_ellipse_lands_where_camera_and_pose_put_it():
     c, s = math.cos(math.radians(45)), math.sin(math.radians(45))
     u, v = c * (xs - cx) + s * (ys - cy), -s * (xs - cx) + c * (ys - cy)
     expected = (u / 12) ** 2 + (v / 6) ** 2 <= 1
+    # pixel centres inside an ellipse: the area up to about the square root of the perimeter (60 px): ~8 of 226
     assert expected.sum() == pytest.approx(math.pi * 12 * 6, rel=0.05)
-    # float32 rounding may flip pixels exactly on the rim, nothing else
+    # The renderer rounds a centre's ellipse coordinates to float32: a pixel changes side only if its centre lies
+    # within that rounding (~1e-6 px) of the rim, which at most a couple of centres of this ellipse do.
     assert (ids.astype(bool) != expected).sum() <= 2
 
 
@@ -111,7 +110,8 @@ def test_bags_have_the_trainers_layout_and_true_masks(tmp_path):
             assert mask.mode == "P"
             assert np.array_equal(np.asarray(mask), ids)
             jpeg = np.asarray(Image.open(path), dtype=np.float32)
-            # the JPEG shows the same render, up to about the sensor noise (0.02 * 255 = 5 levels)
+            # the JPEG shows the same render: quality 95 quantises with steps of 1-10 levels (the standard
+            # tables x 0.1), ~3 levels on average on this noisy render; another render is tens of levels away
             assert np.abs(jpeg - image * 255).mean() < 5
     target, anchors, _, _ = cdgmae.BagDataset(root, bags, num_views=2, num_anchors=2, input_size=64,
                                               num_patches=64)[(0, 1)]
@@ -229,6 +229,8 @@ def test_joint_pixels_match_the_drawn_figure():
     joints = dict(zip(tw.JHMDB_JOINTS, tw.figure_joints_pixels(scene, 0, 96, 128)))
     _, ids, _ = tw.render_scene(scene, 96, 128)
     rows, cols = np.nonzero(ids == 1)
+    # pixel centres of a drawing symmetric about the neck's column: mean and extremes within a pixel's
+    # rounding of the drawn shape (0.5 px for the mean of a symmetric set, 1 px for an extreme)
     assert cols.mean() == pytest.approx(joints["neck"][0], abs=0.5)
     assert cols.min() + cols.max() == pytest.approx(2 * joints["neck"][0], abs=1.0)
     assert rows.max() == pytest.approx(joints["left ankle"][1] + 2.4, abs=1.0)
@@ -250,7 +252,7 @@ def test_jhmdb_keypoints_lie_on_the_figure(tmp_path):
         scenes, (figure,) = tw.sample_video(6, "jhmdb", i, 6, 96, 128)
         for t, scene in enumerate(scenes):
             # pos_img is 1-based: pixel (row 0, column 0) is (x, y) = (1, 1)
-            assert np.allclose(pos[:, :, t] - 1, tw.figure_joints_pixels(scene, figure, 96, 128).T)
+            assert np.allclose(pos[:, :, t] - 1, tw.figure_joints_pixels(scene, figure, 96, 128).T)  # float64, +1
             # 1-based (x, y) -> 0-based (row, column)
             cols, rows = np.round(pos[0, :, t] - 1).astype(int), np.round(pos[1, :, t] - 1).astype(int)
             assert ((0 <= cols) & (cols < 128) & (0 <= rows) & (rows < 96)).all()
