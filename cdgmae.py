@@ -56,20 +56,15 @@ Import:
 import argparse
 import contextlib
 import datetime
-import errno
 import hashlib
 import importlib.util
 import io
 import json
 import math
-import multiprocessing
 import os
 import re
-import signal
-import socket
 import sys
 import time
-import warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -78,6 +73,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
+
+from common import (IMAGE_SUFFIXES, VIEW_NAME, UnreadableImage, bag_files, check_outside, check_output_folder, checked,
+                    find_bags, first_line, image_problem, is_real_image, list_files, one_line, open_image,
+                    parallel_map, plain, refuse_line_breaks, remove_stale_temporaries, run_command, to_rgb,
+                    top_level_entries, torchrun_environment, write_or_exit)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -638,20 +638,6 @@ def count_flops(model, num_anchors=None, batch_size=1):
 # holding a file named real.*. Files are written under a temporary name and renamed,
 # so a name that matches below is always complete.
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-VIEW_NAME = re.compile(r"^view_(\d+)\.(jpg|jpeg|png|bmp|webp)$", re.IGNORECASE)
-
-
-def bag_files(bag_dir):
-    """(real image path or None, [view paths ordered by index]) of one bag folder."""
-    real, views = None, {}
-    for entry in os.scandir(bag_dir):
-        name = entry.name
-        if is_real_image(name) and name.lower().endswith(IMAGE_SUFFIXES):
-            real = entry.path
-        elif (match := VIEW_NAME.match(name)):
-            views[int(match.group(1))] = entry.path
-    return real, [views[k] for k in sorted(views)]
 
 
 class BagDataset(torch.utils.data.Dataset):
@@ -872,11 +858,6 @@ def image_boxes(box, regions):
     return [compose_box(region, box) for region in regions]
 
 
-def is_real_image(path):
-    """Whether a bag's file is its real image (real.*, the name bag_files looks for)."""
-    return os.path.basename(path).lower().startswith("real.")
-
-
 def crop_views(images, boxes, flip, size, mode="bicubic", out=None):
     """The views of one sample, each cut with its own box (the sample's shared box mapped to each
     image, `image_boxes`) and one shared flip: [C, H_i, W_i] uint8 images (C = 3 or 4, any sizes,
@@ -1007,7 +988,7 @@ class FrameDataset(BagDataset):
         return sizes[0], [(0.0, 0.0, 1.0, 1.0)] * len(sizes)
 
     def files(self, video, rng):
-        frames = video_frames(self.root / video)
+        frames = list_files(self.root / video)
         if len(frames) < self.gap[0] + 1:
             raise UnreadableImage(f"{self.root / video}: {len(frames)} frames, needs at least {self.gap[0] + 1}")
         return [frames[i] for i in sample_frame_indices(rng, len(frames), self.num_anchors, self.gap)]
@@ -1030,17 +1011,6 @@ def sample_frame_indices(rng, num_frames, num_anchors=1, gap=FRAME_GAP):
         window = [i for i in range(max(0, target - gap[1]), target - gap[0] + 1) if i != first] or [first]
         others = rng.choice(window, size=num_anchors - 1, replace=len(window) < num_anchors - 1).tolist()
     return [target, first] + [int(i) for i in others]
-
-
-def video_frames(folder):
-    """The image files of a frame folder, in natural order (paths)."""
-    names = [e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)]
-    return [os.path.join(folder, name) for name in sorted(names, key=natural_key)]
-
-
-def natural_key(name):
-    """Sort key that orders 'frame2' before 'frame10'."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
 # -----------------------------------------------------------------------------
@@ -1313,12 +1283,12 @@ def save_checkpoint(args, run, epoch, step, global_step, last):
     def write(tmp):
         with open(tmp, "wb") as f:  # a Python file, so that a full disk is an OSError
             torch.save(ckpt, f)
-    save_or_exit(run.output / "checkpoint-last.pth", write, "the checkpoint")
+    write_or_exit(run.output / "checkpoint-last.pth", write, "the checkpoint")
     if finished and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
-        save_or_exit(run.output / f"checkpoint-{epoch + 1:04d}.pth", write, "the checkpoint")
+        write_or_exit(run.output / f"checkpoint-{epoch + 1:04d}.pth", write, "the checkpoint")
     if finished and last and args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
         picture = reconstruction_image(run.model, *last)
-        save_or_exit(run.output / f"reconstruction-{epoch + 1:04d}.png",
+        write_or_exit(run.output / f"reconstruction-{epoch + 1:04d}.png",
                      lambda tmp: picture.save(tmp, format="PNG"), "the reconstruction picture")
 
 
@@ -1332,7 +1302,7 @@ def save_initial_checkpoint(run):
     def write(tmp):
         with open(tmp, "wb") as f:
             torch.save(ckpt, f)
-    save_or_exit(run.output / "checkpoint-0000.pth", write, "the initial checkpoint")
+    write_or_exit(run.output / "checkpoint-0000.pth", write, "the initial checkpoint")
 
 
 def start_records(args, run, num_items, per_step, resumed, start):
@@ -1349,7 +1319,7 @@ def start_records(args, run, num_items, per_step, resumed, start):
           f"lr {args.lr:.3g}; {counts['fvcore'] / 1e9:.3g} GFLOPs/sample (fvcore)")
     if resumed:
         print(f"resumed from {resumed}: epoch {start_epoch}, step {start_step} of {run.steps_per_epoch}")
-    save_or_exit(output / "args.json", lambda tmp: Path(tmp).write_text(json.dumps(run.settings, indent=2)),
+    write_or_exit(output / "args.json", lambda tmp: Path(tmp).write_text(json.dumps(run.settings, indent=2)),
                  "the settings")
     truncate_log(output / "log.jsonl", global_step)
     run.log = open(output / "log.jsonl", "a")
@@ -1401,86 +1371,6 @@ def reconstruction_image(model, target, anchors, pred, mask, max_rows=4):
 # Decoding, cropping and resizing (shared by the CPU and the GPU decode paths)
 # -----------------------------------------------------------------------------
 
-class UnreadableImage(RuntimeError):
-    """An image file that cannot be decoded (the message starts with its path)."""
-
-
-# Images of every mode become 8-bit RGB by one rule, wherever an image is read (training
-# bags, real images for generation, frames for propagation, images for the metrics):
-#   1, L, P, RGB, RGBX, YCbCr, CMYK   Pillow's convert("RGB") (CMYK by Pillow's formula, no ICC profile)
-#   LA, PA, RGBA, P with transparency  the same, the alpha dropped (not composited), as CropMAE's
-#                                      loader (torchvision's default_loader, convert("RGB")) does
-#   I;16 (16-bit grey, any order)     the high byte, value >> 8 (convert("RGB") would clip to white)
-#   I (32-bit integers)               values in 0..65535 as 16-bit grey; other values are refused
-#   F (32-bit floats)                 values in [0, 1] times 255, rounded; other values are refused
-#   any other mode                    refused
-# EXIF orientation is ignored: pixels are used as stored, as CropMAE's loader uses them, so
-# training stays faithful and a mask drawn on a stored frame stays aligned with it. An image
-# declaring more than Image.MAX_IMAGE_PIXELS pixels (a decompression bomb or a corrupt header)
-# is refused before it is decoded. docs/training.md, "Images of every mode", says the same.
-
-RGB_CONVERTED = ("1", "L", "P", "RGB", "RGBX", "YCbCr", "CMYK", "LA", "PA", "RGBA")
-SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
-IMAGE_MODES = RGB_CONVERTED + SIXTEEN_BIT + ("I", "F")
-WHAT_TO_DO = "save it as 8-bit RGB or grey"
-
-
-def open_image(path, name=None):
-    """Image.open(path): the header is parsed, no pixel is decoded. UnreadableImage, naming the
-    file (or `name`, for a file object), if Pillow cannot identify it or its header declares
-    more than Image.MAX_IMAGE_PIXELS pixels (Pillow only warns up to twice that)."""
-    source, path = path, path if name is None else name
-    too_large = (f"{path}: the header declares more than Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels "
-                 f"(a corrupt header or a decompression bomb; shrink the image, or raise PIL.Image.MAX_IMAGE_PIXELS "
-                 f"if it is real)")
-    try:
-        # Pillow's warning would precede the one-line refusal below. (The filter is process-wide:
-        # threads calling this at once, as metrics.check_images_decode's do, may leave it set,
-        # which only silences this same warning.)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(source)
-    except Image.DecompressionBombError:
-        raise UnreadableImage(too_large) from None
-    except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
-        raise UnreadableImage(f"{path}: cannot decode image ({e})") from e
-    if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
-        image.close()
-        raise UnreadableImage(too_large.replace("more than", f"{image.width}x{image.height} pixels, more than"))
-    return image
-
-
-def to_rgb(image, path="image"):
-    """A PIL image of any mode -> a new 8-bit RGB PIL image, by the rule above; UnreadableImage
-    "path: ..." for a mode or values the rule refuses, or pixels that do not decode."""
-    mode = image.mode
-    if mode not in IMAGE_MODES:
-        raise UnreadableImage(f"{path}: a {mode} image, which has no conversion to 8-bit RGB ({WHAT_TO_DO})")
-    try:
-        if mode == "P" and "transparency" in image.info:
-            return image.convert("RGBA").convert("RGB")  # the palette's colours; its transparency is dropped
-        if mode in RGB_CONVERTED:
-            return image.convert("RGB")
-        values = np.asarray(image)
-    except Exception as e:  # noqa: BLE001 -- the decoder's error, with the file's name
-        raise UnreadableImage(f"{path}: cannot decode image ({e})") from e
-    if mode in SIXTEEN_BIT or mode == "I" and values.min() >= 0 and values.max() <= 65535:
-        grey = (values.astype(np.uint32) >> 8).astype(np.uint8)
-    elif mode == "F" and np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1:
-        grey = np.rint(values * 255).astype(np.uint8)
-    else:
-        kind, rule = ("32-bit integer", "0..65535 (16-bit)") if mode == "I" else ("32-bit float", "[0, 1]")
-        raise UnreadableImage(f"{path}: a {kind} image (mode {mode}) with values {values.min():g}..{values.max():g}, "
-                              f"outside {rule} ({WHAT_TO_DO})")
-    return Image.fromarray(grey, mode="L").convert("RGB")
-
-
-def load_rgb(path):
-    """PIL RGB image of a file (`to_rgb`); UnreadableImage if it cannot be decoded or is refused."""
-    with open_image(path) as image:
-        return to_rgb(image, path)
-
-
 # What --decode gpu (torchvision) decodes as the CPU path does: format -> Pillow modes. nvJPEG's
 # CMYK, torchvision's 16-bit PNGs (uint16 pixels) and BMP (not decoded) are refused instead.
 GPU_MODES = {"JPEG": ("L", "RGB"), "MPO": ("L", "RGB"),  # MPO: a camera's JPEG with a second picture
@@ -1498,19 +1388,10 @@ def gpu_decode_problem(image, head):
             f"does (convert it to 8-bit RGB JPEG or PNG, or train with --decode cpu)")
 
 
-def check_image(path, level="header", decode="cpu"):
-    """Refuse, before any work, an image that the loaders would refuse: UnreadableImage naming
-    the file. level "header": the header is parsed and the mode checked (a 32-bit image, whose
-    values decide, is decoded); "decode": every pixel is decoded and converted (`to_rgb`).
-    decode "gpu": also what --decode gpu would decode otherwise (`gpu_decode_problem`)."""
-    with open_image(path) as image:
-        if decode == "gpu":
-            with open(path, "rb") as f:
-                problem = gpu_decode_problem(image, f.read(26))
-            if problem:
-                raise UnreadableImage(f"{path}: {problem}")
-        if image.mode not in IMAGE_MODES or level == "decode" or image.mode in ("I", "F"):
-            to_rgb(image, path)
+def gpu_check(image, path):
+    """`gpu_decode_problem` of an opened image file (common.check_image's further rule for --decode gpu)."""
+    with open(path, "rb") as f:
+        return gpu_decode_problem(image, f.read(26))
 
 
 def map_pixels(pixels, im):
@@ -1936,15 +1817,6 @@ def run_settings(args):
     return settings
 
 
-def plain(value):
-    """argparse values -> JSON/weights_only-safe plain Python (tuples become lists)."""
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def settings_differences(args, stored, finished=False):
     """['--flag old -> new', ...]: the stored settings that the command line would change and
     that change what the run computes. Keys a run did not record (older versions) and keys
@@ -2052,18 +1924,6 @@ def refuse_changed_settings(args, ckpt, resume, output):
                          "run in another --output)")
 
 
-def save_or_exit(path, write, what):
-    """atomic_write; a full disk, a file-size limit, a read-only folder (any OS error, also one that
-    torch.save's writer turns into a RuntimeError) is a one-line exit, and the previous file stays whole."""
-    try:
-        atomic_write(path, write)
-    except (OSError, RuntimeError) as e:
-        message = write_failure(path, e, what, then="rerun with --resume auto")
-        if message is None:
-            raise
-        raise SystemExit(message) from None
-
-
 def truncate_log(path, last_step):
     """Keep the log records of steps <= last_step (those in the checkpoint resumed from), so the
     resumed run appends after them and no step is logged twice. A line cut by a kill is dropped."""
@@ -2077,155 +1937,13 @@ def truncate_log(path, last_step):
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= last_step:
             kept.append(line + "\n")
-    save_or_exit(path, lambda tmp: Path(tmp).write_text("".join(kept)), "the log")
-
-
-def write_failure(path, error, what="", then="rerun"):
-    """The one line for a write of `path` that failed: `path: cannot write <what> (reason) (what to
-    do, then <then>)`; None when no OSError lies behind `error` (torch.save's zip writer raises a
-    RuntimeError over the OSError of a full disk)."""
-    while error is not None and not isinstance(error, OSError):
-        error = error.__context__
-    if error is None:
-        return None
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = f"free space in {Path(path).parent}"
-    elif error.errno == errno.EFBIG:
-        fix = "raise the file-size limit (ulimit -f) or write to a file system that takes larger files"
-    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        fix = f"make {Path(path).parent} writable or write elsewhere"
-    else:
-        fix = "check the path"
-    return f"{path}: cannot write{' ' + what if what else ''} ({error.strerror or error}) ({fix}, then {then})"
-
-
-def check_output_folder(folder, flag="--output"):
-    """Raise ValueError (one line) unless `folder` is a folder this process can write in or create:
-    it, or else its nearest existing parent, is a folder (not a file) and writable. (As root every
-    folder is writable to os.access; a read-only one then fails at the first write, with one line.)"""
-    folder = Path(folder)
-    existing = next(p for p in [folder, *folder.parents] if p.exists() or p.is_symlink())
-    if not existing.is_dir():
-        raise ValueError(f"{existing}: not a folder (give another {flag})")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{existing}: the folder is not writable (make it writable, or give another {flag})")
-
-
-def check_outside(output, source, flag, source_flag):
-    """Raise ValueError (one line) if `output` lies inside the input folder `source` (or is it):
-    what a script writes there would be read back as input by its next run, or by the next step."""
-    if Path(output).resolve().is_relative_to(Path(source).resolve()):
-        raise ValueError(f"{output}: lies inside {source_flag} {source} (give an {flag} outside it)")
-
-
-def refuse_line_breaks(root, names, item="file"):
-    """Raise ValueError (one line) if a name (a path relative to `root`) holds a line break or a tab:
-    the lists the scripts write (bad_bags.txt, the problem lists, unreadable-shard*.txt) put one
-    name on a line, tab-separated from its reason, and the messages one on a line."""
-    odd = [name for name in names if any(c in name for c in "\n\r\t")]
-    if odd:
-        raise ValueError(f"{root}: {len(odd)} {item} name(s) hold a line break or a tab, e.g. {odd[0]!r} (rename "
-                         f"them: the lists and messages of this script put one name on a line)")
-
-
-def run_command(main, resume="rerun the same command to resume"):
-    """Run a script's main() as a command. SIGTERM (what `kill`, job schedulers and torchrun send)
-    becomes a KeyboardInterrupt in this process, as SIGINT (Ctrl-C) is, so that `finally` blocks
-    and atomic writes remove their temporaries; either ends the command with one line and the exit
-    status 128 + the signal's number instead of a traceback. Outputs are renamed into place only
-    when complete and long jobs skip what is done, so the command resumes (`resume` says how).
-    (Processes forked from this one, e.g. DataLoader workers, keep SIGTERM's default: it ends them.)"""
-    owner = os.getpid()
-
-    def interrupt(signum, frame):
-        if os.getpid() != owner:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        raise KeyboardInterrupt(signum)
-    signal.signal(signal.SIGTERM, interrupt)
-    try:
-        main()
-    except KeyboardInterrupt as e:
-        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
-        print(f"interrupted by {signal.Signals(signum).name}; {resume} (finished files are kept, unfinished ones "
-              f"removed)", file=sys.stderr)
-        raise SystemExit(128 + signum) from None
-
-
-def one_line(error):
-    """An expected error's message on one line: `path: what is wrong (what to do)` (generate_views.py
-    and metrics.py use it too; evaluate.py keeps a torch-free twin)."""
-    if isinstance(error, OSError) and error.filename is not None and error.strerror:
-        return f"{error.filename}: {error.strerror} (check the path, its permissions and the free disk space)"
-    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
-
-
-def first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
+    write_or_exit(path, lambda tmp: Path(tmp).write_text("".join(kept)), "the log")
 
 
 # -----------------------------------------------------------------------------
 # Temporary files and atomic writes
 # -----------------------------------------------------------------------------
 
-def temporary_path(path):
-    """A hidden temporary name beside `path`, unique to this process on this host:
-    ".<name>.<host>-<pid>.tmp". It matches no bag, frame or checkpoint pattern, two processes
-    writing the same file never share it, and `remove_stale_temporaries` can tell a killed
-    writer's leftovers from a live one's."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
-
-
-TEMPORARY_NAME = re.compile(r"^\..+\.(?P<host>[^.]+)-(?P<pid>\d+)\.tmp$")
-
-
-def remove_stale_temporaries(folder):
-    """Delete the temporaries (see `temporary_path`) in `folder` whose writer is gone: this
-    host's processes that no longer run. Another host's temporaries are left alone (their
-    writer may be alive). Returns the number removed."""
-    removed, host = 0, socket.gethostname()
-    for entry in os.scandir(folder) if os.path.isdir(folder) else ():
-        match = TEMPORARY_NAME.match(entry.name)
-        if match and match["host"] == host and not process_alive(int(match["pid"])):
-            Path(entry.path).unlink(missing_ok=True)
-            removed += 1
-    return removed
-
-
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
-
-
-def atomic_write(path, write):
-    """Call write(tmp) on a temporary name beside `path` (`temporary_path`), then rename it to
-    `path`, so that a file under its final name is always complete and two processes writing
-    the same file never clash. An error removes the temporary file; a killed process leaves
-    it, hidden, for `remove_stale_temporaries`. Used for checkpoints, bags and CSVs."""
-    tmp = temporary_path(path)
-    try:
-        write(tmp)
-    except OSError as e:  # the temporary's error is the file's: it names `path`, not the temporary
-        tmp.unlink(missing_ok=True)
-        if e.errno is not None and (e.filename is None or str(tmp) in (str(e.filename), str(e.filename2))):
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        os.replace(tmp, path)
-    except OSError as e:  # e.g. `path` is a folder
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 # -----------------------------------------------------------------------------
@@ -2256,101 +1974,6 @@ def check_data_root(args):
                      "or `toyworld.py bags`)")
 
 
-def _is_bag(filenames):
-    return any(f.lower().startswith("real.") and f.lower().endswith(IMAGE_SUFFIXES) for f in filenames)
-
-
-def _folder_items(root, folder, filenames, kind="bags"):
-    """The items one folder holds, as paths relative to root: the folder itself if it is a bag
-    (kind "bags") or a video (kind "frames": it holds images), its image files (kind "crops")."""
-    relative = os.path.relpath(folder, root)
-    if kind == "crops":
-        return [os.path.normpath(os.path.join(relative, f)) for f in sorted(filenames)
-                if f.lower().endswith(IMAGE_SUFFIXES)]
-    if kind == "bags":
-        return [relative] if _is_bag(filenames) else []
-    return [relative] if any(f.lower().endswith(IMAGE_SUFFIXES) for f in filenames) else []
-
-
-def _walk_bags(job):
-    """Relative paths of the bags (or images, videos: see _folder_items) under root/top (one
-    process's share of the listing)."""
-    root, top, kind = job
-    items = []
-    for dirpath, dirnames, filenames in os.walk(os.path.join(root, top)):
-        dirnames.sort()
-        items += _folder_items(root, dirpath, filenames, kind)
-    return items
-
-
-def parallel_map(function, jobs, processes, chunksize=64):
-    """map() over worker processes (not threads: listing, header reads and decoding hold the
-    GIL), in-process for small jobs. Forked unless CUDA is already initialised."""
-    jobs = list(jobs)
-    if processes <= 1 or len(jobs) < 2 * chunksize:
-        return [function(job) for job in jobs]
-    context = multiprocessing.get_context("forkserver" if torch.cuda.is_initialized() else "fork")
-    with context.Pool(processes) as pool:
-        return pool.map(function, jobs, chunksize=chunksize)
-
-
-def find_bags(root, rank=0, world_size=1, processes=1, kind="bags"):
-    """Sorted relative paths of the bag folders (those holding real.*) under root; kind "crops":
-    of the image files, "frames": of the folders holding images (videos).
-
-    With world_size > 1 this returns rank's share only: the top-level folders are dealt out
-    round-robin over the ranks and walked by `processes` processes per rank."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: bag root is not a folder")
-    tops, files = top_level_entries(root)
-    bags = _folder_items(root, root, files, kind) if rank == 0 else []
-    parts = parallel_map(_walk_bags, [(str(root), top, kind) for top in tops[rank::world_size]], processes,
-                         chunksize=4)
-    return sorted(bags + [bag for part in parts for bag in part])
-
-
-def top_level_entries(root):
-    """(folder names, file names) of the top of a data folder, sorted. A symbolic link to a folder
-    counts as a folder (a data set linked in) and is walked; deeper links are not followed
-    (os.walk). A link that loops, or that leads back to the root, above it or into it, whose items
-    the walk would list twice, is a ValueError naming it."""
-    real_root = os.path.realpath(root)
-    folders, files = [], []
-    with os.scandir(root) as entries:
-        for entry in sorted(entries, key=lambda e: e.name):
-            if entry.is_symlink():
-                try:
-                    target = os.path.realpath(entry.path, strict=True)
-                except OSError as e:
-                    if e.errno == errno.ELOOP:
-                        raise ValueError(f"{entry.path}: a symbolic link that loops (remove it)") from None
-                    continue  # a dangling link: neither a folder nor a file
-                if os.path.isdir(target) and (Path(target).is_relative_to(real_root)
-                                              or Path(real_root).is_relative_to(target)):
-                    raise ValueError(f"{entry.path}: a symbolic link to {target}, so the folders of {root} would be "
-                                     f"listed twice (remove the link)")
-            if entry.is_dir():
-                folders.append(entry.name)
-            elif entry.is_file():
-                files.append(entry.name)
-    return folders, files
-
-
-def _image_problem(path, level="header", decode="cpu"):
-    """None if the file is an image the loaders take (`check_image` at `level` and for
-    `decode`), else a short reason."""
-    try:
-        if os.path.getsize(path) == 0:
-            return "empty file"
-        check_image(path, level, decode)
-        return None
-    except UnreadableImage as e:
-        return str(e).removeprefix(f"{path}: ")
-    except Exception as e:  # noqa: BLE001 -- any decoder error is reported with the file's name
-        return f"unreadable ({type(e).__name__}: {e})"
-
-
 def _bag_problem(job):
     """(bag, reason or None) for one bag; see check_bags."""
     root, bag, num_views, min_views, level, decode = job
@@ -2364,9 +1987,15 @@ def _bag_problem(job):
         return bag, f"{1 + num_views} images, needs at least {min_views}"
     if level != "none":
         for path in [real] + views[:num_views]:
-            if (problem := _image_problem(path, level, decode)):
+            if (problem := image_problem(path, level, gpu_check if decode == "gpu" else None)):
                 return bag, f"{os.path.basename(path)}: {problem}"
     return bag, None
+
+
+def start_method():
+    """How the start-up scan starts its processes: forked, unless CUDA is initialised (a forked
+    child of a process that has started CUDA cannot use it, and may hang)."""
+    return "forkserver" if torch.cuda.is_initialized() else "fork"
 
 
 def check_bags(root, bags, num_views, min_views, verify_images="header", processes=1, decode="cpu"):
@@ -2377,19 +2006,19 @@ def check_bags(root, bags, num_views, min_views, verify_images="header", process
     `check_image`). The bags are split over `processes` worker processes."""
     level = {True: "header", False: "none"}.get(verify_images, verify_images)
     jobs = [(str(root), bag, num_views, min_views, level, decode) for bag in bags]
-    return {bag: reason for bag, reason in parallel_map(_bag_problem, jobs, processes) if reason}
+    return {bag: reason for bag, reason in parallel_map(_bag_problem, jobs, processes, start_method=start_method()) if reason}
 
 
 def _item_problem(job):
     """(item, reason or None) for one image (--pretext crops) or video (frames); see check_items."""
     root, item, pretext, level, decode = job
     path = Path(root) / item
-    paths = [path] if pretext == "crops" else video_frames(path)
+    paths = [path] if pretext == "crops" else list_files(path)
     if pretext == "frames" and len(paths) < FRAME_GAP[0] + 1:
         return item, f"{len(paths)} frames, needs at least {FRAME_GAP[0] + 1} (a gap of {FRAME_GAP[0]} frames)"
     if level != "none":
         for frame in paths:
-            if (problem := _image_problem(frame, level, decode)):
+            if (problem := image_problem(frame, level, gpu_check if decode == "gpu" else None)):
                 return item, problem if pretext == "crops" else f"{os.path.basename(frame)}: {problem}"
     return item, None
 
@@ -2398,7 +2027,7 @@ def check_items(root, items, pretext, verify_images="header", processes=1, decod
     """check_bags for --pretext crops (each image opens) and frames (each video has at least 5
     frames and each frame opens): {item: reason}."""
     jobs = [(str(root), item, pretext, verify_images, decode) for item in items]
-    return {item: reason for item, reason in parallel_map(_item_problem, jobs, processes) if reason}
+    return {item: reason for item, reason in parallel_map(_item_problem, jobs, processes, start_method=start_method()) if reason}
 
 
 def bag_index_key(args):
@@ -2438,7 +2067,7 @@ def scan_bag_root(args, rank, world_size, output):
     if cached:
         return cached
     processes, item = max(1, args.workers), PRETEXT_ITEMS[args.pretext]
-    bags = sorted(gather(find_bags(args.data, rank, world_size, processes, kind=args.pretext), world_size))
+    bags = sorted(gather(find_bags(args.data, rank, world_size, processes, args.pretext, start_method()), world_size))
     if not bags:
         raise SystemExit(f"{args.data}: no {item}s found ({EXPECTED_LAYOUT[args.pretext]})")
     refuse_line_breaks(args.data, bags, item)
@@ -2459,7 +2088,7 @@ def scan_bag_root(args, rank, world_size, output):
         if rank == 0:  # one "item<TAB>reason" a line
             text = "".join(f"{b}\t{' '.join(why.split())}\n" for b, why in listed)
             output.mkdir(parents=True, exist_ok=True)
-            save_or_exit(output / f"{item}-problems.txt", lambda tmp: Path(tmp).write_text(text), "a list")
+            write_or_exit(output / f"{item}-problems.txt", lambda tmp: Path(tmp).write_text(text), "a list")
         shown = "; ".join(f"{bag}: {why}" for bag, why in listed[:3])
         raise SystemExit(f"{args.data}: {len(problems)} of {len(bags)} {item}s cannot be used{setting}: "
                          f"{shown}{' ...' if len(listed) > 3 else ''} "
@@ -2467,7 +2096,7 @@ def scan_bag_root(args, rank, world_size, output):
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         index = {"key": key, "verified": args.verify_images, "num_views": num_views, "bags": bags}
-        save_or_exit(cache, lambda tmp: Path(tmp).write_text(json.dumps(index)), "the bag index")
+        write_or_exit(cache, lambda tmp: Path(tmp).write_text(json.dumps(index)), "the bag index")
     return bags, num_views
 
 
@@ -2480,30 +2109,6 @@ def bag_list_id(bags, item="bag"):
 # Distributed set-up (torchrun: NCCL on CUDA, gloo on CPU)
 # -----------------------------------------------------------------------------
 
-TORCHRUN_HINT = "torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; unset them to run one process"
-
-
-def torchrun_environment(env=None):
-    """(rank, world size, local rank) from torchrun's RANK, WORLD_SIZE and LOCAL_RANK in `env`
-    (os.environ; unset: 0, 1, 0), checked: integers with 0 <= LOCAL_RANK <= RANK < WORLD_SIZE.
-    Otherwise (a leftover export, a hand-made launch) a ValueError names the variable, before
-    any work, instead of a traceback deep in the run."""
-    env = os.environ if env is None else env
-    values = {}
-    for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
-        text = env.get(name)
-        try:
-            values[name] = default if text is None else int(text)
-        except ValueError:
-            raise ValueError(f"{name}={text}: not an integer ({TORCHRUN_HINT})") from None
-    rank, world_size, local_rank = values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
-    if world_size < 1:
-        raise ValueError(f"WORLD_SIZE={world_size}: not a number of processes ({TORCHRUN_HINT})")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"RANK={rank}: not in 0..WORLD_SIZE-1 = 0..{world_size - 1} ({TORCHRUN_HINT})")
-    if not 0 <= local_rank <= rank:
-        raise ValueError(f"LOCAL_RANK={local_rank}: not in 0..RANK = 0..{rank} ({TORCHRUN_HINT})")
-    return rank, world_size, local_rank
 
 
 def setup_distributed(rank, world_size, local_rank, timeout_minutes=30):
@@ -2559,26 +2164,6 @@ def gather(part, world_size):
 
 DEFAULT_DATA = "data/bags"  # --data default, relative to the working folder (the docstring's torchrun usage names none)
 SEED_MAX = 2 ** 32 - 1  # torch's seed of a step, seed * 1_000_003 + ..., must stay below 2^64
-
-
-def checked(kind, low=None, high=None, *, low_open=False, high_open=False):
-    """An argparse `type` that parses with `kind` (int or float) and holds the value to the range
-    [low, high] (an end is excluded with low_open / high_open; None means unbounded). A bad value
-    is one argparse error line naming the flag, e.g. "argument --topk: 0 is not >= 1"."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if value != value or value in (float("inf"), float("-inf")):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        if low is not None and (value <= low if low_open else value < low):
-            raise argparse.ArgumentTypeError(f"{text} is not {'>' if low_open else '>='} {low}")
-        if high is not None and (value >= high if high_open else value > high):
-            raise argparse.ArgumentTypeError(f"{text} is not {'<' if high_open else '<='} {high}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
 
 
 def get_args_parser():

@@ -45,6 +45,7 @@ import torch.nn as nn
 from PIL import Image, ImageDraw
 
 import cdgmae
+from common import atomic_write, bag_files, check_output_folder, checked, find_bags, run_command
 import evaluate
 import generate_views
 import metrics
@@ -77,34 +78,34 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default=None, help="folder for the toy world, the run and the results "
                                                  "(default: runs/demo, with --compare runs/compare)")
-    p.add_argument("--seed", type=cdgmae.checked(int, 0, cdgmae.SEED_MAX), default=0,
+    p.add_argument("--seed", type=checked(int, 0, cdgmae.SEED_MAX), default=0,
                    help="seeds the toy world and the training run")
     g = p.add_argument_group("toy world")
-    g.add_argument("--num-bags", type=cdgmae.checked(int, 1), default=2000, help="bags of 1 real + 4 views, 64x64")
-    g.add_argument("--davis-videos", type=cdgmae.checked(int, 1), default=40, help="toy DAVIS videos (96x160, 20 frames)")
-    g.add_argument("--vip-videos", type=cdgmae.checked(int, 1), default=10, help="toy VIP videos (96x160, 20 frames)")
-    g.add_argument("--jhmdb-videos", type=cdgmae.checked(int, 1), default=10, help="toy JHMDB videos (96x128, 20 frames)")
+    g.add_argument("--num-bags", type=checked(int, 1), default=2000, help="bags of 1 real + 4 views, 64x64")
+    g.add_argument("--davis-videos", type=checked(int, 1), default=40, help="toy DAVIS videos (96x160, 20 frames)")
+    g.add_argument("--vip-videos", type=checked(int, 1), default=10, help="toy VIP videos (96x160, 20 frames)")
+    g.add_argument("--jhmdb-videos", type=checked(int, 1), default=10, help="toy JHMDB videos (96x128, 20 frames)")
     g = p.add_argument_group("pre-training (cdgmae.py; the model size is TOY_MODEL)")
-    g.add_argument("--anchors", type=cdgmae.checked(int, 1, 4), default=1, help="N anchors, 1..4: a bag holds 5 images (paper: 1 for a1, 3 for a3)")
-    g.add_argument("--anchor-mask", type=cdgmae.checked(float, 0, 1, high_open=True), default=0.0, help="anchor mask ratio r_a (paper: 0 / 0.25)")
-    g.add_argument("--epochs", type=cdgmae.checked(int, 1), default=26, help="passes over the bags")
-    g.add_argument("--batch-size", type=cdgmae.checked(int, 1), default=64)
-    g.add_argument("--lr", type=cdgmae.checked(float, 0, low_open=True), default=2e-3, help="peak learning rate (blr 8e-3 at batch 64)")
-    g.add_argument("--warmup-epochs", type=cdgmae.checked(float, 0), default=1)
-    g.add_argument("--workers", type=cdgmae.checked(int, 0), default=0, help="DataLoader workers (0: decode in the training process)")
+    g.add_argument("--anchors", type=checked(int, 1, 4), default=1, help="N anchors, 1..4: a bag holds 5 images (paper: 1 for a1, 3 for a3)")
+    g.add_argument("--anchor-mask", type=checked(float, 0, 1, high_open=True), default=0.0, help="anchor mask ratio r_a (paper: 0 / 0.25)")
+    g.add_argument("--epochs", type=checked(int, 1), default=26, help="passes over the bags")
+    g.add_argument("--batch-size", type=checked(int, 1), default=64)
+    g.add_argument("--lr", type=checked(float, 0, low_open=True), default=2e-3, help="peak learning rate (blr 8e-3 at batch 64)")
+    g.add_argument("--warmup-epochs", type=checked(float, 0), default=1)
+    g.add_argument("--workers", type=checked(int, 0), default=0, help="DataLoader workers (0: decode in the training process)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--datasets", nargs="+", default=["davis", "vip", "jhmdb"], choices=["davis", "vip", "jhmdb"])
-    g.add_argument("--metric-pairs", type=cdgmae.checked(int, 1), default=200, help="pairs per set for GS / LS / NPS")
-    g.add_argument("--threads", type=cdgmae.checked(int, 1, os.cpu_count() or 1), default=None,
+    g.add_argument("--metric-pairs", type=checked(int, 1), default=200, help="pairs per set for GS / LS / NPS")
+    g.add_argument("--threads", type=checked(int, 1, os.cpu_count() or 1), default=None,
                    help="torch CPU threads, at most the CPUs here (default: torch's)")
     g = p.add_argument_group("the paper's comparisons in miniature (--compare; see docs/comparisons.md)")
     g.add_argument("--compare", action="store_true",
                    help="train the same encoder on every pretext data of --methods for every seed of --seeds and "
                         "print Tables 5, 2 and 4 in miniature (output: runs/compare unless --output)")
-    g.add_argument("--seeds", type=cdgmae.checked(int, 0, cdgmae.SEED_MAX), nargs="+", default=[0, 1, 2],
+    g.add_argument("--seeds", type=checked(int, 0, cdgmae.SEED_MAX), nargs="+", default=[0, 1, 2],
                    help="--compare: seeds")
     g.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="--compare: pretexts")
-    g.add_argument("--train-videos", type=cdgmae.checked(int, 1), default=256,
+    g.add_argument("--train-videos", type=checked(int, 1), default=256,
                    help="--compare: unlabelled toy videos of 20 frames for the SiamMAE pretext (never evaluated ones)")
     return p
 
@@ -160,7 +161,7 @@ def score(features, root, out, datasets, visualize=False):
 def view_consistency(encoder, root, num_pairs, seed):
     """Step 4: GS / LS / NPS (Eq. 1-3) of toy view pairs, video frame pairs and random pairs."""
     rng = np.random.default_rng(seed)
-    reals = [cdgmae.bag_files(root / "bags" / b)[0] for b in cdgmae.find_bags(root / "bags")]
+    reals = [bag_files(root / "bags" / b)[0] for b in find_bags(root / "bags")]
     sets = {"Video frames (toy DAVIS, 5 frames apart)": metrics.video_pairs(root / "davis" / "JPEGImages" / "480p", num_pairs, 5, rng),
             "Generated views (toy bag: real vs view)": metrics.bag_pairs(root / "bags", num_pairs, rng),
             "Random images (toy real scenes)": metrics.random_pairs(reals, num_pairs, rng)}
@@ -240,12 +241,12 @@ def make_training_data(root, args, methods):
     """The pretexts' data beside the bags: the bags' real images as a plain folder (CropMAE),
     unlabelled toy videos that are not evaluated (SiamMAE)."""
     if "cropmae" in methods or "knn" in methods:
-        for bag in cdgmae.find_bags(root / "bags"):
+        for bag in find_bags(root / "bags"):
             link = root / "images" / f"{bag}.jpg"
             if not link.exists():
                 link.parent.mkdir(parents=True, exist_ok=True)
                 source = root / "bags" / bag / "real.jpg"  # a hard link, else a copy; renamed into place
-                cdgmae.atomic_write(link, lambda tmp, source=source: generate_views.place_file(source, tmp, link=True))
+                atomic_write(link, lambda tmp, source=source: generate_views.place_file(source, tmp, link=True))
     if "siammae" in methods:
         toyworld.write_videos(root / "videos", args.train_videos, 20, *VIDEO_SIZE["davis"], args.seed, progress=False)
 
@@ -274,7 +275,7 @@ def method_argv(name, root, run, args):
 
 
 def save_json(path, value):
-    cdgmae.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=1)))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=1)))
 
 
 def compare_seed(args, seed_dir, methods):
@@ -409,7 +410,7 @@ def compare(args):
     table = collect(out, args.seeds, methods)
     text = format_comparison(table, methods, args.seeds)
     save_json(out / "comparison.json", {"seeds": args.seeds, "methods": methods, "table": table})
-    cdgmae.atomic_write(out / "comparison.txt", lambda tmp: Path(tmp).write_text(text + "\n"))
+    atomic_write(out / "comparison.txt", lambda tmp: Path(tmp).write_text(text + "\n"))
     draw_comparison(table, [(row, SHORT[row]) for row in methods + list(BASELINES)], out / "comparison.png")
     print(f"\n{text}\n\n({(time.time() - start) / 60:.1f} min; {out / 'comparison.txt'}, {out / 'comparison.png'})")
     return table
@@ -428,7 +429,7 @@ def check_args(parser, args):
         parser.error(f"argument --num-bags: {args.num_bags} images hold no {generate_views.PAPER_KNN} other "
                      f"images for the k-NN bags (give more than {generate_views.PAPER_KNN})")
     try:
-        cdgmae.check_output_folder(args.output or ("runs/compare" if args.compare else "runs/demo"))
+        check_output_folder(args.output or ("runs/compare" if args.compare else "runs/demo"))
     except ValueError as e:
         raise SystemExit(str(e)) from None
 
@@ -479,4 +480,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cdgmae.run_command(main)
+    run_command(main)

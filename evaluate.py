@@ -47,13 +47,14 @@ line prints one line `path: what is wrong (what to do)` and exits 1):
   * a video has a frame to score: DAVIS at least 3 frames (1..T-2 are scored), JHMDB at least
     2 (the official scorers would average no frame and print NaN).
 
-What you may copy: the whole file imports no torch and no other file of this repository, so
-it can be copied alone (numpy, scipy, Pillow; tqdm for progress bars). The scores come first:
+What you may copy: the file imports no torch; with common.py (the plumbing every script shares)
+beside it, it can be copied alone (numpy, scipy, Pillow; tqdm for progress bars). The scores
+come first, and need neither common.py nor files:
 `region_similarity` (J), `confusion_matrix` / `mean_iou` (VIP mIoU) and `joint_visibility` /
 `normalized_joint_distances` / `pck` (JHMDB PCK) need only numpy arrays; `contour_accuracy`
 (F, with `boundary_map` and `dilate_disk`) adds scipy.ndimage. Then the dataset scorers
 (`evaluate_davis`, `evaluate_vip`, `evaluate_jhmdb`, `evaluate_dataset`), which use the
-plumbing after them: the file formats (label PNGs, joint_positions.mat, `atomic_save`), the
+plumbing after them: the file formats (label PNGs, joint_positions.mat), the
 dataset layouts and checks, and the command line.
 
 Usage:
@@ -66,20 +67,16 @@ Import:
     summary = evaluate_dataset("davis", "DAVIS", "runs/davis")   # {"J&F_m": ..., "J_m": ..., ...}
 """
 import argparse
-import csv
-import errno
 import math
-import os
-import signal
-import socket
-import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from scipy import io as sio
 from scipy import ndimage
+
+from common import (EXPECTED_OS_ERRORS, HelpFormatter, InputError, UnreadableImage, atomic_write, check_output_path,
+                    checked, format_table, list_files, one_line, open_image, run_command, write_csv)
 
 DATASETS = ("davis", "vip", "jhmdb")
 VIP_NUM_CLASSES = 20
@@ -92,11 +89,6 @@ JHMDB_JOINTS = ["neck", "belly", "face", "right shoulder", "left shoulder", "rig
 DAVIS_VOID = 255
 DAVIS_MAX_OBJECTS = 100  # more first-frame ids than this is not an object annotation (DAVIS-2017: <= 10)
 LABEL_MODES = ("P", "L")  # indexed or 8-bit single-channel PNG: the stored value is the id
-
-
-class InputError(ValueError):
-    """A dataset, prediction or checkpoint file that cannot be used, or a bad setting. The
-    message reads `path: what is wrong (what to do)`; the command lines print it as one line."""
 
 
 # -----------------------------------------------------------------------------
@@ -373,88 +365,43 @@ def davis_palette():
     return palette
 
 
-def atomic_save(path, save):
-    """Run save(tmp_path) on a temporary name beside `path`, then rename it to `path`, so a
-    file with the final name is always complete. The temporary name ".<name>.<host>-<pid>.tmp"
-    is unique per process and is the one cdgmae.temporary_path makes, so
-    cdgmae.remove_stale_temporaries sweeps what a killed writer left. (This file keeps its own
-    copy so that it imports no torch and can be copied alone, like the official evaluators.)
-    A full disk raises OSError with the message `path: no space left on device (...)`, a file-size
-    limit `path: file too large (...)`; any other error of the temporary names `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(e.errno, f"{path}: no space left on device (free some space and rerun; "
-                                   f"finished files are kept)") from None
-        if e.errno == errno.EFBIG:
-            raise OSError(e.errno, f"{path}: file too large for the file-size limit (ulimit -f) or the file "
-                                   f"system (raise the limit or write elsewhere, and rerun; finished files are kept)") from None
-        if e.errno is not None and (e.filename is None or str(tmp) in (str(e.filename), str(e.filename2))):
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from None  # the temporary's error is the file's
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_palette_png(path, ids):
     """ids [H, W] integers 0..255 -> an indexed ('P') PNG with the DAVIS palette."""
     image = Image.fromarray(np.asarray(ids, dtype=np.uint8), mode="P")
     image.putpalette(davis_palette().ravel().tolist())
-    atomic_save(path, lambda tmp: image.save(tmp, format="PNG"))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def write_class_png(path, ids):
     """ids [H, W] integers 0..255 -> a grayscale ('L') PNG holding the ids themselves (VIP's
     Category_ids format; CRW's evaluator reads the value, so no palette)."""
     image = Image.fromarray(np.asarray(ids, dtype=np.uint8), mode="L")
-    atomic_save(path, lambda tmp: image.save(tmp, format="PNG"))
-
-
-def open_header(path):
-    """Image.open(path), the header only. A header declaring more than Image.MAX_IMAGE_PIXELS
-    pixels (a corrupt header or a decompression bomb) is Pillow's DecompressionBombError from
-    that limit on, where Pillow only warns up to twice it: cdgmae.open_image's rule (this file
-    imports no torch, so it has its own copy)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        image = Image.open(path)
-    if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
-        image.close()
-        raise Image.DecompressionBombError(f"the header declares {image.width}x{image.height} pixels, more than "
-                                           f"Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}")
-    return image
-
-
-# What Pillow raises for a file it cannot parse, or whose header declares too many pixels.
-UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def image_size(path, what="image"):
     """(width, height) from an image's header; a missing or unreadable file is an InputError."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: {what} not found (check --data-root and the video list)")
     try:
-        with open_header(path) as image:
+        with open_image(path) as image:
             return image.size
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: {what} not found (check --data-root and the video list)") from None
-    except UNREADABLE as e:
-        raise InputError(f"{path}: cannot read {what} ({e}) (replace the file)") from None
+    except UnreadableImage as e:
+        raise InputError(f"{path}: cannot read {what} ({str(e).removeprefix(f'{path}: ')}) (replace the file)") from None
 
 
 def check_label_header(path, size=None, what="annotation"):
     """Header check of a label PNG: it opens, it is an indexed ('P') or 8-bit single-channel
     ('L') image, and its (width, height) equals `size` when given (the frame's)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: {what} not found (check the folder)")
     try:
-        with open_header(path) as image:
+        with open_image(path) as image:
             mode, found = image.mode, image.size
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: {what} not found (check the folder)") from None
-    except UNREADABLE as e:
-        raise InputError(f"{path}: cannot read {what} ({e}) (replace the file)") from None
+    except UnreadableImage as e:
+        raise InputError(f"{path}: cannot read {what} ({str(e).removeprefix(f'{path}: ')}) (replace the file)") from None
     if mode not in LABEL_MODES:
         raise InputError(f"{path}: {what} is a {mode!r} image; ids must be stored as an indexed ('P') "
                          f"or single-channel ('L') PNG (save the id map itself, not its colours)")
@@ -558,7 +505,8 @@ def write_joints_mat(path, xy):
     """xy [T, J, 2] 0-based pixel coordinates (NaN = not visible) -> joint_positions.mat with
     pos_img [2, J, T], 1-based like JHMDB's own files."""
     pos = np.asarray(xy, dtype=np.float64).transpose(2, 1, 0) + 1.0
-    atomic_save(path, lambda tmp: sio.savemat(tmp, {"pos_img": pos}, format="5"))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: sio.savemat(tmp, {"pos_img": pos}, format="5"))
 
 
 # -----------------------------------------------------------------------------
@@ -573,15 +521,11 @@ def write_joints_mat(path, xy):
 # -----------------------------------------------------------------------------
 
 def sorted_frames(folder, suffixes, what="frames folder"):
-    """Files of `folder` with one of `suffixes`, in frame order: by number when every stem is
-    a number (00000, 00001, ...), else by name."""
-    folder = Path(folder)
-    if not folder.is_dir():
+    """Files of `folder` with one of `suffixes`, in frame order: natural order, digit runs compared
+    as numbers (00000, 00001, ...; frame2 before frame10)."""
+    if not Path(folder).is_dir():
         raise FileNotFoundError(f"{folder}: {what} not found (check --data-root and the video list)")
-    files = [p for p in folder.iterdir() if p.suffix.lower() in suffixes and not p.name.startswith(".")]
-    if all(p.stem.isdigit() for p in files):
-        return sorted(files, key=lambda p: int(p.stem))
-    return sorted(files)
+    return list_files(folder, suffixes)
 
 
 def read_video_list(path, dataset):
@@ -775,55 +719,6 @@ def summary_columns(dataset, alphas=(0.1, 0.2)):
     return {"davis": ["J&F_m", "J_m", "F_m"], "vip": ["mIoU"]}.get(dataset, [f"PCK@{a}" for a in alphas])
 
 
-def format_table(rows):
-    columns = list(rows[0])
-    cells = [[f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
-
-
-def write_csv(path, rows, summary_row):
-    """Per-sequence rows, then one row named ALL with the dataset-level summary."""
-    columns = list(rows[0]) if rows else list(summary_row)
-
-    def save(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-            writer.writerow(summary_row)
-    atomic_save(path, save)
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows the module docstring as written and the defaults that are not None."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def checked(kind, low=None, high=None, *, low_open=False, high_open=False):
-    """An argparse `type` that parses with `kind` (int or float) and holds the value to the range
-    [low, high] (an end is excluded with low_open / high_open; None: unbounded); NaN and infinities
-    are refused. (cdgmae.checked's torch-free twin, for this file and toyworld.py.)"""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if value != value or value in (float("inf"), float("-inf")):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        if low is not None and (value <= low if low_open else value < low):
-            raise argparse.ArgumentTypeError(f"{text} is not {'>' if low_open else '>='} {low}")
-        if high is not None and (value >= high if high_open else value > high):
-            raise argparse.ArgumentTypeError(f"{text} is not {'<' if high_open else '<='} {high}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
 def add_dataset_arguments(parser, required=True):
     """The benchmark and its videos, read alike by evaluate.py and propagate.py: --dataset,
     --data-root, --list, --videos, --subset, --resolution (required=False: propagate.py, whose
@@ -859,54 +754,6 @@ def get_args_parser():
     return parser
 
 
-# OSError numbers that are the user's to fix: a full disk or quota, a file-size limit, no permission, a
-# read-only disk, a path through a file, a folder where a file should be, a symbolic link that loops.
-EXPECTED_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS,
-                      errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG)
-
-
-def one_line(error):
-    """An expected error as one line `path: what is wrong (what to do)`."""
-    if isinstance(error, OSError) and error.filename is not None:
-        return f"{error.filename}: {error.strerror} (check the path and its permissions and free space)"
-    text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-    return " ".join(text.split())
-
-
-def check_output_path(path, flag, folder=False):
-    """Raise InputError (one line) if `path` cannot be written as a file (folder=False) or a folder:
-    it exists as the other kind, or a path component above it is a file."""
-    path = Path(path)
-    if path.exists() and path.is_dir() != folder:
-        raise InputError(f"{path}: {'not a folder' if folder else 'a folder'} (give another {flag})")
-    existing = next((p for p in path.parents if p.exists() or p.is_symlink()), path)
-    if not existing.is_dir():
-        raise InputError(f"{existing}: not a folder (give another {flag})")
-
-
-def run_command(main):
-    """Run a script's main() as a command: SIGTERM becomes a KeyboardInterrupt, as SIGINT is, so
-    that atomic writes remove their temporaries, and either ends the command with one line and the
-    exit status 128 + the signal's number. (cdgmae.run_command's torch-free twin, for this file and
-    toyworld.py.)"""
-    owner = os.getpid()
-
-    def interrupt(signum, frame):
-        if os.getpid() != owner:  # a forked child keeps the default: the signal ends it
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        raise KeyboardInterrupt(signum)
-    signal.signal(signal.SIGTERM, interrupt)
-    try:
-        main()
-    except KeyboardInterrupt as e:
-        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
-        print(f"interrupted by {signal.Signals(signum).name}; rerun the same command "
-              f"(finished files are kept, unfinished ones removed)", file=sys.stderr)
-        raise SystemExit(128 + signum) from None
-
-
 def main(argv=None):
     """Score, print the tables and write the CSV. An expected failure (a bad or missing file, a
     full disk) exits with one line `path: what is wrong (what to do)`, no traceback."""
@@ -927,7 +774,7 @@ def main(argv=None):
         else:
             summary_row.update({c: summary[c] for c in columns})
         csv_path = args.csv or Path(args.predictions) / f"{args.dataset}_scores.csv"
-        write_csv(csv_path, rows, summary_row)
+        write_csv(csv_path, rows + [summary_row], list(rows[0]) if rows else list(summary_row))
     except (InputError, FileNotFoundError) as e:
         raise SystemExit(one_line(e)) from None
     except OSError as e:

@@ -74,6 +74,10 @@ from tqdm import tqdm
 
 import cdgmae
 import metrics
+from common import (IMAGE_SUFFIXES, VIEW_NAME, atomic_write, bag_files, check_new_folder,
+                    check_output_folder, check_outside, checked, claim_record, file_sha256, folder_sha256,
+                    load_rgb, one_line, raise_error, read_record, refuse_line_breaks, refuse_other_settings,
+                    remove_stale_temporaries, run_command, torchrun_environment, write_failure)
 
 PAPER_VIEWS = 4          # M (Sec. 4)
 PAPER_STEPS = 50         # DDIM steps (Sec. 4)
@@ -258,8 +262,8 @@ def bag_is_complete(bag_dir, num_views):
     """True when the bag holds real.* and view_00 .. view_{M-1}."""
     if not os.path.isdir(bag_dir):
         return False
-    real, views = cdgmae.bag_files(bag_dir)
-    indices = {int(cdgmae.VIEW_NAME.match(os.path.basename(v)).group(1)) for v in views}
+    real, views = bag_files(bag_dir)
+    indices = {int(VIEW_NAME.match(os.path.basename(v)).group(1)) for v in views}
     return real is not None and indices >= set(range(num_views))
 
 
@@ -273,16 +277,16 @@ def write_bag(bag_dir, real_path, views, quality=JPEG_QUALITY, link=False):
     allows it, else copied."""
     bag_dir = Path(bag_dir)
     bag_dir.mkdir(parents=True, exist_ok=True)
-    cdgmae.remove_stale_temporaries(bag_dir)   # left by a run killed while writing this bag
+    remove_stale_temporaries(bag_dir)   # left by a run killed while writing this bag
     for k, view in enumerate(views):
         if isinstance(view, Image.Image):
-            cdgmae.atomic_write(bag_dir / f"view_{k:02d}.jpg",
+            atomic_write(bag_dir / f"view_{k:02d}.jpg",
                                 lambda tmp: view.save(tmp, format="JPEG", quality=quality))
         else:
-            cdgmae.atomic_write(bag_dir / f"view_{k:02d}{Path(view).suffix.lower()}",
+            atomic_write(bag_dir / f"view_{k:02d}{Path(view).suffix.lower()}",
                                 partial(place_file, view, link=link))
     real_name = "real" + Path(real_path).suffix.lower()
-    cdgmae.atomic_write(bag_dir / real_name, partial(place_file, real_path, link=link))
+    atomic_write(bag_dir / real_name, partial(place_file, real_path, link=link))
 
 
 def place_file(source, destination, link=False):
@@ -308,7 +312,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         try:
-            img = cdgmae.load_rgb(self.root / self.rel_paths[i])
+            img = load_rgb(self.root / self.rel_paths[i])
             return i, (self.prepare(img) if self.prepare else img), None
         except Exception as e:  # noqa: BLE001 -- reported and skipped, the run goes on
             return i, None, str(e)
@@ -367,13 +371,6 @@ def generate_bags(backend, images_root, rel_paths, output, num_views=PAPER_VIEWS
 #   MODEL/conditioner/vit.pth        {"model": ViT state dict (MAE/DINO keys), "args": {"num_heads": H}}
 #   MODEL/conditioner/projection.pth {"weight": [D, E], "bias": [D]}
 
-def check_new_folder(folder):
-    """Refuse to write a model into an existing file or non-empty folder (nothing is overwritten)."""
-    folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise FileExistsError(f"{folder}: output folder exists and is not empty (give a new --output folder)")
-
-
 def save_sldm(folder, sldm, extra=None):
     """Write an S-LDM to `folder` in the layout above (written to a temporary sibling folder,
     then renamed, so a half-written model folder never exists under the final name)."""
@@ -417,7 +414,7 @@ def read_sldm_meta(folder):
     try:
         meta = json.loads((folder / "sldm.json").read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"{folder}/sldm.json: cannot read ({cdgmae.one_line(e)}) (re-create the folder with convert)") from e
+        raise ValueError(f"{folder}/sldm.json: cannot read ({one_line(e)}) (re-create the folder with convert)") from e
     if not isinstance(meta, dict) or meta.get("format") != SLDM_FORMAT:
         format_ = meta.get("format") if isinstance(meta, dict) else None
         raise ValueError(f"{folder}/sldm.json: format is {format_!r}, expected {SLDM_FORMAT!r}")
@@ -438,7 +435,7 @@ def load_piece(path, load, what_to_do="re-create the model folder"):
     except cdgmae.CheckpointError:  # already one line naming the file and the way out
         raise
     except (OSError, ValueError, RuntimeError) as e:  # diffusers: OSError / ValueError; torch: RuntimeError
-        reason = cdgmae.one_line(e).removeprefix(f"{path}: ")
+        reason = one_line(e).removeprefix(f"{path}: ")
         raise ValueError(f"{path}: cannot load ({reason}) ({what_to_do})") from e
     if isinstance(piece, nn.Module):
         cdgmae.check_finite(piece.state_dict(), path, what_to_do)
@@ -488,7 +485,7 @@ def read_ldm_checkpoint(path, trust=False):
     except Exception as e:  # noqa: BLE001 -- re-raised with the file's name and the way out
         hint = "" if trust else (" -- if the file holds pickled Python objects and you trust it, "
                                  "pass --trust-checkpoint")
-        raise ValueError(f"{path}: cannot read checkpoint ({cdgmae.one_line(e)}){hint}") from e
+        raise ValueError(f"{path}: cannot read checkpoint ({one_line(e)}){hint}") from e
     while isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
         ckpt = ckpt["state_dict"]
     if not isinstance(ckpt, dict) or not any(k.startswith("model.diffusion_model.") for k in ckpt):
@@ -636,7 +633,7 @@ def convert_ldm(ldm_checkpoint, ldm_config, dino_checkpoint, output, cond_image_
         with open(ldm_config) as f:
             original_config = yaml.safe_load(f)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ValueError(f"{ldm_config}: cannot read the LDM config ({cdgmae.one_line(e)}) (give the checkpoint's yaml)") from e
+        raise ValueError(f"{ldm_config}: cannot read the LDM config ({one_line(e)}) (give the checkpoint's yaml)") from e
     params = original_config.get("model") if isinstance(original_config, dict) else None
     if not isinstance(params, dict) or "unet_config" not in (params.get("params") or {}):
         raise ValueError(f"{ldm_config}: not a CompVis LDM config (model.params.unet_config missing)")
@@ -781,19 +778,19 @@ def list_images(root, file_list=None):
         if missing:
             raise FileNotFoundError(f"{file_list}: {len(missing)} listed files are not under {root}, "
                                     f"e.g. {missing[:5]}")
-        wrong = [p for p in rel_paths if not p.lower().endswith(cdgmae.IMAGE_SUFFIXES)]
+        wrong = [p for p in rel_paths if not p.lower().endswith(IMAGE_SUFFIXES)]
         if wrong:
-            raise ValueError(f"{file_list}: not image files ({cdgmae.IMAGE_SUFFIXES}): {wrong[:5]}")
+            raise ValueError(f"{file_list}: not image files ({IMAGE_SUFFIXES}): {wrong[:5]}")
     else:
         rel_paths = []
         for dirpath, dirnames, filenames in os.walk(root, onerror=raise_error):  # never skip a folder silently
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             rel_dir = Path(dirpath).relative_to(root)
             rel_paths += [(rel_dir / f).as_posix() for f in filenames
-                          if not f.startswith(".") and f.lower().endswith(cdgmae.IMAGE_SUFFIXES)]
+                          if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)]
         rel_paths.sort()
     if not rel_paths:
-        raise ValueError(f"{root}: no images ({', '.join(cdgmae.IMAGE_SUFFIXES)}) found (give the folder "
+        raise ValueError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found (give the folder "
                          f"that holds the real images)")
     bags = {}
     for p in rel_paths:
@@ -801,7 +798,7 @@ def list_images(root, file_list=None):
     clashes = [v for v in bags.values() if len(v) > 1]
     if clashes:
         raise ValueError(f"{root}: images that would share a bag folder (same folder and stem): {clashes[:5]}")
-    cdgmae.refuse_line_breaks(root, rel_paths, "image")
+    refuse_line_breaks(root, rel_paths, "image")
     return rel_paths
 
 
@@ -815,16 +812,12 @@ def read_file_list(path):
                          f"(give a text file of image paths relative to --images, one a line)") from e
 
 
-def raise_error(error):
-    raise error
-
-
 def resolve_shard(shard=None, env=None):
     """(index, count) of this process's share of the work: a --shard i/n split further by the
-    torchrun rank (RANK / WORLD_SIZE, checked by cdgmae.torchrun_environment: a ValueError names a
+    torchrun rank (RANK / WORLD_SIZE, checked by torchrun_environment: a ValueError names a
     variable out of range), giving shard i * world + rank of n * world."""
     index, count = shard if shard is not None else (0, 1)
-    rank, world, _ = cdgmae.torchrun_environment(env)
+    rank, world, _ = torchrun_environment(env)
     return index * world + rank, count * world
 
 
@@ -852,24 +845,6 @@ MODEL_FILE_SUFFIXES = (".json", ".yaml", ".yml", ".safetensors", ".bin", ".pth",
 PRECISION_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def model_fingerprint(folder, chunk_size=1 << 24):
-    """sha256 over the relative names and bytes of the model folder's weight and config files
-    (MODEL_FILE_SUFFIXES, hidden files excluded), read in chunks: equal for two copies of a model,
-    different as soon as one weight differs."""
-    folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in MODEL_FILE_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no weight or config files (give a model folder)")
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        with open(path, "rb") as f:
-            while block := f.read(chunk_size):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def generation_settings(args, model_sha256, dtype):
     """What a run's bags depend on, as recorded in OUTPUT/generation.json. `guidance_convention`
     says what `guidance` means; a record without it predates the S-LDM's (1 + w) convention (its
@@ -885,54 +860,32 @@ def check_output(output, settings):
     but no record. A fresh or missing folder, or a record equal to `settings`, passes."""
     output = Path(output)
     record = output / RECORD_NAME
-    cdgmae.check_output_folder(output)
+    check_output_folder(output)
     if not record.exists():
         if output.is_dir() and any(not e.name.startswith(".") for e in os.scandir(output)):
             raise ValueError(f"{output}: holds files but no {RECORD_NAME}, so the settings of its bags are unknown "
                              f"(give another --output, or an empty one)")
         return
-    try:
-        recorded = json.loads(record.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{record}: cannot read the settings record ({cdgmae.one_line(e)}) (give another --output)") from e
-    if not isinstance(recorded, dict):
-        raise ValueError(f"{record}: not a settings record (give another --output)")
-    keys = [k for k in dict.fromkeys([*settings, *recorded]) if k not in NOT_COMPARED]
-    differences = [f"{k} {short(recorded[k]) if k in recorded else 'not recorded'} "
-                   f"(now {short(settings[k]) if k in settings else 'not set'})"
-                   for k in keys if recorded.get(k) != settings.get(k)]
-    way_out = "give another --output, or rerun with the recorded settings"
-    if "guidance_convention" in settings and recorded.get("guidance_convention") != settings["guidance_convention"]:
-        way_out = ("give another --output; a record without guidance_convention is of S-LDM bags whose guidance g "
-                   "meant eps_u + g (eps_c - eps_u), which is --guidance g - 1 now")
-    if differences:
-        raise ValueError(f"{record}: the bags here were made with other settings: {', '.join(differences)} "
-                         f"({way_out})")
+    refuse_other_settings(record, read_record(record), settings, **record_rules(settings))
 
 
-def short(value):
-    return f"{value[:12]}..." if isinstance(value, str) and len(value) == 64 else repr(value)
+def record_rules(settings):
+    """How generation.json is compared: every key but where the model lies (its contents are
+    compared by their sha256), and the way out a message gives."""
+    rules = dict(ignore=NOT_COMPARED, made="the bags here were made",
+                 what_to_do="give another --output, or rerun with the recorded settings")
+    if "guidance_convention" in settings:
+        rules["what_to_do"] = ("give another --output, or rerun with the recorded settings; a record without "
+                               "guidance_convention is of S-LDM bags whose guidance g meant eps_u + g (eps_c - eps_u), "
+                               "which is --guidance g - 1 now")
+    return rules
 
 
 def claim_output(output, settings):
-    """Create `output` and its settings record, or check the one there. The record appears
-    complete and only once (written to a temporary name, then hard-linked, which fails if the
-    name exists), and every process compares after writing: of two processes that start on a
-    fresh folder with different settings, the second one stops."""
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    record = output / RECORD_NAME
-    tmp = cdgmae.temporary_path(record)
-    try:
-        tmp.write_text(json.dumps(settings, indent=2) + "\n")
-        os.link(tmp, record)
-    except FileExistsError:
-        pass  # another process's record: compared below
-    except OSError as e:  # a full disk, a file-size limit: the record's error, not its temporary's
-        raise OSError(e.errno, e.strerror or str(e), str(record)) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    check_output(output, settings)
+    """Create `output` and its settings record, or check the one there (common.claim_record: of
+    two processes that start on a fresh folder with different settings, the second one stops)."""
+    Path(output).mkdir(parents=True, exist_ok=True)
+    claim_record(Path(output) / RECORD_NAME, settings, **record_rules(settings))
 
 
 # -----------------------------------------------------------------------------
@@ -958,14 +911,6 @@ KNN_SHARD = 16384   # images per embedding / neighbour file: 24 MiB of float16 V
 PAPER_KNN = 5       # k (Table 2; Table 1's k-NN pairs use the same k)
 
 
-def file_sha256(path, chunk_size=1 << 24):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_size):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def knn_settings(args, checkpoint_sha256, rel_paths):
     """What k-NN bags depend on, as recorded in OUTPUT/generation.json: the ViT's bytes, k, the
     crop size and the listing (every image is a candidate neighbour of every other)."""
@@ -983,7 +928,7 @@ def save_array(path, array):
     def write(tmp):
         with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to the temporary name
             np.save(f, array)
-    cdgmae.atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def load_shard(path, rows):
@@ -1044,7 +989,7 @@ def prepare_knn(args):
     """Every check of a k-NN run before its work: inputs, ViT, device, the output's settings, the
     images still to embed. Returns (relative image paths, ViT on the device, device, .knn folder)."""
     output = Path(args.output).resolve()
-    cdgmae.check_outside(args.output, args.images, "--output", "--images")
+    check_outside(args.output, args.images, "--output", "--images")
     rel_paths = list_images(args.images, args.file_list)
     if len(rel_paths) <= args.k:
         raise ValueError(f"{args.images}: {len(rel_paths)} images, a bag of k = {args.k} other images needs more "
@@ -1059,7 +1004,7 @@ def prepare_knn(args):
     metrics.check_images_decode(todo)  # a bad image stops the run before any embedding is saved
     claim_output(output, settings)
     folder.mkdir(exist_ok=True)
-    cdgmae.remove_stale_temporaries(folder)
+    remove_stale_temporaries(folder)
     return rel_paths, vit.to(device).eval(), device, folder
 
 
@@ -1099,25 +1044,25 @@ def get_args_parser():
                    help="sldm: the folder made by `convert`; sd-image-variation: "
                         "StableDiffusionImageVariationPipeline (needs transformers)")
     p.add_argument("--output", required=True, help="bag root to write")
-    p.add_argument("--views", type=cdgmae.checked(int, 1, 100), default=PAPER_VIEWS,
+    p.add_argument("--views", type=checked(int, 1, 100), default=PAPER_VIEWS,
                    help="M generated views per real image (1..100: view_00 .. view_99)")
-    p.add_argument("--steps", type=cdgmae.checked(int, 1), default=PAPER_STEPS,
+    p.add_argument("--steps", type=checked(int, 1), default=PAPER_STEPS,
                    help="DDIM steps (eta = 0); at most the model's training timesteps")
-    p.add_argument("--guidance", type=cdgmae.checked(float, -1), default=None,
+    p.add_argument("--guidance", type=checked(float, -1), default=None,
                    help="classifier-free guidance weight. sldm: Ho & Salimans' w (the paper's [18]) in "
                         "(1 + w) eps_c - w eps_u, w >= -1 (0: conditional, -1: unconditional), default 6 (the "
                         "paper's); sd-image-variation: diffusers' guidance_scale s in eps_u + s (eps_c - eps_u), "
                         "s >= 1 (1: conditional), default 7 (the same guided noise as w = 6)")
-    p.add_argument("--batch-size", type=cdgmae.checked(int, 1), default=8,
+    p.add_argument("--batch-size", type=checked(int, 1), default=8,
                    help="real images per UNet call (x M views x 2 branches)")
-    p.add_argument("--seed", type=cdgmae.checked(int, 0), default=0,
+    p.add_argument("--seed", type=checked(int, 0), default=0,
                    help="global seed >= 0; each view's noise hashes (seed, path, view)")
-    p.add_argument("--jpeg-quality", type=cdgmae.checked(int, 1, 100), default=JPEG_QUALITY,
+    p.add_argument("--jpeg-quality", type=checked(int, 1, 100), default=JPEG_QUALITY,
                    help="quality of the views' JPEGs, 1..100 (libjpeg's scale; PIL advises <= 95: above it files "
                         "grow with hardly any gain)")
     p.add_argument("--shard", type=parse_shard, default=None, help="i/n: process the i-th of n round-robin shares "
                                                                    "(combined with the torchrun rank)")
-    p.add_argument("--workers", type=cdgmae.checked(int, 0), default=4, help="image-decoding DataLoader workers")
+    p.add_argument("--workers", type=checked(int, 0), default=4, help="image-decoding DataLoader workers")
     p.add_argument("--device", default=None, help="torch device; unset: cuda:LOCAL_RANK if CUDA is available, "
                                                   "else cpu")
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
@@ -1137,9 +1082,9 @@ def get_convert_parser():
     p.add_argument("--ldm-config", required=True, help="the checkpoint's yaml (model.params.unet_config, ...)")
     p.add_argument("--dino", required=True, help="the conditioning ViT (e.g. DINO ViT-B/16 pretrain .pth)")
     p.add_argument("--output", required=True, help="S-LDM folder to create (must not exist or be empty)")
-    p.add_argument("--cond-image-size", type=cdgmae.checked(int, 1), default=224,
+    p.add_argument("--cond-image-size", type=checked(int, 1), default=224,
                    help="input size of the conditioning ViT (a multiple of its patch size)")
-    p.add_argument("--num-heads", type=cdgmae.checked(int, 1), default=None,
+    p.add_argument("--num-heads", type=checked(int, 1), default=None,
                    help="attention heads of the --dino ViT (default: its checkpoint's args, else width / 64)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=False,
                    help="take the UNet's model_ema.* weights")
@@ -1160,16 +1105,16 @@ def get_knn_parser():
     add_image_arguments(p)
     p.add_argument("--checkpoint", required=True, help="ViT checkpoint (MAE, DINO, CropMAE or CDG-MAE)")
     p.add_argument("--output", required=True, help="bag root to write")
-    p.add_argument("--k", type=cdgmae.checked(int, 1, 100), default=PAPER_KNN,
+    p.add_argument("--k", type=checked(int, 1, 100), default=PAPER_KNN,
                    help="neighbours per image (1..100: view_00 .. view_99)")
-    p.add_argument("--input-size", type=cdgmae.checked(int, 1), default=224,
+    p.add_argument("--input-size", type=checked(int, 1), default=224,
                    help="side of the centre crop the ViT embeds, a multiple of its patch size")
-    p.add_argument("--num-heads", type=cdgmae.checked(int, 1), default=None,
+    p.add_argument("--num-heads", type=checked(int, 1), default=None,
                    help="attention heads of the ViT (default: its checkpoint's args, else width / 64)")
-    p.add_argument("--batch-size", type=cdgmae.checked(int, 1), default=64, help="images per ViT forward pass")
-    p.add_argument("--chunk", type=cdgmae.checked(int, 1), default=4096,
+    p.add_argument("--batch-size", type=checked(int, 1), default=64, help="images per ViT forward pass")
+    p.add_argument("--chunk", type=checked(int, 1), default=4096,
                    help="rows per side of one [chunk, D] x [D, chunk] similarity product of the search")
-    p.add_argument("--workers", type=cdgmae.checked(int, 0), default=4, help="image-decoding DataLoader workers")
+    p.add_argument("--workers", type=checked(int, 0), default=4, help="image-decoding DataLoader workers")
     p.add_argument("--device", default=None, help="torch device; unset: cuda if available, else cpu")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     return p
@@ -1177,11 +1122,11 @@ def get_knn_parser():
 
 def pick_device_and_dtype(device, precision):
     if device is None:
-        device = f"cuda:{cdgmae.torchrun_environment()[2]}" if torch.cuda.is_available() else "cpu"
+        device = f"cuda:{torchrun_environment()[2]}" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(device)
     except RuntimeError as e:
-        raise ValueError(f"--device {device}: not a torch device ({cdgmae.one_line(e)})") from None
+        raise ValueError(f"--device {device}: not a torch device ({one_line(e)})") from None
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: {torch.cuda.device_count()} CUDA devices here (give --device cpu)")
     if precision == "auto":
@@ -1205,7 +1150,7 @@ def prepare_generation(args):
     """Every check of a generation run before its work: inputs, shard, model, output settings.
     Returns (this process's image paths, shard index, shard count, backend)."""
     output = Path(args.output).resolve()
-    cdgmae.check_outside(args.output, args.images, "--output", "--images")
+    check_outside(args.output, args.images, "--output", "--images")
     if args.guidance is None:
         args.guidance = GUIDANCE_DEFAULT[args.backend]
     rel_paths = list_images(args.images, args.file_list)
@@ -1213,7 +1158,7 @@ def prepare_generation(args):
     mine = shard_items(rel_paths, index, count)
     device, dtype = pick_device_and_dtype(args.device, args.precision)
     check_model_folder(args.model, args.backend, args.guidance)
-    settings = generation_settings(args, model_fingerprint(args.model), dtype)
+    settings = generation_settings(args, folder_sha256(args.model, MODEL_FILE_SUFFIXES), dtype)
     check_output(output, settings)  # a refused run has not spent the model's loading time
     if args.backend == "sldm":
         backend = SLDMBackend(load_sldm(args.model, device, dtype), args.steps, args.guidance)
@@ -1238,7 +1183,7 @@ def convert_command(argv):
         convert_ldm(args.ldm_checkpoint, args.ldm_config, args.dino, args.output, args.cond_image_size,
                     args.ema, args.trust_checkpoint, args.num_heads)
     except (ValueError, OSError) as e:
-        raise SystemExit(cdgmae.one_line(e)) from None
+        raise SystemExit(one_line(e)) from None
     print(f"wrote {args.output}")
 
 
@@ -1247,7 +1192,7 @@ def knn_command(argv):
     try:
         rel_paths, vit, device, folder = prepare_knn(args)
     except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: an unreadable checkpoint
-        raise SystemExit(cdgmae.one_line(e)) from None
+        raise SystemExit(one_line(e)) from None
     start = time.time()
     try:
         embeddings = knn_embeddings(vit, args.images, rel_paths, folder, args.input_size, args.batch_size,
@@ -1255,10 +1200,10 @@ def knn_command(argv):
         neighbours = knn_search(embeddings, args.k, folder, args.chunk, device, args.progress)
         written, complete = write_knn_bags(args.images, rel_paths, neighbours, args.output, args.progress)
     except OSError as e:  # disk full, output not writable: saved shards and complete bags stay
-        raise SystemExit(cdgmae.write_failure(e.filename or args.output, e,
+        raise SystemExit(write_failure(e.filename or args.output, e,
                                               then="rerun: saved shards and complete bags are kept")) from None
     except ValueError as e:  # a saved shard that does not fit the listing (load_shard)
-        raise SystemExit(cdgmae.one_line(e)) from None
+        raise SystemExit(one_line(e)) from None
     print(f"{len(rel_paths)} images, k = {args.k}: {written} bags written, {complete} already complete "
           f"({time.time() - start:.1f} s, {device})", file=sys.stderr)
     return {"images": len(rel_paths), "written": written, "complete_before": complete}
@@ -1275,18 +1220,18 @@ def main(argv=None):
     try:
         mine, index, count, backend = prepare_generation(args)
     except (ValueError, OSError) as e:  # expected failures, each with its path and the way out
-        raise SystemExit(cdgmae.one_line(e)) from None
+        raise SystemExit(one_line(e)) from None
     report = Path(args.output) / f"unreadable-shard{index:03d}-of-{count:03d}.txt"
-    progress = args.progress and cdgmae.torchrun_environment()[0] == 0  # one bar: rank 0's
+    progress = args.progress and torchrun_environment()[0] == 0  # one bar: rank 0's
     try:
         summary = generate_bags(backend, args.images, mine, args.output, args.views, args.batch_size, args.seed,
                                 args.jpeg_quality, args.workers, progress)
         report.unlink(missing_ok=True)  # a previous run's list, of images that may have been replaced since
         if summary["unreadable"]:  # one line per image: the reason's own line breaks are spaces
             text = "".join(f"{path}\t{' '.join(reason.split())}\n" for path, reason in summary["unreadable"])
-            cdgmae.atomic_write(report, lambda tmp: tmp.write_text(text))
+            atomic_write(report, lambda tmp: tmp.write_text(text))
     except OSError as e:  # disk full, output not writable: the complete bags stay, a rerun resumes
-        raise SystemExit(cdgmae.write_failure(e.filename or args.output, e,
+        raise SystemExit(write_failure(e.filename or args.output, e,
                                               then="rerun: complete bags are kept")) from None
     rate = summary["generated"] / max(summary["seconds"], 1e-9)
     print(f"shard {index}/{count}: {summary['generated']} bags generated ({rate:.2f} images/s), "
@@ -1298,4 +1243,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cdgmae.run_command(main)
+    run_command(main)

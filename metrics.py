@@ -21,9 +21,9 @@ What you may copy: the method comes first in this file, the plumbing after it.
 `global_similarity`, `local_similarity` and `nearest_patch_similarity` (Eq. 1-3) need only
 torch tensors; `nearest_neighbours` (the chunked k-NN search) torch and numpy. `evaluate_pairs`
 and `cls_features` need a ViT whose `forward_features` returns the tokens after the final
-norm, cls first ([B, 1 + L, D]; cdgmae.VisionTransformer), PIL, tqdm and cdgmae.load_rgb /
+norm, cls first ([B, 1 + L, D]; cdgmae.VisionTransformer), PIL, tqdm and load_rgb /
 image_to_tensor. The pair sets (`video_pairs`, `bag_pairs`, `random_pairs`) need numpy's
-Generator and file paths (`bag_pairs`: cdgmae.find_bags / bag_files). Of the MIMIC overlap,
+Generator and file paths (`bag_pairs`: find_bags / bag_files). Of the MIMIC overlap,
 `matched_patches`, `unique_match_fraction` and `homography_overlap` need only numpy;
 `mimic_overlap` adds OpenCV's SIFT and RANSAC and PIL. The rest is plumbing: the input
 checks, the table and CSV, and the command line.
@@ -36,7 +36,6 @@ Import:
     from metrics import global_similarity, local_similarity, nearest_patch_similarity, mimic_overlap
 """
 import argparse
-import csv
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +48,9 @@ from PIL import Image
 from tqdm import tqdm
 
 import cdgmae
+from common import (IMAGE_SUFFIXES, UnreadableImage, bag_files, check_output_folder, checked, file_sha256, find_bags,
+                    load_rgb, one_line, open_image, raise_error, read_record, refuse_other_settings, run_command,
+                    to_rgb, write_csv, write_failure, write_json)
 
 PAPER_TABLE1 = {  # Table 1 (Table 9 adds RCG S-LDM: 0.951 / 0.299 / 0.735)
     "Video frames": (0.991, 0.405, 0.885),
@@ -121,7 +123,7 @@ class PairImages(torch.utils.data.Dataset):
         return len(self.pairs)
 
     def __getitem__(self, i):
-        return tuple(evaluation_tensor(cdgmae.load_rgb(p), self.size, self.center_crop) for p in self.pairs[i])
+        return tuple(evaluation_tensor(load_rgb(p), self.size, self.center_crop) for p in self.pairs[i])
 
 
 @torch.no_grad()
@@ -158,8 +160,8 @@ def bag_pairs(root, num_pairs, rng):
     """(real, generated view) pairs: `num_pairs` distinct bags, one of each bag's views at random
     (all (real, view) pairs, sampled without replacement, when there are fewer bags)."""
     bags = []
-    for bag in cdgmae.find_bags(root):
-        real, views = cdgmae.bag_files(Path(root) / bag)
+    for bag in find_bags(root):
+        real, views = bag_files(Path(root) / bag)
         if views:
             bags.append((real, views))
     if not bags:
@@ -182,7 +184,7 @@ def video_pairs(root, num_pairs, frame_gap, rng):
         raise ValueError(f"--frame-gap {frame_gap}: must be at least 1")
     candidates = []
     for seq in sorted(d for d in frames_root.iterdir() if d.is_dir()):
-        frames = sorted(f for f in seq.iterdir() if f.suffix.lower() in cdgmae.IMAGE_SUFFIXES)
+        frames = sorted(f for f in seq.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         candidates += [(frames[t], frames[t + frame_gap]) for t in range(len(frames) - frame_gap)]
     if not candidates:
         raise ValueError(f"{frames_root}: no sequence has more than {frame_gap} frames (lower --frame-gap or give "
@@ -195,14 +197,10 @@ def list_image_files(root):
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: image folder not found (give a folder of images)")
     paths = sorted(Path(d) / f for d, _, files in os.walk(root, onerror=raise_error) for f in files
-                   if not f.startswith(".") and f.lower().endswith(cdgmae.IMAGE_SUFFIXES))
+                   if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES))
     if len(paths) < 2:
         raise ValueError(f"{root}: needs at least two images, found {len(paths)} (give a folder of images)")
     return paths
-
-
-def raise_error(error):  # os.walk's onerror: an unreadable folder is an error, never silently skipped
-    raise error
 
 
 def random_pairs(paths, num_pairs, rng):
@@ -285,7 +283,7 @@ def import_cv2():
 
 
 def gray_uint8(image):
-    """PIL image of any mode (made RGB by cdgmae.to_rgb's rule) or uint8 array [H, W] / [H, W, 3]
+    """PIL image of any mode (made RGB by to_rgb's rule) or uint8 array [H, W] / [H, W, 3]
     (RGB) -> uint8 grey array [H, W] (ITU-R 601 luma)."""
     if not isinstance(image, Image.Image):
         array = np.asarray(image)
@@ -293,7 +291,7 @@ def gray_uint8(image):
             raise ValueError(f"an image array of {array.dtype}, not uint8 (convert it to 8 bits, e.g. a 16-bit "
                              f"one with >> 8, or pass a PIL image)")
         image = Image.fromarray(array)
-    return np.asarray(cdgmae.to_rgb(image).convert("L"))
+    return np.asarray(to_rgb(image).convert("L"))
 
 
 def estimate_homography(gray_a, gray_b, ratio=0.7, min_matches=11, ransac_threshold=5.0):
@@ -407,7 +405,7 @@ def pair_overlaps(pairs, size=224, center_crop=True, seed=0, desc="overlap"):
     (evaluation_image), so that its 16 x 16 patches are the ViT's patches. Returns [P] tensor."""
     values = []
     for i, (path_a, path_b) in enumerate(tqdm(pairs, desc=desc, unit="pair", leave=False, disable=None)):
-        a, b = (evaluation_image(cdgmae.load_rgb(p), size, center_crop) for p in (path_a, path_b))
+        a, b = (evaluation_image(load_rgb(p), size, center_crop) for p in (path_a, path_b))
         values.append(mimic_overlap(a, b, seed=seed + i))
     return torch.tensor(values, dtype=torch.float64)
 
@@ -417,16 +415,16 @@ def pair_overlaps(pairs, size=224, center_crop=True, seed=0, desc="overlap"):
 # -----------------------------------------------------------------------------
 
 def decode_problem(path):
-    """None if the image decodes completely and cdgmae.to_rgb converts it (its mode, its size, a
+    """None if the image decodes completely and to_rgb converts it (its mode, its size, a
     32-bit image's values), else the reason. JPEGs are decoded at 1/8 scale (libjpeg's DCT
     scaling), which still reads every byte, so truncation is found cheaply."""
     try:
-        with cdgmae.open_image(path) as im:
+        with open_image(path) as im:
             im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
             im.load()
-            cdgmae.to_rgb(im, path)
+            to_rgb(im, path)
         return None
-    except cdgmae.UnreadableImage as e:
+    except UnreadableImage as e:
         return str(e).removeprefix(f"{path}: ")
     except Exception as e:  # noqa: BLE001 -- whatever stops the decoder is this file's problem
         return f"cannot decode image ({type(e).__name__}: {e})"
@@ -444,37 +442,54 @@ def check_images_decode(paths, threads=8):
 
 
 def load_vit(checkpoint, input_size, num_heads=None):
-    """The ViT of --checkpoint at --input-size, which must be a multiple of its patch size, with
-    --num-heads heads (None: cdgmae.encoder_from_checkpoint's rule)."""
-    ckpt = cdgmae.load_checkpoint(checkpoint)
-    weight = cdgmae.unwrap_state_dict(ckpt, str(checkpoint)).get("patch_embed.proj.weight")
-    if weight is None:
-        raise ValueError(f"{checkpoint}: no patch_embed.proj.weight, not a ViT checkpoint")
-    patch = weight.shape[-1]
-    if input_size < patch or input_size % patch:
-        raise ValueError(f"--input-size {input_size}: not a multiple of the patch size {patch} of {checkpoint}")
-    return cdgmae.encoder_from_checkpoint(ckpt, img_size=input_size, num_heads=num_heads, name=str(checkpoint))
+    """The ViT of --checkpoint (cdgmae.encoder_from_checkpoint; num_heads None: its rule), for
+    --input-size, which must be a multiple of its patch size (the position embedding is resized
+    to that grid in the forward pass)."""
+    vit = cdgmae.encoder_from_checkpoint(checkpoint, num_heads=num_heads)
+    if input_size < vit.patch_size or input_size % vit.patch_size:
+        raise ValueError(f"--input-size {input_size}: not a multiple of the patch size {vit.patch_size} of {checkpoint}")
+    return vit
 
 
-def check_csv(path, overwrite):
+def metrics_settings(args, checkpoint_sha256):
+    """What the table depends on, recorded beside the CSV (`record_path`): the ViT's bytes, the
+    pair sets' sources (real paths) and every setting that draws or scores the pairs."""
+    resolve = lambda path: path and os.path.realpath(path)  # noqa: E731
+    return {"checkpoint": os.path.realpath(args.checkpoint), "checkpoint_sha256": checkpoint_sha256,
+            "video": resolve(args.video), "bags": [resolve(b) for b in args.bags], "images": resolve(args.images),
+            **{key: getattr(args, key) for key in ("bag_names", "frame_gap", "knn", "knn_pool", "num_pairs", "seed",
+                                                   "input_size", "center_crop", "overlap")}}
+
+
+def record_path(csv_path):
+    """The settings record of a table: the CSV's name with .json."""
+    return Path(csv_path).with_suffix(".json")
+
+
+def check_csv(path, overwrite, settings=None):
     """The CSV may be written: its folder exists and is writable, and an existing file is replaced
-    only with --overwrite (a folder never)."""
+    only with --overwrite (a folder never). An existing table made with other settings is named
+    with every difference (common.refuse_other_settings)."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path}: a folder (give a file name to --csv)")
     if path.exists() and not overwrite:
-        raise ValueError(f"{path}: exists, not overwritten (give another --csv, or --overwrite to replace it)")
+        way_out = "give another --csv, or --overwrite to replace it"
+        if settings is not None and record_path(path).exists():
+            refuse_other_settings(record_path(path), read_record(record_path(path), way_out), settings,
+                                  made=f"the table {path.name} was made", what_to_do=way_out)
+        raise ValueError(f"{path}: exists, not overwritten ({way_out})")
     if not path.parent.is_dir():
-        cdgmae.check_output_folder(path.parent, "--csv")  # a file on the way is named as such
+        check_output_folder(path.parent, "--csv")  # a file on the way is named as such
         raise FileNotFoundError(f"{path.parent}: folder of --csv not found (create it or give another --csv)")
-    cdgmae.check_output_folder(path.parent, "--csv")
+    check_output_folder(path.parent, "--csv")
 
 
 # -----------------------------------------------------------------------------
 # Command line
 # -----------------------------------------------------------------------------
 
-def format_table(rows):
+def format_table1(rows):
     """Rows {"pairs", "num_pairs", "gs", "ls", "nps", ...} in the form of Table 1 (plus the MIMIC
     overlap column when the rows have "overlap")."""
     overlap = all("overlap" in r for r in rows)
@@ -488,28 +503,14 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def write_csv(rows, path, overwrite=True):
+def write_table(rows, path, overwrite=True):
     """Write the table atomically. overwrite=False: never replace an existing file, even one
-    another run wrote meanwhile (the temporary file is hard-linked, which fails if the name exists)."""
+    another run wrote meanwhile (FileExistsError)."""
     fields = ["pairs", "num_pairs", "gs", "gs_std", "ls", "ls_std", "nps", "nps_std"]
     if all("overlap" in r for r in rows):
         fields += ["overlap", "overlap_std", "in_mimic_range"]
-
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            for r in rows:
-                writer.writerow({k: (f"{r[k]:.6f}" if isinstance(r[k], float) else r[k]) for k in fields})
-    if overwrite:
-        cdgmae.atomic_write(path, write)
-        return
-    tmp = cdgmae.temporary_path(path)
-    try:
-        write(tmp)
-        os.link(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    rows = [{k: (f"{r[k]:.6f}" if isinstance(r[k], float) else r[k]) for k in fields} for r in rows]
+    write_csv(path, rows, fields, exclusive=not overwrite)
 
 
 def summarize(name, scores):
@@ -527,24 +528,24 @@ def get_args_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="ViT checkpoint for f_* and f_i (paper: MAE ViT-B/16)")
     p.add_argument("--video", default=None, help="DAVIS-layout folder (JPEGImages/480p/<seq>/*.jpg): frame pairs")
-    p.add_argument("--frame-gap", type=cdgmae.checked(int, 1), default=10, help="frames between the two frames of a video pair")
+    p.add_argument("--frame-gap", type=checked(int, 1), default=10, help="frames between the two frames of a video pair")
     p.add_argument("--bags", nargs="*", default=[], help="bag roots (generate_views.py output): real vs view pairs")
     p.add_argument("--bag-names", nargs="*", default=None, help="row names of the --bags roots; unset: "
                                                                 "'Diffusion (S-LDM)' for one root")
     p.add_argument("--images", default=None, help="image folder (e.g. ImageNet train): k-NN and random pairs")
-    p.add_argument("--knn", type=cdgmae.checked(int, 1), default=5, help="k of the k-NN pairs")
-    p.add_argument("--knn-pool", type=cdgmae.checked(int, 2), default=10000,
+    p.add_argument("--knn", type=checked(int, 1), default=5, help="k of the k-NN pairs")
+    p.add_argument("--knn-pool", type=checked(int, 2), default=10000,
                    help="images drawn from --images for the k-NN search (more than --knn)")
-    p.add_argument("--num-pairs", type=cdgmae.checked(int, 1), default=500, help="pairs per set")
-    p.add_argument("--seed", type=cdgmae.checked(int, 0), default=0)
-    p.add_argument("--input-size", type=cdgmae.checked(int, 1), default=224,
+    p.add_argument("--num-pairs", type=checked(int, 1), default=500, help="pairs per set")
+    p.add_argument("--seed", type=checked(int, 0), default=0)
+    p.add_argument("--input-size", type=checked(int, 1), default=224,
                    help="side of the evaluated images, a multiple of the checkpoint's patch size")
-    p.add_argument("--num-heads", type=cdgmae.checked(int, 1), default=None,
+    p.add_argument("--num-heads", type=checked(int, 1), default=None,
                    help="attention heads of the ViT (default: its checkpoint's args, else width / 64)")
     p.add_argument("--center-crop", action=argparse.BooleanOptionalAction, default=True,
                    help="resize the shorter side and centre-crop (else resize the whole image to a square)")
-    p.add_argument("--batch-size", type=cdgmae.checked(int, 1), default=64, help="pairs per forward pass")
-    p.add_argument("--workers", type=cdgmae.checked(int, 0), default=4)
+    p.add_argument("--batch-size", type=checked(int, 1), default=64, help="pairs per forward pass")
+    p.add_argument("--workers", type=checked(int, 0), default=4)
     p.add_argument("--device", default=None, help="torch device; unset: cuda if available, else cpu")
     p.add_argument("--csv", default="view_metrics.csv", help="where to write the table (an existing file is "
                                                                "an error, checked before any work)")
@@ -587,11 +588,11 @@ def get_overlap_parser():
                                             "patches, the minimum of both directions. Prints the overlap.")
     p.add_argument("image_a")
     p.add_argument("image_b")
-    p.add_argument("--size", type=cdgmae.checked(int, 0), default=224,
+    p.add_argument("--size", type=checked(int, 0), default=224,
                    help="resize both images to size x size first, as MIMIC does (0: keep their sizes)")
-    p.add_argument("--patch-size", type=cdgmae.checked(int, 1), default=16)
-    p.add_argument("--points", type=cdgmae.checked(int, 1), default=100, help="random points per patch")
-    p.add_argument("--seed", type=cdgmae.checked(int, 0), default=0, help="seeds the random points")
+    p.add_argument("--patch-size", type=checked(int, 1), default=16)
+    p.add_argument("--points", type=checked(int, 1), default=100, help="random points per patch")
+    p.add_argument("--seed", type=checked(int, 0), default=0, help="seeds the random points")
     return p
 
 
@@ -610,7 +611,7 @@ def overlap_main(argv):
         if not Path(path).is_file():
             raise SystemExit(f"{path}: file not found (give two image files)")
         try:
-            img = cdgmae.load_rgb(path)
+            img = load_rgb(path)
         except RuntimeError as e:
             raise SystemExit(f"{e} (give two image files)") from None
         images.append(img.resize((args.size, args.size), Image.BILINEAR) if args.size else img)
@@ -649,19 +650,21 @@ def main(argv=None):
     if len(names) != len(args.bags):
         raise SystemExit(f"--bag-names: {len(names)} names for {len(args.bags)} --bags roots")
     try:  # every expected failure before any feature is computed, as one line
-        check_csv(args.csv, args.overwrite)
+        check_csv(args.csv, overwrite=True)  # the folder; an existing table below, with the settings known
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
             raise ValueError(f"--device {device}: {torch.cuda.device_count()} CUDA devices here (give --device cpu)")
         vit = load_vit(args.checkpoint, args.input_size, args.num_heads).to(device).eval()
+        settings = metrics_settings(args, file_sha256(args.checkpoint))
+        check_csv(args.csv, args.overwrite, settings)
     except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: cdgmae.load_checkpoint, torch.device
-        raise SystemExit(cdgmae.one_line(e)) from None
+        raise SystemExit(one_line(e)) from None
     try:
         pair_sets = draw_pair_sets(args, names)
         check_images_decode([p for name, pairs in pair_sets  # the k-NN entry: every image of its pool
                              for group in ([pairs[0]] if name == "K-nn images" else pairs) for p in group])
     except (ValueError, OSError) as e:
-        raise SystemExit(cdgmae.one_line(e)) from None
+        raise SystemExit(one_line(e)) from None
 
     common = dict(size=args.input_size, center_crop=args.center_crop, batch_size=args.batch_size,
                   workers=args.workers, device=device)
@@ -678,17 +681,18 @@ def main(argv=None):
             scores["overlap"] = pair_overlaps(pairs, args.input_size, args.center_crop, args.seed, desc=name)
             scores["in_mimic_range"] = torch.from_numpy(in_mimic_keep_range(scores["overlap"].numpy()) * 1.0)
         rows.append(summarize(name, scores))
-    print(format_table(rows))
+    print(format_table1(rows))
     try:
-        write_csv(rows, args.csv, overwrite=args.overwrite)
+        write_table(rows, args.csv, overwrite=args.overwrite)
+        write_json(record_path(args.csv), settings)
     except FileExistsError:
         raise SystemExit(f"{args.csv}: written by another run meanwhile, not overwritten (this run's table is "
                          f"printed above; give another --csv or --overwrite)") from None
     except OSError as e:
-        raise SystemExit(cdgmae.write_failure(args.csv, e, then="rerun; the table is printed above")) from None
+        raise SystemExit(write_failure(args.csv, e, then="rerun; the table is printed above")) from None
     print(f"wrote {args.csv}", file=sys.stderr)
     return rows
 
 
 if __name__ == "__main__":
-    cdgmae.run_command(main)
+    run_command(main)

@@ -84,10 +84,7 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import shutil
-import socket
-import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -99,10 +96,12 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import evaluate as ev
-from cdgmae import (DIFFUSION_FOLDER_FILES, IMAGENET_MEAN, IMAGENET_STD, CheckpointError, UnreadableImage,
-                    check_finite, check_image, check_output_folder, check_outside, checked,
-                    encoder_from_checkpoint, image_to_tensor, load_rgb, process_alive, remove_stale_temporaries,
-                    run_command)
+from cdgmae import (DIFFUSION_FOLDER_FILES, IMAGENET_MEAN, IMAGENET_STD, CheckpointError, check_finite,
+                    encoder_from_checkpoint, image_to_tensor)
+from common import (EXPECTED_OS_ERRORS, HelpFormatter, InputError, UnreadableImage, atomic_write, check_image,
+                    check_output_folder, check_outside, checked, file_sha256, list_files, load_rgb,
+                    one_line, read_record, refuse_other_settings, remove_stale_temporaries, run_command,
+                    temporary_path, write_json)
 
 # Table 7 and CropMAE's input sizes. input_size: (height, width), or (long side,).
 PROTOCOL = {
@@ -267,7 +266,7 @@ def load_frame(path, size):
     try:
         image = load_rgb(path)
     except RuntimeError as e:  # cdgmae.load_rgb: "path: cannot decode image (...)"
-        raise ev.InputError(f"{ev.one_line(e)} (replace the frame; finished videos are kept)") from None
+        raise InputError(f"{one_line(e)} (replace the frame; finished videos are kept)") from None
     x = image_to_tensor(image)
     if tuple(x.shape[-2:]) != tuple(size):
         # Bilinear is affine per channel, so normalising first changes nothing.
@@ -399,17 +398,17 @@ def prepare_videos(dataset, data_root, videos, settings, patch_size):
         if min(size) <= 0 or size[0] % patch_size or size[1] % patch_size:
             flags = f"--input-size {' '.join(map(str, settings['input_size']))}" + (
                 f" and --size-multiple {settings['size_multiple']}" if len(settings["input_size"]) == 1 else "")
-            raise ev.InputError(f"{frames[0]}: input size {size} (from frame {width}x{height} and {flags}) is not a "
+            raise InputError(f"{frames[0]}: input size {size} (from frame {width}x{height} and {flags}) is not a "
                                 f"positive multiple of the patch size {patch_size} (choose multiples of {patch_size})")
         keys = (1 + settings["queue_length"]) * (size[0] // patch_size) * (size[1] // patch_size)
         if settings["topk"] > keys:
-            raise ev.InputError(f"--topk {settings['topk']}: more than the {keys} context keys of {frames[0].parent} "
+            raise InputError(f"--topk {settings['topk']}: more than the {keys} context keys of {frames[0].parent} "
                                 f"(lower --topk or raise --queue-length / --input-size)")
         prepared.append((name, frames, extra, size))
     return prepared
 
 
-def check_frames(frames, error=ev.InputError):
+def check_frames(frames, error=InputError):
     """Every frame is an image that load_frame takes (cdgmae.check_image: a mode with a
     conversion to RGB, at most Image.MAX_IMAGE_PIXELS pixels), else `error` naming it."""
     for frame in frames:
@@ -457,7 +456,7 @@ def propagate_video(dataset, encoder, frames, extra, size, final, settings, devi
             ev.write_joints_mat(final, xy)
             bar.update(T)
             return
-        tmp = partial_path(final)
+        tmp = temporary_path(final, "partial")
         tmp.mkdir(parents=True)
         try:
             write_segmentation_pngs(dataset, soft, values, size, frames, extra, tmp, on_frame=bar.update)
@@ -506,7 +505,7 @@ def propagate_dataset(dataset, data_root, encoder, output, *, topk=None, queue_l
     of killed runs are removed. Returns {"settings", "written", "skipped"}.
     """
     if dataset not in PROTOCOL:
-        raise ev.InputError(f"unknown dataset {dataset!r} (expected one of {', '.join(ev.DATASETS)})")
+        raise InputError(f"unknown dataset {dataset!r} (expected one of {', '.join(ev.DATASETS)})")
     defaults = (DIFT_PROTOCOL if isinstance(encoder, DiftFeatures) else PROTOCOL)[dataset]
     given = dict(topk=topk, queue_length=queue_length, radius=radius, temperature=temperature, input_size=input_size)
     settings = dict(dataset=dataset, checkpoint=None, checkpoint_sha256=None,
@@ -518,7 +517,7 @@ def propagate_dataset(dataset, data_root, encoder, output, *, topk=None, queue_l
         check_output_folder(output)
         check_outside(output, data_root, "--output", "--data-root")
     except ValueError as e:
-        raise ev.InputError(str(e)) from None
+        raise InputError(str(e)) from None
     names = videos or ev.list_videos(dataset, data_root, list_file, subset)
     if isinstance(encoder, (str, Path)):
         settings["checkpoint"] = str(Path(encoder).resolve())
@@ -536,9 +535,9 @@ def propagate_dataset(dataset, data_root, encoder, output, *, topk=None, queue_l
     encoder = encoder.to(device).eval()
     output.mkdir(parents=True, exist_ok=True)
     for folder in [output, output / "visualize"] + [output / name for name in names if dataset == "jhmdb"]:
-        remove_stale_writes(folder)
+        remove_stale_temporaries(folder)
     if not record.exists():  # a resume keeps the first run's record (same protocol, checked above)
-        ev.atomic_save(record, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
+        write_json(record, settings)
 
     written, skipped = [], []
     for name, frames, extra, size in tqdm(prepared, desc=f"{dataset} videos", disable=not progress):
@@ -793,12 +792,6 @@ OVERLAY_FORMATS = ("gif", "webp", "mp4", "none")
 DEFAULT_FPS = 12
 
 
-def natural_key(path):
-    """Sort key for frame names: digit runs compare as numbers (frame_2 before frame_10)."""
-    parts = re.split(r"(\d+)", Path(path).name)  # text, digits, text, ...
-    return [int(part) if i % 2 else part.lower() for i, part in enumerate(parts)]
-
-
 def import_av(what):
     """PyAV, imported when a video file is read or written; `what` names that file in the error."""
     try:
@@ -852,8 +845,7 @@ def first_frame_of(source):
     """(frame paths or None for a video file, the first frame's (width, height))."""
     source = Path(source)
     if source.is_dir():
-        frames = sorted((p for p in source.iterdir() if p.suffix.lower() in FRAME_SUFFIXES
-                         and not p.name.startswith(".")), key=natural_key)
+        frames = list_files(source, FRAME_SUFFIXES)
         if not frames:
             raise FileNotFoundError(f"{source}: no {'/'.join(FRAME_SUFFIXES)} frames in this folder")
         check_frames(frames, ValueError)
@@ -975,7 +967,7 @@ def save_animation(path, images, fps):
         first, *rest = list(images)
         write = lambda tmp: first.save(tmp, format=kind.upper(), save_all=True, append_images=rest,  # noqa: E731
                                        duration=max(1, round(1000 / fps)), loop=0)
-    ev.atomic_save(path, write)
+    atomic_write(path, write)
 
 
 def run_own_video(plan, device=None, overlay="gif", overlay_height=480, fps=None, progress=True):
@@ -984,15 +976,14 @@ def run_own_video(plan, device=None, overlay="gif", overlay_height=480, fps=None
     output, final, kind = plan["output"], plan["final"], plan["kind"]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     output.mkdir(parents=True, exist_ok=True)
-    ev.atomic_save(output / "propagation.json",
-                   lambda tmp: tmp.write_text(json.dumps(plan["settings"], indent=2) + "\n"))
+    write_json(output / "propagation.json", plan["settings"])
     frames = plan["frames"] or decode_video(plan["source"], output / "frames")
     encoder = plan["encoder"].to(device).eval()
     propagate_video(kind, encoder, frames, plan["extra"], plan["size"], final, plan["settings"], device, progress)
     if kind == "jhmdb":
         xy = ev.read_joints_mat(final, num_joints=None)
         rows = [[None if np.isnan(p).any() else [round(float(v), 2) for v in p] for p in frame] for frame in xy]
-        ev.atomic_save(output / "keypoints.json", lambda tmp: tmp.write_text(json.dumps(rows) + "\n"))
+        atomic_write(output / "keypoints.json", lambda tmp: tmp.write_text(json.dumps(rows) + "\n"))
     animation = None
     if overlay != "none":
         if fps is None:
@@ -1018,50 +1009,21 @@ def propagate_own_video(source, output, encoder, *, mask=None, keypoints=None, d
 
 
 # -----------------------------------------------------------------------------
-# Outputs, records and checks: partial folders, stale writes, propagation.json
+# Records and checks: propagation.json, the checkpoint's fingerprint
 # -----------------------------------------------------------------------------
-
-PARTIAL_NAME = re.compile(r"^\..+\.(?P<host>[^.]+)-(?P<pid>\d+)\.partial$")
-LEGACY_TEMPORARY = re.compile(r"^\..+\.tmp(?P<pid>\d+)$")  # evaluate.atomic_save's names before host-pid
-
-
-def partial_path(final):
-    """The hidden folder a video's PNGs are written in before it is renamed to `final`:
-    ".<video>.<host>-<pid>.partial", unique per process like cdgmae.temporary_path."""
-    return final.with_name(f".{final.name}.{socket.gethostname()}-{os.getpid()}.partial")
-
-
-def remove_stale_writes(folder):
-    """Remove what killed writers on this host left in `folder`: temporaries
-    (cdgmae.remove_stale_temporaries), partial video folders (partial_path) and the
-    ".<name>.tmp<pid>" files of earlier versions. Live writers' files are kept."""
-    host = socket.gethostname()
-    for entry in os.scandir(folder) if os.path.isdir(folder) else ():
-        partial, legacy = PARTIAL_NAME.match(entry.name), LEGACY_TEMPORARY.match(entry.name)
-        if partial and partial["host"] == host and not process_alive(int(partial["pid"])):
-            shutil.rmtree(entry.path, ignore_errors=True)
-        elif legacy and entry.is_file() and not process_alive(int(legacy["pid"])):
-            os.unlink(entry.path)
-    remove_stale_temporaries(folder)
-
 
 # Settings that change the predictions: a rerun into a folder made with others is refused.
 PROTOCOL_KEYS = ("dataset", "checkpoint_sha256", "encoder", "topk", "queue_length", "radius", "temperature",
                  "input_size", "size_multiple", "resolution")
 
 
-def file_sha256(path, chunk=1 << 20):
-    """Hex sha256 of a file's contents, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            while (block := f.read(chunk)):
-                digest.update(block)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: checkpoint not found (check --checkpoint)") from None
-    except IsADirectoryError:
-        raise ev.InputError(f"{path}: is a folder, not a checkpoint file (check --checkpoint)") from None
-    return digest.hexdigest()
+def checkpoint_sha256(path):
+    """Hex sha256 of a checkpoint file; a missing path or a folder is one line naming it."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: checkpoint not found (check --checkpoint)")
+    if Path(path).is_dir():
+        raise InputError(f"{path}: is a folder, not a checkpoint file (check --checkpoint)")
+    return file_sha256(path)
 
 
 def weights_sha256(module):
@@ -1079,17 +1041,17 @@ def load_checkpoint_encoder(checkpoint, num_heads=None):
     holds non-finite weights or does not split into --num-heads heads raises InputError /
     FileNotFoundError naming it, on one line."""
     if any((Path(checkpoint) / name).exists() for name in DIFFUSION_FOLDER_FILES):
-        raise ev.InputError(f"{checkpoint}: a diffusion model folder, not a ViT checkpoint file (give a ViT .pth, "
+        raise InputError(f"{checkpoint}: a diffusion model folder, not a ViT checkpoint file (give a ViT .pth, "
                             f"or pass --features dift to propagate its DIFT features)")
-    fingerprint = file_sha256(checkpoint)
+    fingerprint = checkpoint_sha256(checkpoint)
     try:
         return load_encoder(checkpoint, num_heads), fingerprint
     except CheckpointError as e:  # its message says what to do
-        raise ev.InputError(str(e)) from None
+        raise InputError(str(e)) from None
     except (RuntimeError, ValueError) as e:  # cdgmae: "path: cannot read checkpoint (...)", bad layout
-        text = ev.one_line(e)
+        text = one_line(e)
         text = text if len(text) <= 240 else text[:237] + "..."
-        raise ev.InputError(f"{text} (give a CDG-MAE, MAE, CropMAE or DINO ViT checkpoint)") from None
+        raise InputError(f"{text} (give a CDG-MAE, MAE, CropMAE or DINO ViT checkpoint)") from None
 
 
 def check_settings(settings):
@@ -1103,26 +1065,16 @@ def check_settings(settings):
              ("size_multiple", settings["size_multiple"] >= 1, ">= 1"), ("batch_size", settings["batch_size"] >= 1, ">= 1")]
     for key, ok, rule in rules:
         if not ok:
-            raise ev.InputError(f"--{key.replace('_', '-')} {settings[key]}: must be {rule}")
+            raise InputError(f"--{key.replace('_', '-')} {settings[key]}: must be {rule}")
 
 
 def check_record(record, settings):
     """Refuse (InputError, one line) an output folder whose propagation.json records settings
     that differ from `settings` in a key of PROTOCOL_KEYS."""
-    if not record.exists():
-        return
-    try:
-        previous = json.loads(record.read_text())
-    except (OSError, ValueError) as e:
-        raise ev.InputError(f"{record}: cannot read the recorded settings ({e}) (use another --output)") from None
-
-    def show(key, value):
-        return "not recorded" if value is None else value[:12] if key == "checkpoint_sha256" else value
-    changed = [f"{k}: {show(k, previous.get(k))} -> {show(k, settings.get(k))}"
-               for k in PROTOCOL_KEYS if previous.get(k) != settings.get(k)]
-    if changed:
-        raise ev.InputError(f"{record}: predictions in this folder were made with other settings "
-                            f"({'; '.join(changed)}); use another --output, or the same settings to resume")
+    if record.exists():
+        refuse_other_settings(record, read_record(record, "use another --output"), settings, PROTOCOL_KEYS,
+                              made="predictions in this folder were made",
+                              what_to_do="use another --output, or the same settings to resume")
 
 
 def encoder_description(encoder):
@@ -1190,7 +1142,8 @@ def save_strip(path, rows, gap=4, caption=14):
             draw.text((x + 2, y + 1), f"{title} t={t}", fill=(0, 0, 0))
             x += panel.width + gap
         y += max(p.height for _, p in panels) + caption
-    ev.atomic_save(path, lambda tmp: strip.save(tmp, format="PNG"))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: strip.save(tmp, format="PNG"))
 
 
 def visualize_video(dataset, frames, prediction, path, ground_truth=None, num_panels=6, panel_height=192):
@@ -1218,7 +1171,7 @@ def visualize_video(dataset, frames, prediction, path, ground_truth=None, num_pa
 # -----------------------------------------------------------------------------
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=ev.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ev.add_dataset_arguments(p, required=False)
     p.add_argument("--checkpoint", required=True, type=Path,
                    help="encoder checkpoint: CDG-MAE (cdgmae.py), MAE, CropMAE or DINO (plain backbone or "
@@ -1321,13 +1274,13 @@ def own_video_main(args, parser):
                                radius=args.radius, temperature=args.temperature, input_size=args.input_size,
                                size_multiple=args.size_multiple, batch_size=args.batch_size, num_heads=args.num_heads)
     except (OSError, ValueError, ImportError) as e:
-        raise SystemExit(ev.one_line(e)) from None
+        raise SystemExit(one_line(e)) from None
     try:
         result = run_own_video(plan, args.device, args.overlay, args.overlay_height, args.fps)
     except OSError as e:  # a full disk, a folder made read-only meanwhile: finished files stay whole
-        if e.errno not in ev.EXPECTED_OS_ERRORS:
+        if e.errno not in EXPECTED_OS_ERRORS:
             raise
-        raise SystemExit(ev.one_line(e)) from None
+        raise SystemExit(one_line(e)) from None
     print(f"{len(result['frames'])} frames propagated -> {result['predictions']}"
           + (f", overlay {result['overlay']}" if result["overlay"] else ""))
     return result
@@ -1358,12 +1311,12 @@ def main(argv=None):
             videos=args.videos, subset=args.subset, resolution=args.resolution, batch_size=args.batch_size,
             device=args.device, num_heads=args.num_heads,
             visualize=args.visualize, visualize_frames=args.visualize_frames)
-    except (ev.InputError, FileNotFoundError) as e:
-        raise SystemExit(ev.one_line(e)) from None
+    except (InputError, FileNotFoundError) as e:
+        raise SystemExit(one_line(e)) from None
     except OSError as e:
-        if e.errno not in ev.EXPECTED_OS_ERRORS:
+        if e.errno not in EXPECTED_OS_ERRORS:
             raise
-        raise SystemExit(ev.one_line(e)) from None
+        raise SystemExit(one_line(e)) from None
     print(f"{len(result['written'])} videos propagated, {len(result['skipped'])} already done -> {args.output}")
     if args.evaluate:  # --flag=value: a path or name that starts with "-" stays a value
         ev.main([f"--dataset={args.dataset}", f"--data-root={args.data_root}", f"--predictions={args.output}",

@@ -29,8 +29,8 @@ Everything is a pure function of --seed: bag i and video i are drawn from a gene
 by (seed, kind, i), so they do not depend on how many others are drawn. Files are written
 under a temporary name and renamed; a rerun skips finished bags and videos.
 
-What you may copy: the file needs numpy, Pillow, tqdm and, for its dataset conventions (class
-lists, the DAVIS palette, atomic writes), evaluate.py. The textures, shapes and `render_scene`
+What you may copy: the file needs numpy, Pillow, tqdm, evaluate.py for its dataset conventions
+(class lists, the DAVIS palette) and common.py (atomic writes, flags). The textures, shapes and `render_scene`
 are plain numpy; `sample_bag` / `perturb_scene` (a scene and its views) and `sample_video` (a
 scene per frame) return plain dicts, so another renderer or another on-disk layout can reuse
 them.
@@ -51,8 +51,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from evaluate import JHMDB_JOINTS, VIP_CLASSES, atomic_save, davis_palette  # classes, joints, DAVIS colour map
-from evaluate import EXPECTED_OS_ERRORS, InputError, check_output_path, checked, one_line, run_command  # plumbing
+from common import EXPECTED_OS_ERRORS, InputError, atomic_write, check_output_path, checked, one_line, run_command
+from evaluate import JHMDB_JOINTS, VIP_CLASSES, davis_palette  # classes, joints, DAVIS colour map
 
 # -----------------------------------------------------------------------------
 # Dataset conventions
@@ -554,11 +554,13 @@ def save_image(array_or_image, path, format, **params):
     JPEGs are written without chroma subsampling (subsampling=0), which would smear the
     toy world's fine coloured textures."""
     image = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
-    atomic_save(path, lambda tmp: image.save(tmp, format=format, **params))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: image.save(tmp, format=format, **params))
 
 
 def save_bytes(data, path):
-    atomic_save(path, lambda tmp: tmp.write_bytes(data))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def palette_png(ids):

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
 import cdgmae  # noqa: E402
 
 RATIO = (0.75, 1.33)   # Table 6
@@ -36,7 +37,7 @@ def write_bags(root, num_bags, real_size, view_size=256, views=4):
         Image.new("RGB", real_size, (90, 120, 150)).save(bag / "real.jpeg")
         for k in range(views):
             Image.new("RGB", (view_size, view_size), (90, 120, 150)).save(bag / f"view_{k:02d}.jpg")
-    return cdgmae.find_bags(root)
+    return common.find_bags(root)
 
 
 def aspect(box, size):
@@ -53,13 +54,13 @@ def measure(root, bags, num_anchors, epochs, seed=0):
         rng = np.random.default_rng([seed, epoch, index])
         chosen = ds.files(bags[index], rng)
         sizes = [cdgmae.read_encoded(p)[1] for p in chosen]
-        target_is_real = cdgmae.is_real_image(chosen[0])
+        target_is_real = common.is_real_image(chosen[0])
         # (a) the box drawn on the target's size, the same fractions of every image
         shared = cdgmae.sample_crop_box(rng, *sizes[0], ds.crop_scale, ds.crop_ratio)
         # (b) the dataset's item (same draws): each image's box
         boxes = ds[(epoch, index)][1].tolist()
         for path, size, box in zip(chosen, sizes, boxes):
-            kind = "real" if cdgmae.is_real_image(path) else "view"
+            kind = "real" if common.is_real_image(path) else "view"
             rows.append(("shared fractions", kind, target_is_real, aspect(shared, size)))
             rows.append(("common geometry", kind, target_is_real, aspect(box, size)))
     return rows
@@ -71,9 +72,9 @@ def outside(aspects, slack=1.0):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--bags", type=cdgmae.checked(int, 1), default=300)
-    p.add_argument("--epochs", type=cdgmae.checked(int, 1), default=4, help="samples per bag")
-    p.add_argument("--real-size", type=cdgmae.checked(int, 1), nargs=2, default=(500, 375), help="width height")
+    p.add_argument("--bags", type=common.checked(int, 1), default=300)
+    p.add_argument("--epochs", type=common.checked(int, 1), default=4, help="samples per bag")
+    p.add_argument("--real-size", type=common.checked(int, 1), nargs=2, default=(500, 375), help="width height")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         bags = write_bags(Path(tmp), args.bags, tuple(args.real_size))

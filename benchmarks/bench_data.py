@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
 import cdgmae  # noqa: E402
 
 SETTINGS = {"a1": 1, "a3": 3}  # N anchors
@@ -60,7 +61,7 @@ def write_bags(root, count, seed=0):
         photo(rng, 500, 375).save(bag / "real.jpg", quality=90)
         for k in range(4):
             photo(rng, 256, 256).save(bag / f"view_{k:02d}.jpg", quality=95)
-    return cdgmae.find_bags(root)
+    return common.find_bags(root)
 
 
 class Clock:
@@ -78,7 +79,7 @@ def chosen_paths(ds, key):
     """The files one sample decodes, and its generator after the view choice (the dataset's order)."""
     epoch, index = key
     rng = np.random.default_rng([ds.seed, epoch, index])
-    real, views = cdgmae.bag_files(ds.root / ds.bags[index])
+    real, views = common.bag_files(ds.root / ds.bags[index])
     paths = [real] + views[:ds.num_views]
     return [paths[i] for i in ds.choose_views(rng)], rng
 
@@ -122,7 +123,7 @@ def staged_before(ds, key, clock, keep_pixels=None):
     with clock("rest"):
         paths, rng = chosen_paths(ds, key)
     with clock("decode"):
-        images = [cdgmae.load_rgb(p) for p in paths]
+        images = [common.load_rgb(p) for p in paths]
     with clock("rest"):
         boxes, flip, target_noise, anchor_noise = draw_rest(ds, rng, paths, [img.size for img in images])
     crops = []
@@ -183,7 +184,7 @@ def pixel_difference(ds, keys):
         target, anchors, _, _ = ds[key]
         for i, (ours, theirs) in enumerate(zip([target, *anchors], pil)):
             d = np.abs(ours.permute(1, 2, 0).numpy().astype(int) - theirs.astype(int)).ravel()
-            diffs["real images" if cdgmae.is_real_image(chosen_paths(ds, key)[0][i]) else "views"].append(d)
+            diffs["real images" if common.is_real_image(chosen_paths(ds, key)[0][i]) else "views"].append(d)
     return {k: (np.concatenate(v).mean(), np.concatenate(v).max(), (np.concatenate(v) > 2).mean())
             for k, v in diffs.items() if v}
 
@@ -233,10 +234,10 @@ def report(results):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bags", type=cdgmae.checked(int, 8), default=200, help="synthetic bags to write")
-    p.add_argument("--passes", type=cdgmae.checked(int, 1), default=3, help="timed passes (the fastest is kept)")
-    p.add_argument("--batch", type=cdgmae.checked(int, 1), default=64, help="samples per collated batch")
-    p.add_argument("--pixel-samples", type=cdgmae.checked(int, 1), default=40, help="samples for the pixel comparison")
+    p.add_argument("--bags", type=common.checked(int, 8), default=200, help="synthetic bags to write")
+    p.add_argument("--passes", type=common.checked(int, 1), default=3, help="timed passes (the fastest is kept)")
+    p.add_argument("--batch", type=common.checked(int, 1), default=64, help="samples per collated batch")
+    p.add_argument("--pixel-samples", type=common.checked(int, 1), default=40, help="samples for the pixel comparison")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     args = p.parse_args()
     torch.set_num_threads(1)  # one core: what one DataLoader worker gets

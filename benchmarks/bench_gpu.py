@@ -49,6 +49,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import bench_data  # noqa: E402
 import bench_propagate  # noqa: E402
 import bench_train  # noqa: E402
+import common  # noqa: E402
 import cdgmae  # noqa: E402
 
 BUDGET = 470          # seconds for the whole run (8 minutes with the installation of the wheels)
@@ -89,8 +90,8 @@ def load_results(output):
 
 def save_results(output, results):
     """Write results.json and results.md, each atomically (a run killed mid-write leaves the last whole file)."""
-    cdgmae.atomic_write(Path(output) / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
-    cdgmae.atomic_write(Path(output) / "results.md", lambda tmp: Path(tmp).write_text(markdown(results)))
+    common.atomic_write(Path(output) / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
+    common.atomic_write(Path(output) / "results.md", lambda tmp: Path(tmp).write_text(markdown(results)))
 
 
 def record(output, row, say=print):
@@ -146,7 +147,7 @@ class Stage:
             return measure()
         except Exception as e:  # noqa: BLE001 -- recorded, and the next case may still work
             traceback.print_exc()
-            self.record(case, "failed", note=f"{type(e).__name__}: {cdgmae.one_line(e)[:400]}")
+            self.record(case, "failed", note=f"{type(e).__name__}: {common.one_line(e)[:400]}")
             if self.cuda:
                 torch.cuda.empty_cache()
             return None
@@ -638,7 +639,7 @@ def parse_cap(text):
     name, _, seconds = text.partition("=")
     if name not in STAGES:
         raise argparse.ArgumentTypeError(f"{text!r}: no stage {name!r} (stages: {', '.join(STAGES)})")
-    return name, cdgmae.checked(float, 0, low_open=True)(seconds)
+    return name, common.checked(float, 0, low_open=True)(seconds)
 
 
 def get_args_parser():
@@ -649,7 +650,7 @@ def get_args_parser():
     p.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES), help="the stages to run")
     p.add_argument("--cap", type=parse_cap, nargs="+", default=[], metavar="STAGE=SECONDS",
                    help="another time cap for a stage")
-    p.add_argument("--budget", type=cdgmae.checked(float, 0, low_open=True), default=BUDGET,
+    p.add_argument("--budget", type=common.checked(float, 0, low_open=True), default=BUDGET,
                    help="seconds for the whole run: a stage's cap is cut to what is left")
     p.add_argument("--scratch", default=None, help="folder for the temporary bags and runs (default: the system's)")
     p.add_argument("--stage", choices=list(STAGES), help=argparse.SUPPRESS)  # in the process of one stage
@@ -666,7 +667,7 @@ def main(argv=None):
             STAGE_FUNCTIONS[args.stage](stage)
         except Exception as e:  # noqa: BLE001 -- recorded; the runner goes on with the next stage
             traceback.print_exc()
-            stage.record("(stage)", "failed", note=f"{type(e).__name__}: {cdgmae.one_line(e)[:400]}")
+            stage.record("(stage)", "failed", note=f"{type(e).__name__}: {common.one_line(e)[:400]}")
             sys.exit(STAGE_FAILED)
         return
 

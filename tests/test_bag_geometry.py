@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 import cdgmae
 import metrics
 import toyworld as tw
@@ -111,7 +112,7 @@ def test_one_box_cuts_the_same_pixels_of_the_real_image_and_of_a_view_of_its_reg
     # box for all images, as before) cuts another part of the scene: up to 30 px, i.e. 30 levels of R = x, off.
     blobs, boxes, flip, _, _ = encoded[(0, 0)]
     chosen = ds.files("b0", np.random.default_rng([0, 0, 0]))
-    view_box = boxes[[i for i, p in enumerate(chosen) if not cdgmae.is_real_image(p)][0]].tolist()
+    view_box = boxes[[i for i, p in enumerate(chosen) if not common.is_real_image(p)][0]].tolist()
     pixels = torch.from_numpy(real.copy()).permute(2, 0, 1)
     unmapped = cdgmae.crop_resize(pixels, view_box, 112)
     view = cdgmae.crop_resize(cdgmae.decode_rgbx(tmp_path / "bags" / "b0" / "view_00.png"), view_box, 112)[:3]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 import cdgmae
 from cdgmae import CDGMAE, VisionTransformer, vit_base, vit_small
 
@@ -446,21 +447,21 @@ def test_temporaries_are_unique_per_process_and_only_dead_writers_are_swept(tmp_
     import socket
     import subprocess
     import sys
-    mine = cdgmae.temporary_path(tmp_path / "checkpoint-last.pth")
+    mine = common.temporary_path(tmp_path / "checkpoint-last.pth")
     assert mine.name == f".checkpoint-last.pth.{socket.gethostname()}-{os.getpid()}.tmp"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
     host = socket.gethostname()
     for name in (mine.name, f".view_00.jpg.{host}-{dead}.tmp", f".view_01.jpg.otherhost-{dead}.tmp"):
         (tmp_path / name).write_bytes(b"partial")
-    assert cdgmae.remove_stale_temporaries(tmp_path) == 1  # only this host's dead writer
+    assert common.remove_stale_temporaries(tmp_path) == 1  # only this host's dead writer
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, f".view_01.jpg.otherhost-{dead}.tmp"])
 
 
 def test_checked_flag_types_hold_values_to_their_range():
     import argparse
-    topk = cdgmae.checked(int, 1)
-    ratio = cdgmae.checked(float, 0, 1, high_open=True)
+    topk = common.checked(int, 1)
+    ratio = common.checked(float, 0, 1, high_open=True)
     assert (topk("7"), ratio("0"), ratio("0.25")) == (7, 0.0, 0.25)
     for parse, text in [(topk, "0"), (topk, "-3"), (topk, "2.5"), (ratio, "1"), (ratio, "-0.1"),
                         (ratio, "nan"), (ratio, "inf"), (ratio, "x")]:

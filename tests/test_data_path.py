@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import common
 import cdgmae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,7 +98,7 @@ def write_bags(root, num_bags=6, views=3, real_size=(60, 80), view_size=(48, 48)
         Image.fromarray(natural(rng, real_size[1], real_size[0])).save(bag / "real.jpg", quality=90)
         for k in range(views):
             Image.fromarray(natural(rng, *view_size)).save(bag / f"view_{k:02d}.jpg", quality=95)
-    return root, cdgmae.find_bags(root)
+    return root, common.find_bags(root)
 
 
 def pil_decode(blobs, device):
@@ -125,10 +126,11 @@ LOW_FILE_LIMIT = """
 import resource, sys
 import torch
 import cdgmae
+import common
 # 128 open files per process, fewer than the 160 files of one batch below.
 resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 root = sys.argv[1]
-ds = cdgmae.BagDataset(root, cdgmae.find_bags(root), 3, num_anchors=3, input_size=16, num_patches=4, encoded=True)
+ds = cdgmae.BagDataset(root, common.find_bags(root), 3, num_anchors=3, input_size=16, num_patches=4, encoded=True)
 sampler = cdgmae.GlobalBatchSampler(len(ds), 40, 0, 1)
 loader = torch.utils.data.DataLoader(ds, batch_size=40, sampler=sampler, num_workers=2,
                                      collate_fn=cdgmae.collate_encoded)
@@ -171,7 +173,7 @@ def test_uint8_samples_keep_the_documented_random_choices(tmp_path):
         rng = np.random.default_rng([7, epoch, 1])
         target = int(rng.integers(0, 4))
         anchors = rng.choice([i for i in range(4) if i != target], size=2, replace=False)
-        real, views = cdgmae.bag_files(root / bags[1])
+        real, views = common.bag_files(root / bags[1])
         arrays = [np.asarray(Image.open(p).convert("RGB")) for p in [[real, *views][i] for i in [target, *anchors]]]
         box = cdgmae.sample_crop_box(rng, 48, 48)
         flip = rng.random() < 0.5
@@ -226,11 +228,11 @@ def test_prefetch_depth_follows_the_batch_size():
 def test_listing_and_checking_split_over_ranks_and_processes_cover_every_bag_once(tmp_path):
     root, bags = write_bags(tmp_path / "bags", num_bags=9)
     (root / "class1" / "img003" / "view_01.jpg").write_bytes(b"\xff\xd8 broken")
-    shares = [cdgmae.find_bags(root, rank, 3, processes=2) for rank in range(3)]
+    shares = [common.find_bags(root, rank, 3, processes=2) for rank in range(3)]
     assert sorted(b for share in shares for b in share) == bags and sum(map(len, shares)) == len(bags)
     jobs = [(str(root), bag, 3, 3, "decode", "cpu") for bag in bags]
     in_process = [cdgmae._bag_problem(job) for job in jobs]
-    assert cdgmae.parallel_map(cdgmae._bag_problem, jobs, processes=2, chunksize=2) == in_process
+    assert common.parallel_map(cdgmae._bag_problem, jobs, processes=2, chunksize=2) == in_process
     assert [bag for bag, why in in_process if why] == ["class1/img003"]
 
 
@@ -274,7 +276,7 @@ def test_decoding_into_rgbx_gives_pillows_rgb_pixels_for_every_mode(tmp_path):
         assert np.array_equal(pixels[:3].permute(1, 2, 0).numpy(), expected), name
         assert (pixels[3] == 255).all(), name
     (tmp_path / "cut.jpg").write_bytes((tmp_path / "rgb.jpg").read_bytes()[:600])  # truncated: the header parses
-    with pytest.raises(cdgmae.UnreadableImage, match="cut.jpg: cannot decode image"):
+    with pytest.raises(common.UnreadableImage, match="cut.jpg: cannot decode image"):
         cdgmae.decode_rgbx(tmp_path / "cut.jpg")
 
 

@@ -20,6 +20,7 @@ import scipy.io as sio
 import torch
 from PIL import Image
 
+import common
 import evaluate as ev
 import propagate as pr
 import cdgmae
@@ -383,7 +384,7 @@ def test_bad_flags_are_one_argparse_error_naming_the_flag(tmp_path, capsys, chec
         assert_refused(status, err, words, folder=out, before=None)
     # 0 is a value, not "use the default": the library refuses it instead of running with 7 / 0.7
     for key in ("topk", "temperature", "radius"):
-        with pytest.raises(ev.InputError, match=f"--{key} 0"):
+        with pytest.raises(common.InputError, match=f"--{key} 0"):
             pr.propagate_dataset("davis", root, checkpoint, out, input_size=(H, W), progress=False, **{key: 0})
     result = pr.propagate_dataset("davis", root, checkpoint, out, input_size=(H, W), queue_length=0, progress=False)
     assert result["settings"]["queue_length"] == 0
@@ -431,7 +432,7 @@ def test_rerun_with_other_checkpoint_contents_or_settings_is_refused(tmp_path, c
     argv = propagate_argv("davis", root, checkpoint, out)
     assert run(pr, argv, capsys)[0] == 0
     recorded = json.loads((out / "propagation.json").read_text())
-    assert recorded["checkpoint_sha256"] == pr.file_sha256(checkpoint)
+    assert recorded["checkpoint_sha256"] == common.file_sha256(checkpoint)
     before = snapshot(out)
     # same contents under another name: resumes (nothing to do)
     shutil.copy(checkpoint, tmp_path / "copy.pth")
@@ -458,7 +459,7 @@ def test_full_disk_is_one_line_and_leaves_no_partial_files(tmp_path, capsys, che
         return real_save(self, fp, *args, **kwargs)
     monkeypatch.setattr(Image.Image, "save", full)
     status, err = run(pr, propagate_argv("davis", root, checkpoint, out), capsys)
-    assert_refused(status, err, "00002.png", "no space left")
+    assert_refused(status, err, "00002.png", "No space left")
     assert sorted(p.name for p in out.iterdir()) == ["propagation.json"]  # no video folder, no temporaries
     monkeypatch.undo()
     assert run(pr, propagate_argv("davis", root, checkpoint, out), capsys)[0] == 0  # the rerun finishes
@@ -483,8 +484,8 @@ def dead_pid():
 
 def test_temporaries_are_per_process_and_killed_writers_leftovers_are_removed(tmp_path, capsys, checkpoint):
     names = []
-    ev.atomic_save(tmp_path / "a.png", lambda tmp: (names.append(tmp.name), tmp.write_bytes(b"x")))
-    assert names == [cdgmae.temporary_path(tmp_path / "a.png").name]  # one pattern, one sweep for both sides
+    common.atomic_write(tmp_path / "a.png", lambda tmp: (names.append(tmp.name), tmp.write_bytes(b"x")))
+    assert names == [common.temporary_path(tmp_path / "a.png").name]  # one pattern, one sweep for both sides
     assert names == [f".a.png.{socket.gethostname()}-{os.getpid()}.tmp"]
     root = make_davis(tmp_path / "DAVIS")
     out = tmp_path / "out"
@@ -525,5 +526,5 @@ def test_modules_passed_from_python_are_fingerprinted_by_their_weights(tmp_path)
     assert pr.propagate_dataset("davis", root, vit, tmp_path / "out", **kwargs)["written"] == ["seq"]
     assert pr.propagate_dataset("davis", root, vit, tmp_path / "out", **kwargs)["skipped"] == ["seq"]
     vit.steps += 1
-    with pytest.raises(ev.InputError, match="checkpoint_sha256"):
+    with pytest.raises(common.InputError, match="checkpoint_sha256"):
         pr.propagate_dataset("davis", root, vit, tmp_path / "out", **kwargs)

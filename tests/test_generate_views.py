@@ -11,6 +11,7 @@ import torch
 import yaml
 from PIL import Image
 
+import common
 import cdgmae
 import generate_views as gv
 from diffusers import DDIMScheduler, UNet2DConditionModel, VQModel
@@ -111,7 +112,7 @@ def test_bags_mirror_the_input_tree_in_the_layout_cdgmae_trains_on(tmp_path, bac
         for k in range(VIEWS):
             with Image.open(bag / f"view_{k:02d}.jpg") as im:
                 assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (16, 16))  # 8x8 latents, VQ factor 2
-    bags = cdgmae.find_bags(tmp_path / "bags")
+    bags = common.find_bags(tmp_path / "bags")
     assert bags == ["n01/a", "n01/b", "n02/sub/c"]
     assert cdgmae.check_bags(tmp_path / "bags", bags, num_views=VIEWS, min_views=VIEWS + 1) == {}
 
@@ -167,8 +168,8 @@ def test_a_run_killed_mid_bag_resumes_without_duplicates_or_truncated_files(tmp_
         run(backend, tmp_path / "images", tmp_path / "bags")
     monkeypatch.setattr(os, "replace", real_replace)
     half = tmp_path / "bags" / "n01" / "b"
-    assert sorted(os.listdir(half)) == [cdgmae.temporary_path(half / "view_01.jpg").name, "view_00.jpg"]
-    assert cdgmae.find_bags(tmp_path / "bags") == ["n01/a"]  # what the trainer sees is complete
+    assert sorted(os.listdir(half)) == [common.temporary_path(half / "view_01.jpg").name, "view_00.jpg"]
+    assert common.find_bags(tmp_path / "bags") == ["n01/a"]  # what the trainer sees is complete
 
     summary = run(backend, tmp_path / "images", tmp_path / "bags")
     assert (summary["complete_before"], summary["generated"]) == (1, 2)
@@ -221,7 +222,7 @@ def test_unreadable_images_are_logged_skipped_and_counted(tmp_path, backend, cap
     assert summary["generated"] == 3
     assert [p for p, _ in summary["unreadable"]] == ["n01/broken.jpg"]
     assert "n01/broken.jpg" in capsys.readouterr().err
-    assert cdgmae.find_bags(tmp_path / "bags") == ["n01/a", "n01/b", "n02/sub/c"]
+    assert common.find_bags(tmp_path / "bags") == ["n01/a", "n01/b", "n02/sub/c"]
 
 
 def test_inputs_that_would_share_a_bag_are_refused_before_any_work(tmp_path):

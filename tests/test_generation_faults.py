@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 import cdgmae
 import generate_views as gv
 import metrics
@@ -297,7 +298,7 @@ def test_unreadable_images_are_skipped_listed_and_do_not_change_the_other_bags(t
     written = tree_bytes(tmp_path / "bags")
     del written[report.name]
     assert written == tree_bytes(made / "bags")  # the good images' bags, byte for byte those of a clean run
-    assert cdgmae.find_bags(tmp_path / "bags") == ["n01/a", "n01/b", "n02/sub/c"]
+    assert common.find_bags(tmp_path / "bags") == ["n01/a", "n01/b", "n02/sub/c"]
 
 
 def test_a_full_disk_stops_with_one_line_and_a_rerun_completes_the_same_bags(tmp_path, capsys, made, model):
@@ -305,13 +306,13 @@ def test_a_full_disk_stops_with_one_line_and_a_rerun_completes_the_same_bags(tmp
     bag = tmp_path / "bags" / "n01" / "b"
     bag.mkdir(parents=True)
     shutil.copy(made / "bags" / gv.RECORD_NAME, tmp_path / "bags")  # the settings of this run
-    os.symlink("/dev/full", cdgmae.temporary_path(bag / "view_00.jpg"))
+    os.symlink("/dev/full", common.temporary_path(bag / "view_00.jpg"))
     argv = ["--images", made / "images", "--model", model, "--output", tmp_path / "bags", *GENERATE,
             "--batch-size", "1"]
     status, err, message = cli(gv.main, argv, capsys)
     assert status == 1 and "Traceback" not in err
     assert_one_line_naming(message, tmp_path / "bags", "No space left on device")
-    assert cdgmae.find_bags(tmp_path / "bags") == ["n01/a"]
+    assert common.find_bags(tmp_path / "bags") == ["n01/a"]
     assert os.listdir(bag) == []  # no partial file under a final or a temporary name
 
     status, err, _ = cli(gv.main, argv, capsys)  # space is back: the run resumes
@@ -450,5 +451,5 @@ def test_metrics_never_overwrites_a_csv_unless_told_to(tmp_path, capsys, metric_
 
     # a CSV that appears while the run computes (another run) is kept, not replaced
     with pytest.raises(FileExistsError):
-        metrics.write_csv(rows, csv_path, overwrite=False)
+        metrics.write_table(rows, csv_path, overwrite=False)
     assert len(csv_path.read_text().splitlines()) == 5

@@ -1,6 +1,6 @@
 """Images of every mode and depth, and checkpoints that load but cannot be used.
 
-Images: one rule (cdgmae.to_rgb) makes any image 8-bit RGB wherever the project reads one, or
+Images: one rule (common.to_rgb) makes any image 8-bit RGB wherever the project reads one, or
 refuses it naming the file and its mode; each start-up check refuses what its loader would
 refuse, before any work. Checkpoints: NaN or infinite weights, another shape, a folder, an
 image, a truncated archive, and heads that do not divide the width are one line that starts
@@ -20,6 +20,7 @@ from PIL import Image
 
 torch.set_num_threads(2)
 
+import common  # noqa: E402
 import cdgmae  # noqa: E402
 import evaluate as ev  # noqa: E402
 import generate_views as gv  # noqa: E402
@@ -77,7 +78,7 @@ def palette_with_transparency(path):
 
 
 def rgb(path_or_image):
-    image = cdgmae.load_rgb(path_or_image) if isinstance(path_or_image, Path) else path_or_image
+    image = common.load_rgb(path_or_image) if isinstance(path_or_image, Path) else path_or_image
     return np.asarray(image)
 
 
@@ -91,19 +92,19 @@ def test_a_16_bit_image_becomes_its_high_byte_not_white(tmp_path):
     assert np.array_equal(rgb(tmp_path / "g16.png"), np.asarray(expected))
     # mode I holding 16-bit values (older Pillow opens 16-bit PNGs so) follows the same rule
     as_int32 = Image.fromarray(GRADIENT.astype(np.int32))
-    assert as_int32.mode == "I" and np.array_equal(rgb(cdgmae.to_rgb(as_int32)), np.asarray(expected))
+    assert as_int32.mode == "I" and np.array_equal(rgb(common.to_rgb(as_int32)), np.asarray(expected))
 
 
 def test_32_bit_images_convert_inside_their_range_and_are_refused_outside_it(tmp_path):
     ramp = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
-    converted = rgb(cdgmae.load_rgb(save_as(tmp_path / "f.png", Image.fromarray(ramp), "TIFF")))
+    converted = rgb(common.load_rgb(save_as(tmp_path / "f.png", Image.fromarray(ramp), "TIFF")))
     assert np.array_equal(converted[..., 0], np.rint(ramp * 255).astype(np.uint8))  # [0, 1] times 255
     refused = {"i.png": (Image.fromarray(np.full((8, 8), 70000, np.int32)), "mode I"),
                "over.png": (float_image(1.5, (8, 8)), "mode F"), "nan.png": (float_image(np.nan, (8, 8)), "mode F")}
     for name, (image, words) in refused.items():
         path = save_as(tmp_path / name, image, "TIFF")
-        for load in (cdgmae.load_rgb, cdgmae.decode_rgbx, cdgmae.check_image):
-            with pytest.raises(cdgmae.UnreadableImage, match=words) as error:
+        for load in (common.load_rgb, cdgmae.decode_rgbx, common.check_image):
+            with pytest.raises(common.UnreadableImage, match=words) as error:
                 load(path)
             assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
 
@@ -132,7 +133,7 @@ def test_exif_orientation_is_ignored_the_pixels_are_used_as_stored(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
     Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=100)
-    image = cdgmae.load_rgb(tmp_path / "phone.jpg")
+    image = common.load_rgb(tmp_path / "phone.jpg")
     assert image.size == (40, 20)  # not (20, 40): the orientation is not applied
     assert rgb(image)[:, :15].max() < 30 and rgb(image)[:, 25:].min() > 225
     assert cdgmae.decode_rgbx(tmp_path / "phone.jpg").shape == (4, 20, 40)
@@ -140,8 +141,8 @@ def test_exif_orientation_is_ignored_the_pixels_are_used_as_stored(tmp_path):
 
 def test_a_mode_without_a_conversion_is_refused_naming_the_file_and_the_mode(tmp_path):
     path = save_as(tmp_path / "lab.png", Image.new("LAB", (4, 4), (50, 0, 0)), "TIFF")
-    with pytest.raises(cdgmae.UnreadableImage, match="LAB") as error:
-        cdgmae.check_image(path)
+    with pytest.raises(common.UnreadableImage, match="LAB") as error:
+        common.check_image(path)
     assert str(error.value).startswith(f"{path}: a LAB image")
 
 
@@ -150,8 +151,8 @@ def test_a_header_declaring_an_absurd_size_is_refused_before_decoding_without_a_
     # error limits, where Pillow would only warn and then try to decode 10^8 pixels.
     for side in (100_000, 10_000):
         path = bomb_png(tmp_path / f"bomb{side}.png", side, side)
-        for load in (cdgmae.open_image, cdgmae.load_rgb, cdgmae.decode_rgbx, cdgmae.check_image):
-            with pytest.raises(cdgmae.UnreadableImage, match="MAX_IMAGE_PIXELS") as error:
+        for load in (common.open_image, common.load_rgb, cdgmae.decode_rgbx, common.check_image):
+            with pytest.raises(common.UnreadableImage, match="MAX_IMAGE_PIXELS") as error:
                 load(path)
             assert str(error.value).startswith(f"{path}: the header declares")
     assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
@@ -162,7 +163,7 @@ def test_a_header_declaring_an_absurd_size_is_refused_before_decoding_without_a_
 # -----------------------------------------------------------------------------
 
 READERS = {
-    "cdgmae.load_rgb": lambda p: rgb(p),
+    "common.load_rgb": lambda p: rgb(p),
     "cdgmae.decode_rgbx": lambda p: cdgmae.decode_rgbx(p),
     "propagate.load_frame": lambda p: pr.load_frame(p, (8, 64)),
     "metrics.PairImages": lambda p: metrics.PairImages([(p,)], size=32)[0][0],
@@ -190,7 +191,7 @@ def test_bags_of_16_bit_and_palette_images_give_the_samples_of_their_8_bit_equiv
         palette_with_transparency(folder / "view_00.png")
         if convert:  # the same images, already 8-bit RGB
             real.save(folder / "real.png")
-            cdgmae.load_rgb(folder / "view_00.png").save(folder / "view_00.png")
+            common.load_rgb(folder / "view_00.png").save(folder / "view_00.png")
     items = [cdgmae.BagDataset(tmp_path / bag, ["img"], num_views=1, input_size=16, num_patches=4)[(0, 0)]
              for bag in ("deep", "flat")]
     assert all(torch.equal(a, b) for a, b in zip(*items))
@@ -244,8 +245,8 @@ def test_the_gpu_decode_refuses_at_start_up_and_in_the_workers_what_it_would_dec
     assert "JPEG image in mode CMYK" in refused["img000"] and "BMP" in refused["img001"]
     assert "16-bit PNG" in refused["img002"] and all("--decode cpu" in why for why in refused.values())
     for bag in refused:  # a file replaced after the start-up check is refused by the worker too
-        real, views = cdgmae.bag_files(bags / bag)
-        with pytest.raises(cdgmae.UnreadableImage, match="--decode gpu"):
+        real, views = common.bag_files(bags / bag)
+        with pytest.raises(common.UnreadableImage, match="--decode gpu"):
             cdgmae.read_encoded(views[0])
 
 

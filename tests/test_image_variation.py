@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import common  # noqa: E402
 import cdgmae  # noqa: E402
 import generate_views as gv  # noqa: E402
 from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionImageVariationPipeline,  # noqa: E402
@@ -110,8 +111,8 @@ def whole(tmp_path_factory, images, pipeline_folder):
 def test_the_command_line_writes_complete_bags_of_m_views(images, whole):
     output, summary = whole
     assert (summary["generated"], summary["complete_before"], summary["unreadable"]) == (3, 0, [])
-    assert cdgmae.find_bags(output) == ["cat/a", "cat/b", "dog/c"]
-    assert cdgmae.check_bags(output, cdgmae.find_bags(output), num_views=VIEWS, min_views=VIEWS + 1) == {}
+    assert common.find_bags(output) == ["cat/a", "cat/b", "dog/c"]
+    assert cdgmae.check_bags(output, common.find_bags(output), num_views=VIEWS, min_views=VIEWS + 1) == {}
     for rel in ("cat/a.jpg", "cat/b.png", "dog/c.jpg"):
         bag = output / Path(rel).parent / Path(rel).stem
         assert sorted(p.name for p in bag.iterdir()) == ["real" + Path(rel).suffix, "view_00.jpg", "view_01.jpg"]
@@ -132,9 +133,9 @@ def test_a_rerun_generates_nothing_and_leaves_every_byte(images, pipeline_folder
 def test_two_shards_split_the_images_disjointly_and_write_what_one_run_writes(tmp_path, images, pipeline_folder,
                                                                                whole):
     first = generate(images, pipeline_folder, tmp_path / "first", "--shard", "0/2")
-    assert cdgmae.find_bags(tmp_path / "first") == ["cat/a", "dog/c"]  # round-robin over the sorted list
+    assert common.find_bags(tmp_path / "first") == ["cat/a", "dog/c"]  # round-robin over the sorted list
     second = generate(images, pipeline_folder, tmp_path / "sharded", "--shard", "1/2")
-    assert cdgmae.find_bags(tmp_path / "sharded") == ["cat/b"]
+    assert common.find_bags(tmp_path / "sharded") == ["cat/b"]
     generate(images, pipeline_folder, tmp_path / "sharded", "--shard", "0/2")
     assert (first["generated"], second["generated"]) == (2, 1)
     assert tree_bytes(tmp_path / "sharded") == tree_bytes(whole[0])

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 import cdgmae
 import generate_views as gv
 import metrics
@@ -96,7 +97,7 @@ def test_bags_hold_the_k_nearest_other_images_in_order_and_cdgmae_reads_them(tmp
     saved = np.concatenate([np.load(p) for p in sorted((output / gv.KNN_FOLDER).glob("embeddings-*.npy"))])
     vit = cdgmae.encoder_from_checkpoint(str(data / "vit.pth")).eval()
     with torch.no_grad():  # the ViT's cls embedding, image by image
-        cls = torch.stack([vit.forward_features(metrics.evaluation_tensor(cdgmae.load_rgb(p), SIZE)[None])[0, 0]
+        cls = torch.stack([vit.forward_features(metrics.evaluation_tensor(common.load_rgb(p), SIZE)[None])[0, 0]
                            for p in paths])
     # float16 keeps 11 significant bits (relative rounding <= 2^-11 = 4.9e-4); the batched float32 ViT sums
     # <= 192 terms (the patch embedding) of size <= 1 in another order, <= 192 eps ~ 1e-5 a layer
@@ -105,14 +106,14 @@ def test_bags_hold_the_k_nearest_other_images_in_order_and_cdgmae_reads_them(tmp
     found = []
     for image in paths:
         rel = image.relative_to(data / "images")
-        real, views = cdgmae.bag_files(output / rel.parent / rel.stem)
+        real, views = common.bag_files(output / rel.parent / rel.stem)
         assert Path(real).name == "real" + image.suffix.lower() and file_hash(real) == file_hash(image)
         found.append([by_bytes[file_hash(v)] for v in views])
         assert [Path(v).suffix for v in views] == [paths[j].suffix.lower() for j in found[-1]]
         assert os.path.samefile(views[0], paths[found[-1][0]])  # a hard link, not a copy, on one filesystem
     assert_k_nearest(cosine_similarities(saved), found, 5, dim=32)  # view_00 is the nearest
 
-    bags = cdgmae.find_bags(output)
+    bags = common.find_bags(output)
     assert len(bags) == NUM_IMAGES
     assert cdgmae.check_bags(output, bags, num_views=5, min_views=2, verify_images="decode") == {}
     dataset = cdgmae.BagDataset(output, bags, num_views=5, num_anchors=2, input_size=16, num_patches=4)
@@ -139,7 +140,7 @@ def test_a_run_killed_while_embedding_resumes_without_recomputing_and_ends_ident
     with pytest.raises(KeyboardInterrupt):
         run(data, resumed)
     assert sorted(p.name for p in (resumed / gv.KNN_FOLDER).iterdir()) == ["embeddings-00000.npy"]
-    assert sum(embedded) == 12 and cdgmae.find_bags(resumed) == []
+    assert sum(embedded) == 12 and common.find_bags(resumed) == []
 
     monkeypatch.setattr(metrics, "cls_features", cls_features)
     embedded.clear()
@@ -211,8 +212,8 @@ def test_a_file_list_limits_the_bags_and_the_candidate_neighbours_to_the_listed_
     output = tmp_path / "bags"
     assert run(data, output, "--file-list", str(tmp_path / "list.txt"))["written"] == len(listed) == 10
     allowed = {file_hash(data / "images" / p) for p in listed}
-    for bag in cdgmae.find_bags(output):
-        real, views = cdgmae.bag_files(output / bag)
+    for bag in common.find_bags(output):
+        real, views = common.bag_files(output / bag)
         assert len(views) == 5 and {file_hash(v) for v in views} <= allowed - {file_hash(real)}
 
 

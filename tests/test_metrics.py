@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 import cdgmae
 import metrics
 from metrics import global_similarity, local_similarity, nearest_patch_similarity
@@ -136,7 +137,7 @@ def test_evaluate_pairs_scores_each_pair_from_the_vits_last_block_tokens(tmp_pat
     # 2.6e-5 relative in the worst case, and a cosine moves by at most the two vectors' relative changes: 1e-4.
     with torch.no_grad():
         for p, (a, b) in enumerate(pairs):  # one pair at a time, straight from vit(x): cls first, then 16 patches
-            ta, tb = (vit(metrics.evaluation_tensor(cdgmae.load_rgb(x), 32)[None])[0] for x in (a, b))
+            ta, tb = (vit(metrics.evaluation_tensor(common.load_rgb(x), 32)[None])[0] for x in (a, b))
             assert ta.shape == (1 + 16, 32)
             cos = torch.nn.functional.cosine_similarity
             assert scores["gs"][p].item() == pytest.approx(cos(ta[0], tb[0], dim=0).item(), abs=1e-4)

@@ -12,6 +12,7 @@ import scipy.io as sio
 import torch
 from PIL import Image
 
+import common
 import evaluate as ev
 import propagate as pr
 from cdgmae import VisionTransformer
@@ -93,7 +94,7 @@ def test_folder_of_frames_gives_a_palette_png_per_frame_and_an_overlay(tmp_path,
     result = run(["--video", frames, "--first-mask", mask, "--checkpoint", checkpoint, "--output", out,
                   "--input-size", H, W])
     assert [p.name for p in result["frames"]] == names
-    pngs = sorted((out / "masks").iterdir(), key=pr.natural_key)
+    pngs = sorted((out / "masks").iterdir(), key=common.natural_key)
     assert [p.name for p in pngs] == [f"{Path(n).stem}.png" for n in names]
     for t, png in enumerate(pngs):
         with Image.open(png) as im:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 import cdgmae
 
 TINY = ["--embed-dim", "32", "--depth", "1", "--num-heads", "2", "--decoder-dim", "32", "--decoder-depth", "1",
@@ -129,7 +130,7 @@ def test_bilinear_crop_resize_matches_pillows_bilinear_box_resize():
 @pytest.mark.float_kernels
 def test_crop_samples_are_a_function_of_seed_epoch_and_index_and_the_device_path_agrees(tmp_path):
     root = write_images(tmp_path / "images")
-    images = cdgmae.find_bags(root, kind="crops")
+    images = common.find_bags(root, kind="crops")
     assert images == ["n00/img0.png", "n00/img2.png", "n01/img1.png", "n01/img3.png"]
     make = lambda **k: cdgmae.CropDataset(root, images, num_anchors=2, input_size=32, num_patches=16, seed=7, **k)
     a, b = make(), make()
@@ -163,7 +164,7 @@ def test_the_frame_gap_stays_in_4_to_48_covers_both_ends_and_the_later_frame_is_
 
 def test_frames_share_one_box_and_flip_and_are_read_in_natural_order(tmp_path):
     root = write_videos(tmp_path / "videos")
-    videos = cdgmae.find_bags(root, kind="frames")
+    videos = common.find_bags(root, kind="frames")
     assert videos == ["video0", "video1", "video2", "video3"]
     dataset = cdgmae.FrameDataset(root, videos, num_anchors=2, input_size=16, num_patches=4, seed=1)
     again = cdgmae.FrameDataset(root, videos, num_anchors=2, input_size=16, num_patches=4, seed=1)
@@ -233,7 +234,7 @@ def test_a_video_shorter_than_5_frames_is_a_start_up_error_naming_it(tmp_path):
 def test_an_unreadable_image_is_replaced_by_the_next_one_deterministically(tmp_path, capsys):
     root = write_images(tmp_path / "images")
     (root / "n00" / "img2.png").write_bytes(b"\x89PNG broken")
-    images = cdgmae.find_bags(root, kind="crops")
+    images = common.find_bags(root, kind="crops")
     first = cdgmae.CropDataset(root, images, input_size=16, num_patches=4, seed=2)
     second = cdgmae.CropDataset(root, images, input_size=16, num_patches=4, seed=2)
     assert all(torch.equal(x, y) for x, y in zip(first[(0, 1)], second[(0, 1)]))

@@ -24,6 +24,7 @@ from PIL import Image
 
 torch.set_num_threads(2)
 
+import common  # noqa: E402
 import cdgmae  # noqa: E402
 import demo  # noqa: E402
 import evaluate as ev  # noqa: E402
@@ -283,7 +284,7 @@ def test_a_symbolic_link_that_loops_is_one_line_and_deeper_links_are_not_followe
     os.symlink("..", bags / "class1" / "up")            # deeper: not followed (os.walk), no bag listed twice
     status, _ = cli(cdgmae.main, train_argv(world, tmp_path / "run", "--data", bags, "--max-steps", "1"), capsys)
     assert status == 0
-    assert json.loads((tmp_path / "run" / "bag-index.json").read_text())["bags"] == cdgmae.find_bags(world / "bags")
+    assert json.loads((tmp_path / "run" / "bag-index.json").read_text())["bags"] == common.find_bags(world / "bags")
     for name, target in [("loop", "loop"), ("again", "."), ("parent", ".."), ("inside", "class0")]:
         link = bags / name
         os.symlink(target, link)
@@ -329,7 +330,7 @@ def test_names_that_would_break_a_line_are_refused_and_a_leading_dash_is_a_name(
     shutil.copytree(world / "images", images)
     shutil.copy(images / "n01" / "a.JPEG", images / "n01" / "-a2.jpg")
     gv.main([str(a) for a in generate_argv(world, tmp_path / "dash-bags", images=images)])
-    assert "n01/-a2" in cdgmae.find_bags(tmp_path / "dash-bags")
+    assert "n01/-a2" in common.find_bags(tmp_path / "dash-bags")
     monkeypatch.chdir(tmp_path)
     shutil.copytree(world / "DAVIS", tmp_path / "-DAVIS")
     result = pr.main(["--dataset", "davis", "--data-root=-DAVIS", f"--checkpoint={world / 'vit.pth'}",
@@ -540,7 +541,7 @@ def test_generation_stopped_by_a_signal_resumes_to_the_bags_of_an_uninterrupted_
                               lambda: any(bags.rglob("real.*")))
     assert_interrupted(status, err, signum)
     assert leftovers(bags) == []
-    finished = cdgmae.find_bags(bags)  # a bag is listed once its real image is in: it must be whole
+    finished = common.find_bags(bags)  # a bag is listed once its real image is in: it must be whole
     assert 1 <= len(finished) < 12 and all(gv.bag_is_complete(bags / bag, 2) for bag in finished)
     assert command_line("generate_views.py", long_generate_argv(long_inputs, bags), tmp_path).returncode == 0
     assert tree_bytes(bags) == tree_bytes(uninterrupted_bags)
@@ -573,7 +574,7 @@ def test_an_interrupt_during_an_atomic_write_leaves_no_file(tmp_path):
     def half_then_interrupted(tmp):
         Path(tmp).write_bytes(b"half")
         raise KeyboardInterrupt
-    for write in (cdgmae.atomic_write, ev.atomic_save):
+    for write in (common.atomic_write, common.atomic_write):
         with pytest.raises(KeyboardInterrupt):
             write(tmp_path / "out.png", half_then_interrupted)
         assert os.listdir(tmp_path) == []
@@ -659,7 +660,7 @@ def test_an_interrupt_ends_the_command_with_one_line_and_the_shells_exit_status(
     def interrupted_by_ctrl_c():
         raise KeyboardInterrupt
     try:
-        for run_command in (cdgmae.run_command, ev.run_command):
+        for run_command in (common.run_command, common.run_command):
             for main, signum in [(killed, signal.SIGTERM), (interrupted_by_ctrl_c, signal.SIGINT)]:
                 with pytest.raises(SystemExit) as stop:
                     run_command(main)

@@ -13,6 +13,7 @@ import scipy.io
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
 import cdgmae  # noqa: E402
 import toyworld as tw  # noqa: E402
 
@@ -97,12 +98,12 @@ def test_views_keep_identities_and_change_locally():
 def test_bags_have_the_trainers_layout_and_true_masks(tmp_path):
     root, gt = tmp_path / "bags", tmp_path / "bags_gt"
     names = tw.write_bags(root, num_bags=3, num_views=2, size=64, seed=5, gt_output=gt, progress=False)
-    bags = cdgmae.find_bags(root)
+    bags = common.find_bags(root)
     assert bags == names == ["scene_000000", "scene_000001", "scene_000002"]
     assert cdgmae.check_bags(root, bags, num_views=2, min_views=3) == {}
     assert all(not name.startswith(".") for name in files_under(root) + files_under(gt))  # no temporary files
     for i, bag in enumerate(bags):
-        real, views = cdgmae.bag_files(root / bag)
+        real, views = common.bag_files(root / bag)
         assert [os.path.basename(p) for p in [real] + views] == ["real.jpg", "view_00.jpg", "view_01.jpg"]
         for scene, path in zip(tw.sample_bag(5, i, 2, 64), [real] + views):
             image, ids, _ = tw.render_scene(scene, 64, 64)
