@@ -36,7 +36,7 @@ Pillow's internal `Image.core.map_buffer`), `read_encoded`, `batch_tensor` and
 (`to_rgb`: any Pillow mode to 8-bit RGB, or refused; with `open_image`, `load_rgb`,
 `check_image`, `gpu_decode_problem` and their mode lists) needs numpy and Pillow only. The
 checkpoint loaders (`load_checkpoint`, `read_state_dict`, `encoder_from_checkpoint`,
-`load_encoder_state`, with `check_finite` and `CheckpointError`) need torch and
+`load_encoder_state`, with `check_finite` and `InputError`) need torch and
 VisionTransformer. `checked` (argparse ranges),
 `atomic_write`, `temporary_path`, `remove_stale_temporaries`, the output checks
 (`check_output_folder`, `check_outside`, `refuse_line_breaks`, `write_failure`),
@@ -74,7 +74,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from common import (IMAGE_SUFFIXES, VIEW_NAME, UnreadableImage, bag_files, check_outside, check_output_folder, checked,
+from common import (DIFFUSION_FOLDER_FILES, IMAGE_SUFFIXES, VIEW_NAME, InputError, UnreadableImage, bag_files, check_outside, check_output_folder, checked,
                     find_bags, first_line, image_problem, is_real_image, list_files, one_line, open_image,
                     parallel_map, plain, refuse_line_breaks, remove_stale_temporaries, run_command, to_rgb,
                     top_level_entries, torchrun_environment, write_or_exit)
@@ -1630,23 +1630,15 @@ DECODER_PREFIXES = ("decoder_", "mask_token")  # MAE, CropMAE and CDG-MAE decode
 HEAD_PREFIXES = ("head.", "fc_norm.")          # classification / DINO projection heads
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that loads but cannot be used (a folder, non-finite weights, heads that do
-    not divide the width); the message is one complete line `path: what is wrong (what to do)`."""
-
-
-DIFFUSION_FOLDER_FILES = ("model_index.json", "sldm.json", "unet/config.json")
-
-
 def load_checkpoint(path):
     """torch.load with weights_only=True (no arbitrary code), allowing the argparse.Namespace
     that MAE's and CropMAE's training checkpoints store under "args". A folder is a
-    CheckpointError, a missing file FileNotFoundError, a file torch.load cannot read (an image,
+    InputError, a missing file FileNotFoundError, a file torch.load cannot read (an image,
     a truncated archive, a pickle of other objects) RuntimeError, each naming the path."""
     path = Path(path)
     if path.is_dir():
         kind = "a diffusion model folder" if any((path / n).exists() for n in DIFFUSION_FOLDER_FILES) else "a folder"
-        raise CheckpointError(f"{path}: {kind}, not a checkpoint file (give the checkpoint file itself, a .pth "
+        raise InputError(f"{path}: {kind}, not a checkpoint file (give the checkpoint file itself, a .pth "
                               f"written by torch.save)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
@@ -1714,11 +1706,11 @@ def non_finite_tensor(state):
 
 
 def check_finite(state, name, what_to_do="use a checkpoint saved before the training diverged"):
-    """CheckpointError naming the first tensor of `state` that holds NaN or infinite values:
+    """InputError naming the first tensor of `state` that holds NaN or infinite values:
     such weights would turn every feature, similarity, loss or prediction into NaN."""
     if (bad := non_finite_tensor(state)):
         key, count = bad
-        raise CheckpointError(f"{name}: {key} holds {count} NaN or infinite value{'s' * (count > 1)} of "
+        raise InputError(f"{name}: {key} holds {count} NaN or infinite value{'s' * (count > 1)} of "
                               f"{state[key].numel()} ({what_to_do})")
 
 
@@ -1728,7 +1720,7 @@ def load_encoder_state(encoder, state, name="checkpoint"):
     Decoder keys (decoder_*, mask_token) and heads (head.*, fc_norm.*) are dropped; the
     position embedding is interpolated if the checkpoint's grid differs from the
     encoder's. Any other missing or unexpected key is an error that lists the keys; a tensor
-    holding NaN or infinite values is a CheckpointError naming it. Returns the dropped keys.
+    holding NaN or infinite values is a InputError naming it. Returns the dropped keys.
     """
     dropped = sorted(k for k in state if k.startswith(DECODER_PREFIXES + HEAD_PREFIXES))
     state = {k: v for k, v in state.items() if k not in dropped}
@@ -1761,7 +1753,7 @@ def encoder_from_checkpoint(checkpoint, img_size=None, num_heads=None, name=None
     the embedding is resized once, to each input's grid, and never twice); heads come from
     `num_heads` (the commands' --num-heads), else the checkpoint's args["num_heads"], else
     the ViT convention of 64 channels per head (ViT-T/S/B: 3/6/12). Heads that do not divide
-    the width, and weights holding NaN or infinite values, are a CheckpointError. name: what
+    the width, and weights holding NaN or infinite values, are a InputError. name: what
     the messages call a loaded dict (default "checkpoint").
     """
     name = name or ("checkpoint" if isinstance(checkpoint, dict) else str(checkpoint))
@@ -1782,7 +1774,7 @@ def encoder_from_checkpoint(checkpoint, img_size=None, num_heads=None, name=None
         source = f"{heads} heads (width / 64)"
     if not isinstance(heads, int) or heads < 1 or embed_dim % heads:
         divisors = ", ".join(str(d) for d in range(1, embed_dim + 1) if embed_dim % d == 0)
-        raise CheckpointError(f"{name}: {source} does not divide the encoder width {embed_dim} "
+        raise InputError(f"{name}: {source} does not divide the encoder width {embed_dim} "
                               f"(give --num-heads one of {divisors})")
     img_size = img_size or math.isqrt(state["pos_embed"].shape[1] - 1) * patch_size
     encoder = VisionTransformer(img_size, patch_size, embed_dim, depth, heads)
@@ -1881,7 +1873,7 @@ def read_training_checkpoint(path):
     try:
         check_finite({**ckpt["model"], **moments}, path, "the run had diverged when this checkpoint was saved: "
                      "resume from an earlier checkpoint-EEEE.pth")
-    except CheckpointError as e:
+    except InputError as e:
         raise SystemExit(str(e)) from None
     return ckpt
 

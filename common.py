@@ -169,6 +169,7 @@ def torchrun_environment(env=None):
 # -----------------------------------------------------------------------------
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+DIFFUSION_FOLDER_FILES = ("model_index.json", "sldm.json", "unet/config.json")  # a diffusion model's folder
 
 
 def natural_key(name):

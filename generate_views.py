@@ -74,7 +74,7 @@ from tqdm import tqdm
 
 import cdgmae
 import metrics
-from common import (IMAGE_SUFFIXES, VIEW_NAME, atomic_write, bag_files, check_new_folder,
+from common import (IMAGE_SUFFIXES, VIEW_NAME, InputError, atomic_write, bag_files, check_new_folder,
                     check_output_folder, check_outside, checked, claim_record, file_sha256, folder_sha256,
                     load_rgb, one_line, raise_error, read_record, refuse_line_breaks, refuse_other_settings,
                     remove_stale_temporaries, run_command, torchrun_environment, write_failure)
@@ -432,7 +432,7 @@ def load_piece(path, load, what_to_do="re-create the model folder"):
     or infinite values, is a ValueError naming it."""
     try:
         piece = load()
-    except cdgmae.CheckpointError:  # already one line naming the file and the way out
+    except InputError:  # already one line naming the file and the way out
         raise
     except (OSError, ValueError, RuntimeError) as e:  # diffusers: OSError / ValueError; torch: RuntimeError
         reason = one_line(e).removeprefix(f"{path}: ")

@@ -96,9 +96,8 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import evaluate as ev
-from cdgmae import (DIFFUSION_FOLDER_FILES, IMAGENET_MEAN, IMAGENET_STD, CheckpointError, check_finite,
-                    encoder_from_checkpoint, image_to_tensor)
-from common import (EXPECTED_OS_ERRORS, HelpFormatter, InputError, UnreadableImage, atomic_write, check_image,
+from cdgmae import IMAGENET_MEAN, IMAGENET_STD, check_finite, encoder_from_checkpoint, image_to_tensor
+from common import (DIFFUSION_FOLDER_FILES, EXPECTED_OS_ERRORS, HelpFormatter, InputError, UnreadableImage, atomic_write, check_image,
                     check_output_folder, check_outside, checked, file_sha256, list_files, load_rgb,
                     one_line, read_record, refuse_other_settings, remove_stale_temporaries, run_command,
                     temporary_path, write_json)
@@ -1046,8 +1045,8 @@ def load_checkpoint_encoder(checkpoint, num_heads=None):
     fingerprint = checkpoint_sha256(checkpoint)
     try:
         return load_encoder(checkpoint, num_heads), fingerprint
-    except CheckpointError as e:  # its message says what to do
-        raise InputError(str(e)) from None
+    except InputError:  # its message says what to do
+        raise
     except (RuntimeError, ValueError) as e:  # cdgmae: "path: cannot read checkpoint (...)", bad layout
         text = one_line(e)
         text = text if len(text) <= 240 else text[:237] + "..."
