@@ -1,57 +1,25 @@
-"""CDG-MAE: cross-view masked autoencoder pre-training on bags of diffusion-generated views.
+"""CDG-MAE pre-training: a cross-view MAE on bags of diffusion-generated views (Belagali et al.).
 
-Reference implementation of "CDG-MAE: Learning Correspondences from Diffusion Generated
-Views" (Belagali et al.). The file reads top to bottom with the paper open: the method
-first, in the paper's order, the plumbing after it.
-
-  1. The model (Sec. 3.3 and 4, Eq. 4-10): the sine-cosine position embedding, the
-     transformer pieces, MAE's random masking, a ViT encoder with the MAE/DINO/timm
-     state-dict layout, and CDGMAE: N anchors, anchor masking, the decoder that
-     cross-attends to the anchors, and the loss. Then the FLOP counter of Table 8 (A.3.1).
-  2. The training data (Sec. 3.1): a sample is a target and N anchors drawn from one bag of
-     views, cut with one crop box and one flip (BagDataset); then the family's other pretext
-     data (Table 5): CropMAE's crops of one image, SiamMAE's frames of one video.
-  3. The optimisation (Sec. 4, Table 6): the global batches, AdamW with timm's weight-decay
-     groups, linear warmup and a per-iteration cosine, one epoch of steps (`train_epoch`,
-     MAE's train_one_epoch), the epoch loop (`train`) and `main`.
-  4. Plumbing: the run's dataset, loader and checkpoints; image decoding, cropping and
-     resizing; loading MAE, DINO, CropMAE and CDG-MAE encoder checkpoints; the run folder
-     and its resume checks; temporary files and atomic writes; the start-up scan of the
-     data; the torchrun/DDP set-up; the command line.
-
-What you may copy: `VisionTransformer` (with `vit_tiny` / `vit_small` / `vit_base`) and
-`CDGMAE` need only torch and the definitions above them (position embeddings, transformer
-pieces, `random_masking`); a CDGMAE is also a feature extractor (`forward_features`).
-`count_flops` needs torch and a model with `img_size`, `num_anchors` and a forward(target,
-anchors); it counts nn.Linear, nn.Conv2d and nn.LayerNorm, and the attention products of
-this file's Attention and CrossAttention only. `learning_rate` needs math and an object
-with lr, min_lr, warmup_epochs and epochs; `param_groups` any nn.Module;
-`GlobalBatchSampler` torch. `BagDataset` (and `CropDataset`, `FrameDataset`) needs torch,
-numpy and Pillow and, from this file, `bag_files`, `is_real_image`, `sample_crop_box`,
-`conditioning_region`, `image_boxes` with `compose_box`, `crop_views` with
-`crop_resize` (`resize_plan`, `crop_axis`, `RESAMPLING`: torch's antialiased resize ops),
-`copy_flipped`, `decode_rgbx` (which maps Pillow's decoder onto a numpy array through
-Pillow's internal `Image.core.map_buffer`), `read_encoded`, `batch_tensor` and
-`UnreadableImage`; `decode_on_device` (--decode gpu) needs torchvision. The image rule
-(`to_rgb`: any Pillow mode to 8-bit RGB, or refused; with `open_image`, `load_rgb`,
-`check_image`, `gpu_decode_problem` and their mode lists) needs numpy and Pillow only. The
-checkpoint loaders (`load_checkpoint`, `read_state_dict`, `encoder_from_checkpoint`,
-`load_encoder_state`, with `check_finite` and `InputError`) need torch and
-VisionTransformer. `checked` (argparse ranges),
-`atomic_write`, `temporary_path`, `remove_stale_temporaries`, the output checks
-(`check_output_folder`, `check_outside`, `refuse_line_breaks`, `write_failure`),
-`torchrun_environment` and `run_command` (Ctrl-C and SIGTERM as one line) need only the
-standard library. `train`, `train_epoch` and `main` tie everything together and also need tqdm.
+Read it with the paper open. The method comes first, in the paper's order, in one stretch:
+  1. The model (Sec. 3.3, Eq. 4-10): one ViT encoder for the target and the N anchors, MAE's
+     random masking, a decoder that cross-attends to the anchors, the loss on masked patches.
+  2. The sample (Sec. 3.1): one bag of views -> a target and N anchors, one crop box, one flip.
+  3. The step and the epoch loop (Sec. 4, Table 6): AdamW, warmup then cosine, as MAE trains.
+Then what the paper compares with and measures: 4. CroCo's decoder block, the FLOPs of Table 8,
+CropMAE's crops and SiamMAE's frames (Table 5). Then 5. the run: checkpoints and encoders of
+the MAE family, --decode gpu, the run folder and its resume checks, the start-up scan of the
+data, torchrun/DDP and the command line. Sections 1-3 need torch, numpy and, to read images,
+common.py: the plumbing every script shares (flags, one-line errors, atomic writes, settings
+records, images of every mode), which a reader of the method can skip.
 
 Usage:
-    python cdgmae.py --data BAGS --output runs/a1                       # one process
-    torchrun --nproc_per_node 8 cdgmae.py --anchors 3 --anchor-mask 0.25  # bags in ./data/bags
-    python cdgmae.py --output runs/a1 --resume auto                       # continue a run
-    python cdgmae.py --count-flops --anchors 3 --anchor-mask 0.25      # Table 8 GFLOPs
+    torchrun --nproc_per_node 8 cdgmae.py --anchors 3 --anchor-mask 0.25   # CDG-MAE-a3, bags in ./data/bags
+    python cdgmae.py --data BAGS --output runs/a1 [--resume auto]           # one process; continue a run
+    python cdgmae.py --count-flops --anchors 3 --anchor-mask 0.25           # Table 8's GFLOPs
 
 Import:
-    from cdgmae import CDGMAE, vit_small, vit_base
-    loss, pred, mask = CDGMAE(num_anchors=3, anchor_mask_ratio=0.25)(target, anchors)
+    from cdgmae import CDGMAE
+    loss, pred, mask = CDGMAE(num_anchors=3, anchor_mask_ratio=0.25)(target, anchors)  # [B,3,H,W], [B,N,3,H,W]
 """
 import argparse
 import contextlib
@@ -66,6 +34,7 @@ import re
 import sys
 import time
 from pathlib import Path
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -74,26 +43,24 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from common import (DIFFUSION_FOLDER_FILES, IMAGE_SUFFIXES, VIEW_NAME, InputError, UnreadableImage, bag_files, check_outside, check_output_folder, checked,
-                    find_bags, first_line, image_problem, is_real_image, list_files, one_line, open_image,
-                    parallel_map, plain, refuse_line_breaks, remove_stale_temporaries, run_command, to_rgb,
-                    top_level_entries, torchrun_environment, write_or_exit)
+from common import (DIFFUSION_FOLDER_FILES, IMAGE_SUFFIXES, VIEW_NAME, InputError, UnreadableImage, bag_files,
+                    check_output_folder, check_outside, checked, find_bags, first_line, image_problem, is_real_image,
+                    list_files, one_line, open_image, parallel_map, plain, read_record, refuse_line_breaks,
+                    refuse_other_settings, remove_stale_temporaries, run_command, to_rgb, top_level_entries,
+                    torchrun_environment, write_or_exit, HelpFormatter)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-# -----------------------------------------------------------------------------
-# Position embeddings
-# -----------------------------------------------------------------------------
+# =============================================================================
+# 1. The model (Sec. 3.3, Eq. 4-10)
+# =============================================================================
 
 def sincos_pos_embed(embed_dim, grid_h, grid_w, cls_token=True):
-    """Fixed 2-D sine-cosine position embedding, MAE's convention.
-
-    The first half of the channels encodes the column (x) index, the second half the
-    row (y) index; each half is [sin(pos * omega), cos(pos * omega)] with
-    omega_k = 1 / 10000^(k / (D/4)). With `cls_token` a zero row is prepended.
-    Returns [1 + grid_h * grid_w, D] (or [grid_h * grid_w, D]).
-    """
+    """Fixed 2-D sine-cosine position embedding, MAE's convention: the first half of the channels
+    encodes the column (x), the second half the row (y), each as [sin(pos * omega), cos(pos * omega)]
+    with omega_k = 1 / 10000^(k / (D/4)); a zero row for the cls token. -> [1 + grid_h * grid_w, D]."""
     assert embed_dim % 4 == 0, "sin-cos embedding needs a dimension divisible by 4"
     omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim / 4))
     ys, xs = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
@@ -110,14 +77,10 @@ def sincos_pos_embed(embed_dim, grid_h, grid_w, cls_token=True):
 
 
 def interpolate_pos_embed(pos_embed, grid_h, grid_w, num_prefix_tokens=1):
-    """Resize a [1, P + g0*g0, D] position embedding (P prefix tokens: cls) to a new grid.
-
-    The patch part is treated as a g0 x g0 image and resized bicubically the way DINO's
-    and CropMAE's evaluation ViTs do it (the label-propagation protocol of A.1.2): with
-    scale_factor (grid + 0.1) / g0 rather than an output size, which also fixes where the
-    new grid samples the old one (source = (dst + 0.5) * g0 / (grid + 0.1) - 0.5). At the
-    stored grid the tensor is returned unchanged.
-    """
+    """Resize a [1, P + g0*g0, D] position embedding (P prefix tokens: cls) to a new grid, as DINO's
+    and CropMAE's evaluation ViTs do (A.1.2): bicubic, with scale_factor (grid + 0.1) / g0 rather
+    than an output size, which also fixes where the new grid samples the old one. At the stored
+    grid the tensor is returned unchanged."""
     prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     g0 = math.isqrt(patches.shape[1])
     if g0 * g0 != patches.shape[1]:
@@ -132,11 +95,6 @@ def interpolate_pos_embed(pos_embed, grid_h, grid_w, num_prefix_tokens=1):
     return torch.cat([prefix, patches], dim=1)
 
 
-# -----------------------------------------------------------------------------
-# Transformer pieces (plain modules; attention products go through the fused
-# F.scaled_dot_product_attention kernel)
-# -----------------------------------------------------------------------------
-
 class PatchEmbed(nn.Module):
     """Image [B, 3, H, W] -> patch tokens [B, (H/P)*(W/P), D] by a stride-P convolution (rho in Eq. 4)."""
 
@@ -150,17 +108,16 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (timm/MAE key names)."""
+    """Multi-head self-attention with a fused qkv projection (timm/MAE key names): [B, L, D] -> [B, L, D]."""
 
     def __init__(self, dim, num_heads, qkv_bias=True, attn_drop=0.0):
         super().__init__()
         assert dim % num_heads == 0
-        self.num_heads = num_heads
-        self.attn_drop = attn_drop
+        self.num_heads, self.attn_drop = num_heads, attn_drop
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):  # [B, L, D] -> [B, L, D]
+    def forward(self, x):
         B, L, D = x.shape
         q, k, v = self.qkv(x).reshape(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
@@ -168,13 +125,12 @@ class Attention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention from queries x [B, Lq, D] to a memory [B, Lm, D]."""
+    """Multi-head attention from queries x [B, Lq, D] to a memory [B, Lm, D] -> [B, Lq, D]."""
 
     def __init__(self, dim, num_heads, attn_drop=0.0):
         super().__init__()
         assert dim % num_heads == 0
-        self.num_heads = num_heads
-        self.attn_drop = attn_drop
+        self.num_heads, self.attn_drop = num_heads, attn_drop
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, dim * 2)
         self.proj = nn.Linear(dim, dim)
@@ -217,116 +173,39 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class DecoderBlock(nn.Module):
-    """CDG-MAE decoder block (Sec. 4): cross-attention, feed-forward, self-attention.
+def init_linear_and_norm(m):
+    """MAE's initialisation: xavier-uniform Linear weights, zero biases, unit LayerNorms."""
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
 
-    This is CropMAE's block, on which the paper is built: a post-norm
-    `nn.TransformerDecoderLayer` with its sub-layers reordered so that the target tokens
-    first read the anchors, then mix among themselves. FFN width 2048, GELU, dropout 0.1
-    on attention weights, inside the FFN and on every residual branch.
-    """
-
-    def __init__(self, dim, num_heads, ffn_dim=2048, dropout=0.1):
-        super().__init__()
-        self.cross_attn = CrossAttention(dim, num_heads, attn_drop=dropout)
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, ffn_dim, drop=dropout)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.self_attn = Attention(dim, num_heads, attn_drop=dropout)
-        self.norm3 = nn.LayerNorm(dim, eps=1e-6)
-        self.drop = nn.Dropout(dropout)
-
-    def init_weights(self):
-        """CropMAE's init: xavier-uniform Linears (MAE's rule), zero biases, unit LayerNorms.
-        CropMAE's cross-attention is an `nn.MultiheadAttention`, whose fused q/k/v in-projection
-        [3D, D] gets one xavier draw (bound sqrt(6 / 4D)) that MAE's init leaves alone; here q
-        is the first D rows of that draw and kv the other 2D (separate draws would give the
-        wider bounds sqrt(6 / 2D) and sqrt(6 / 3D)). The self-attention's qkv is [3D, D] already."""
-        self.apply(_init_linear_and_norm)
-        dim = self.cross_attn.q.weight.shape[1]
-        fused = nn.init.xavier_uniform_(torch.empty(3 * dim, dim))
-        self.cross_attn.q.weight.data.copy_(fused[:dim])
-        self.cross_attn.kv.weight.data.copy_(fused[dim:])
-
-    def forward(self, x, memory):  # x [B, 1+L, Dd] target stream, memory [B, M, Dd] anchor tokens
-        x = self.norm1(x + self.drop(self.cross_attn(x, memory)))
-        x = self.norm2(x + self.drop(self.mlp(x)))
-        return self.norm3(x + self.drop(self.self_attn(x)))
-
-
-class CroCoDecoderBlock(nn.Module):
-    """CroCo's decoder block, "CrossBlock" (CroCo Sec. 3, Fig. 4), pre-norm:
-
-        x = x + SelfAttn(LN1(x))
-        x = x + CrossAttn(LN2(x), LN_m(memory))
-        x = x + MLP(LN3(x))
-
-    The memory (the other views' tokens) is normalised by the block's own LayerNorm and left
-    unchanged, so every block reads the same tokens. As in CroCo's decoder: MLP ratio 4 (GELU),
-    qkv biases, LayerNorm eps 1e-6, no dropout; the final norm is CDGMAE.decoder_norm.
-    """
-
-    def __init__(self, dim, num_heads, mlp_ratio=4.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.self_attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.norm_memory = nn.LayerNorm(dim, eps=1e-6)
-        self.cross_attn = CrossAttention(dim, num_heads)
-        self.norm3 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-
-    def init_weights(self):
-        """CroCo's init: xavier-uniform Linears, zero biases, unit LayerNorms. CroCo projects
-        keys and values with two [D, D] Linears, so each half of the fused kv weight gets its
-        own draw (bound sqrt(6 / 2D), not the fused [2D, D]'s sqrt(6 / 3D))."""
-        self.apply(_init_linear_and_norm)
-        for half in self.cross_attn.kv.weight.data.chunk(2):
-            nn.init.xavier_uniform_(half)
-
-    def forward(self, x, memory):  # x [B, 1+L, Dd] target stream, memory [B, M, Dd] anchor tokens
-        x = x + self.self_attn(self.norm1(x))
-        x = x + self.cross_attn(self.norm2(x), self.norm_memory(memory))
-        return x + self.mlp(self.norm3(x))
-
-
-# -----------------------------------------------------------------------------
-# Masking (MAE's per-sample random permutation)
-# -----------------------------------------------------------------------------
 
 def random_masking(x, mask_ratio, noise=None):
-    """Keep a random subset of `int(L * (1 - mask_ratio))` tokens of each sample.
-
-    x [B, L, D]; noise [B, L] in [0, 1) decides the order (lowest noise is kept), so a
-    caller can make the masks reproducible. Returns the kept tokens [B, K, D], the binary
-    mask [B, L] (1 = masked, 0 = visible) and ids_restore [B, L], the inverse permutation.
-    """
+    """MAE's masking: keep `int(L * (1 - mask_ratio))` tokens of each sample (19 of 196 at 90%), those
+    of lowest `noise` [B, L] (uniform in [0, 1); drawn here if None, passed in for reproducible masks).
+    x [B, L, D] -> kept tokens [B, K, D], mask [B, L] (1 = masked), ids_restore [B, L] (the inverse
+    permutation)."""
     B, L, D = x.shape
-    num_keep = int(L * (1 - mask_ratio))  # 19 of 196 at 90%, 147 at 25%
+    num_keep = int(L * (1 - mask_ratio))
     if noise is None:
         noise = torch.rand(B, L, device=x.device)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
-    ids_keep = ids_shuffle[:, :num_keep]
-    x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
+    x_kept = torch.gather(x, 1, ids_shuffle[:, :num_keep].unsqueeze(-1).expand(-1, -1, D))
     mask = torch.ones(B, L, device=x.device)
     mask[:, :num_keep] = 0
-    mask = torch.gather(mask, 1, ids_restore)
-    return x_kept, mask, ids_restore
+    return x_kept, torch.gather(mask, 1, ids_restore), ids_restore
 
-
-# -----------------------------------------------------------------------------
-# Encoder: a ViT whose state dict is the MAE / DINO / timm layout
-# -----------------------------------------------------------------------------
 
 class VisionTransformer(nn.Module):
-    """ViT encoder e_theta: patch embedding, cls token, fixed sin-cos position embedding,
-    pre-norm blocks and a final LayerNorm.
-
-    State-dict keys: cls_token, pos_embed, patch_embed.proj.*, blocks.{i}.norm1 / attn.qkv /
-    attn.proj / norm2 / mlp.fc1 / mlp.fc2, norm.* -- the names of official MAE, DINO,
-    CropMAE and timm ViTs, so their checkpoints load with strict=True.
-    """
+    """The encoder e_theta: patch embedding, cls token, fixed sin-cos position embedding, pre-norm
+    blocks and a final LayerNorm. Its state-dict keys (cls_token, pos_embed, patch_embed.proj.*,
+    blocks.{i}.norm1 / attn.qkv / attn.proj / norm2 / mlp.fc1 / mlp.fc2, norm.*) are those of
+    official MAE, DINO, CropMAE and timm ViTs, so their checkpoints load with strict=True."""
 
     def __init__(self, img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0):
         super().__init__()
@@ -341,26 +220,17 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.pos_embed.data.copy_(sincos_pos_embed(embed_dim, self.grid_size, self.grid_size).unsqueeze(0))
-        self._init_encoder_weights()
-
-    def _init_encoder_weights(self):
-        # MAE's initialisation: the patch conv like a Linear on its flattened weight.
-        w = self.patch_embed.proj.weight.data
+        w = self.patch_embed.proj.weight.data  # MAE: the patch conv is initialised like a Linear
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
-        self.apply(_init_linear_and_norm)
-
-    def pos_embed_for_grid(self, grid_h, grid_w):
-        """[1, 1 + grid_h * grid_w, D]: the stored embedding, interpolated to another grid."""
-        return interpolate_pos_embed(self.pos_embed, grid_h, grid_w)
+        self.apply(init_linear_and_norm)
 
     def embed(self, x):
-        """Image [B, 3, H, W] -> patch tokens with position [B, L, D], and the cls token [B, 1, D]."""
-        grid_h, grid_w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        pos = self.pos_embed_for_grid(grid_h, grid_w)
+        """Image [B, 3, H, W] -> patch tokens with position [B, L, D], and the cls token [B, 1, D].
+        Any size works: the position embedding is interpolated to the patch grid."""
+        pos = interpolate_pos_embed(self.pos_embed, x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         tokens = self.patch_embed(x) + pos[:, 1:]  # position added before masking
-        cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
-        return tokens, cls
+        return tokens, (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
 
     def run_blocks(self, x):
         for block in self.blocks:
@@ -368,25 +238,20 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     def forward_masked(self, x, mask_ratio, noise=None):
-        """Eq. (5)/(6): e_theta(m(rho(x), ratio)).
-
-        x [B, 3, H, W] -> tokens [B, 1 + K, D] (cls first, then the K visible patches in
-        kept order), mask [B, L] (1 = masked), ids_restore [B, L]. With mask_ratio == 0 no
-        token is dropped or shuffled (an unmasked anchor, r_a = 0).
-        """
+        """Eq. (5)/(6): e_theta(m(rho(x), ratio)). x [B, 3, H, W] -> tokens [B, 1 + K, D] (cls first,
+        then the K visible patches in kept order), mask [B, L] (1 = masked), ids_restore [B, L]. With
+        mask_ratio 0 no token is dropped or shuffled (an unmasked anchor, r_a = 0)."""
         tokens, cls = self.embed(x)
         B, L, _ = tokens.shape
         if mask_ratio > 0:
             tokens, mask, ids_restore = random_masking(tokens, mask_ratio, noise)
         else:
-            mask = torch.zeros(B, L, device=x.device)
-            ids_restore = torch.arange(L, device=x.device).expand(B, L)
+            mask, ids_restore = torch.zeros(B, L, device=x.device), torch.arange(L, device=x.device).expand(B, L)
         return self.run_blocks(torch.cat([cls, tokens], dim=1)), mask, ids_restore
 
     def forward_features(self, x):
-        """Unmasked features of the last block after the final norm: [B, 1 + h*w, D], cls first.
-        Any input size works: the position embedding is interpolated to the patch grid.
-        (A CDGMAE inherits this, so a whole pre-training model is also a feature extractor.)"""
+        """Unmasked features of the last block after the final norm: [B, 1 + h*w, D], cls first (the
+        features label propagation reads; a CDGMAE inherits this, so it is a feature extractor too)."""
         tokens, cls = self.embed(x)
         return self.run_blocks(torch.cat([cls, tokens], dim=1))
 
@@ -394,14 +259,7 @@ class VisionTransformer(nn.Module):
         return self.forward_features(x)
 
 
-def _init_linear_and_norm(m):
-    if isinstance(m, nn.Linear):
-        nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
+VIT_SIZES = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}  # width, depth, heads
 
 
 def vit_tiny(**kwargs):
@@ -409,82 +267,88 @@ def vit_tiny(**kwargs):
 
 
 def vit_small(**kwargs):
-    """ViT-S: width 384, 12 blocks, 6 heads (the paper's encoder; patch_size=8 for ViT-S/8)."""
+    """ViT-S: the paper's encoder (patch_size=8 for ViT-S/8)."""
     return VisionTransformer(**{"embed_dim": 384, "depth": 12, "num_heads": 6, **kwargs})
 
 
 def vit_base(**kwargs):
-    """ViT-B: width 768, 12 blocks, 12 heads (MAE's ViT-B/16, used for the metrics of Table 1)."""
+    """ViT-B: MAE's ViT-B/16, the encoder of the metrics of Table 1."""
     return VisionTransformer(**{"embed_dim": 768, "depth": 12, "num_heads": 12, **kwargs})
 
 
-VIT_SIZES = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}
+class DecoderBlock(nn.Module):
+    """The decoder block (Sec. 4): cross-attention, feed-forward, self-attention. This is CropMAE's
+    block, on which the paper is built: a post-norm `nn.TransformerDecoderLayer` with its sub-layers
+    reordered so that the target tokens first read the anchors, then mix among themselves. FFN
+    width 2048, GELU, dropout 0.1 on attention weights, inside the FFN and on every residual branch."""
 
+    def __init__(self, dim, num_heads, ffn_dim=2048, dropout=0.1):
+        super().__init__()
+        self.cross_attn = CrossAttention(dim, num_heads, attn_drop=dropout)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, ffn_dim, drop=dropout)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.self_attn = Attention(dim, num_heads, attn_drop=dropout)
+        self.norm3 = nn.LayerNorm(dim, eps=1e-6)
+        self.drop = nn.Dropout(dropout)
 
-# -----------------------------------------------------------------------------
-# CDG-MAE (Sec. 3.3, Eq. 4-10)
-# -----------------------------------------------------------------------------
+    def init_weights(self):
+        """CropMAE's: MAE's rule, and the cross-attention's q and kv drawn as the two parts of one
+        xavier-uniform [3D, D] weight, as its nn.MultiheadAttention's fused in-projection is (bound
+        sqrt(6 / 4D); separate draws would give sqrt(6 / 2D) and sqrt(6 / 3D))."""
+        self.apply(init_linear_and_norm)
+        dim = self.cross_attn.q.weight.shape[1]
+        fused = nn.init.xavier_uniform_(torch.empty(3 * dim, dim))
+        self.cross_attn.q.weight.data.copy_(fused[:dim])
+        self.cross_attn.kv.weight.data.copy_(fused[dim:])
+
+    def forward(self, x, memory):  # x [B, 1+L, Dd] the target stream, memory [B, M, Dd] the anchors' tokens
+        x = self.norm1(x + self.drop(self.cross_attn(x, memory)))
+        x = self.norm2(x + self.drop(self.mlp(x)))
+        return self.norm3(x + self.drop(self.self_attn(x)))
+
 
 class CDGMAE(VisionTransformer):
     """Siamese cross-view MAE with N anchors and anchor masking (Sec. 3.3, Eq. 4-10).
 
-    The encoder is this class's ViT part (so a checkpoint's keys are MAE's: cls_token,
-    blocks.*, ..., then decoder_embed, mask_token, decoder_pos_embed, decoder_blocks.*,
-    decoder_norm, decoder_pred). The defaults are Table 6's, the paper's default training
-    setting "under the single anchor setting" (CDG-MAE-a1): one unmasked anchor
-    (num_anchors=1, anchor_mask_ratio=0.0), a ViT-S/16 encoder, a 4-block decoder of width 256
-    (Sec. 4) and a target mask ratio of 0.9. The paper's best model, CDG-MAE-a3 (Sec. 5.2,
-    Tables 4 and 5), is CDGMAE(num_anchors=3, anchor_mask_ratio=0.25).
-
-    decoder_block="cdgmae" is the paper's (CropMAE's) post-norm block: cross-attention,
-    feed-forward, self-attention; the memory gets no position embedding. decoder_block="croco"
-    swaps in CroCo's pre-norm block (CroCoDecoderBlock: MLP ratio 4, no dropout, so
-    decoder_ffn_dim and decoder_dropout do not apply) and, as in CroCo, adds the decoder's
-    sin-cos position embedding to the memory too: each anchor's tokens get the embedding of
-    their own patch positions (zero in the cls slot).
+    The encoder is this class's ViT part, so a checkpoint's keys are MAE's (cls_token, blocks.*,
+    ..., then decoder_embed, mask_token, decoder_pos_embed, decoder_blocks.*, decoder_norm,
+    decoder_pred). The defaults are Table 6's single-anchor setting (CDG-MAE-a1): one unmasked
+    anchor, a ViT-S/16 encoder, a 4-block decoder of width 256 (Sec. 4), a target mask ratio of
+    0.9. The paper's best model, CDG-MAE-a3 (Tables 4, 5), is CDGMAE(num_anchors=3, anchor_mask_ratio=0.25).
 
     forward(target [B, 3, H, W], anchors [B, N, 3, H, W]) -> loss, pred [B, L, P*P*3], mask [B, L]
     """
 
-    def __init__(self, num_anchors=1, anchor_mask_ratio=0.0, target_mask_ratio=0.9,
-                 img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6,
-                 decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8, decoder_ffn_dim=2048,
-                 decoder_dropout=0.1, norm_pix_loss=True, decoder_block="cdgmae"):
+    def __init__(self, num_anchors=1, anchor_mask_ratio=0.0, target_mask_ratio=0.9, img_size=224, patch_size=16,
+                 embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8,
+                 decoder_ffn_dim=2048, decoder_dropout=0.1, norm_pix_loss=True):
         super().__init__(img_size, patch_size, embed_dim, depth, num_heads)
         if not 0 <= anchor_mask_ratio < 1 or not 0 < target_mask_ratio < 1:
             raise ValueError("mask ratios must lie in [0, 1) (anchors) and (0, 1) (target)")
-        if decoder_block not in ("cdgmae", "croco"):
-            raise ValueError(f"decoder_block {decoder_block!r}: must be 'cdgmae' or 'croco'")
-        self.decoder_block = decoder_block
-        self.num_anchors = num_anchors
-        self.anchor_mask_ratio = anchor_mask_ratio
-        self.target_mask_ratio = target_mask_ratio
-        self.norm_pix_loss = norm_pix_loss
-
-        # One Linear maps encoder tokens of the target and of every anchor to the decoder width.
+        self.num_anchors, self.anchor_mask_ratio = num_anchors, anchor_mask_ratio
+        self.target_mask_ratio, self.norm_pix_loss = target_mask_ratio, norm_pix_loss
+        # One Linear maps the encoder tokens of the target and of every anchor to the decoder width.
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, decoder_embed_dim),
                                               requires_grad=False)
-        if decoder_block == "croco":
-            blocks = [CroCoDecoderBlock(decoder_embed_dim, decoder_num_heads) for _ in range(decoder_depth)]
-        else:
-            blocks = [DecoderBlock(decoder_embed_dim, decoder_num_heads, decoder_ffn_dim, decoder_dropout)
-                      for _ in range(decoder_depth)]
-        self.decoder_blocks = nn.ModuleList(blocks)
+        self.decoder_blocks = nn.ModuleList([self.decoder_block(decoder_embed_dim, decoder_num_heads, decoder_ffn_dim,
+                                                                decoder_dropout) for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * 3)
-
-        self.decoder_pos_embed.data.copy_(
-            sincos_pos_embed(decoder_embed_dim, self.grid_size, self.grid_size).unsqueeze(0))
+        self.decoder_pos_embed.data.copy_(sincos_pos_embed(decoder_embed_dim, self.grid_size, self.grid_size)[None])
         nn.init.normal_(self.mask_token, std=0.02)
-        self.decoder_embed.apply(_init_linear_and_norm)
+        self.decoder_embed.apply(init_linear_and_norm)
         for block in self.decoder_blocks:
             block.init_weights()
         for m in [self.decoder_norm, self.decoder_pred]:
-            m.apply(_init_linear_and_norm)
+            m.apply(init_linear_and_norm)
 
-    # -- pixels <-> patches ---------------------------------------------------
+    def decoder_block(self, dim, num_heads, ffn_dim, dropout):
+        """The decoder's block: the paper's (CroCoMAE, in section 4, swaps in CroCo's)."""
+        return DecoderBlock(dim, num_heads, ffn_dim, dropout)
+
     def patchify(self, imgs):
         """[B, 3, H, W] -> [B, L, P*P*3], channel last within a patch (MAE's order)."""
         P = self.patch_size
@@ -494,94 +358,429 @@ class CDGMAE(VisionTransformer):
 
     def unpatchify(self, x, grid_h=None, grid_w=None):
         """[B, L, P*P*3] -> [B, 3, H, W]."""
-        P = self.patch_size
-        grid_h = grid_h or self.grid_size
-        grid_w = grid_w or self.grid_size
+        P, grid_h, grid_w = self.patch_size, grid_h or self.grid_size, grid_w or self.grid_size
         x = x.reshape(x.shape[0], grid_h, grid_w, P, P, 3)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], 3, grid_h * P, grid_w * P)
 
-    # -- Eq. (8)-(9) ----------------------------------------------------------
+    def anchor_memory(self, anchor_latent, anchor_ids_restore):
+        """Eq. (7): the tokens of each anchor, cls included, at the decoder width: [B*N, 1+K_a, D] ->
+        [B*N, 1+K_a, Dd]; the caller joins a sample's N anchors into one memory A'_v. The memory gets
+        no position embedding (CropMAE's; CroCoMAE gives it one)."""
+        return self.decoder_embed(anchor_latent)
+
     def forward_decoder(self, target_latent, ids_restore, memory):
-        """target_latent [B, 1+K, D] (cls + visible), ids_restore [B, L], memory [B, M, Dd]
-        -> predicted pixels of every target patch [B, L, P*P*3]."""
+        """Eq. (8)-(9): target_latent [B, 1+K, D] (cls + visible), ids_restore [B, L], memory [B, M, Dd]
+        -> the predicted pixels of every target patch [B, L, P*P*3]."""
         x = self.decoder_embed(target_latent)
         B, L = ids_restore.shape
         # Eq. (8): T_a = [T'_v, mask tokens], put back in image order (cls stays first).
-        mask_tokens = self.mask_token.expand(B, L + 1 - x.shape[1], -1)
-        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)
+        patches = torch.cat([x[:, 1:], self.mask_token.expand(B, L + 1 - x.shape[1], -1)], dim=1)
         patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
         x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
-        # Eq. (9): T_r = d_psi(T_a, A'_v). Each block of the paper's decoder (Sec. 4, DecoderBlock) runs
-        # cross-attention to the anchors A'_v, then the feed-forward, then self-attention over T_a;
-        # with decoder_block="croco" (CroCoDecoderBlock): self-attention, cross-attention, MLP.
+        # Eq. (9): T_r = d_psi(T_a, A'_v): each block reads the anchors, then mixes the target's tokens.
         for block in self.decoder_blocks:
             x = block(x, memory)
-        x = self.decoder_pred(self.decoder_norm(x))
-        return x[:, 1:]  # drop the cls row
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # the cls row dropped
 
-    def memory_pos_embed(self, ids_restore, num_kept):
-        """CroCo: the reference view's tokens get the decoder position embedding too.
-        ids_restore [B', L] of an anchor's masking (forward_masked) -> [B', 1 + num_kept, Dd]:
-        the cls slot's (zero) row, then the rows of the kept patches in kept order."""
-        # forward_masked keeps ids_shuffle[:, :K]; ids_restore is its inverse permutation.
-        ids_keep = torch.argsort(ids_restore, dim=1)[:, :num_kept]
-        pos = self.decoder_pos_embed.expand(ids_keep.shape[0], -1, -1)
-        kept = torch.gather(pos[:, 1:], 1, ids_keep.unsqueeze(-1).expand(-1, -1, pos.shape[2]))
-        return torch.cat([pos[:, :1], kept], dim=1)
-
-    # -- Eq. (10) -------------------------------------------------------------
     def forward_loss(self, target, pred, mask):
-        """Mean squared error over the masked target patches only (Eq. 10).
-
-        As in MAE the squared error is averaged over the pixels of a patch, then over the
-        masked patches. With norm_pix_loss each target patch is normalised by its own mean
-        and (unbiased) variance, eps 1e-6.
-        """
+        """Eq. (10): the squared error over the masked target patches only, averaged over a patch's
+        pixels, then over the masked patches (MAE). With norm_pix_loss each target patch is
+        normalised by its own mean and (unbiased) variance, eps 1e-6."""
         patches = self.patchify(target)
         if self.norm_pix_loss:
-            mean = patches.mean(dim=-1, keepdim=True)
-            var = patches.var(dim=-1, keepdim=True)
+            mean, var = patches.mean(dim=-1, keepdim=True), patches.var(dim=-1, keepdim=True)
             patches = (patches - mean) / (var + 1e-6) ** 0.5
         per_patch = ((pred.float() - patches.float()) ** 2).mean(dim=-1)
         return (per_patch * mask).sum() / mask.sum()
 
     def forward(self, target, anchors, target_noise=None, anchor_noise=None):
-        """target [B, 3, H, W], anchors [B, N, 3, H, W]; optional masking noise
-        target_noise [B, L], anchor_noise [B, N, L] (uniform in [0, 1), for reproducible masks).
-        Returns loss (scalar), pred [B, L, P*P*3], mask [B, L] (1 = masked, i.e. predicted)."""
+        """target [B, 3, H, W], anchors [B, N, 3, H, W]; optional masking noise target_noise [B, L] and
+        anchor_noise [B, N, L] (uniform in [0, 1), for reproducible masks). -> loss, pred [B, L, P*P*3],
+        mask [B, L] (1 = masked, i.e. predicted)."""
         B, N = anchors.shape[:2]
         if N != self.num_anchors:
             raise ValueError(f"model built for {self.num_anchors} anchors, got {N}")
-        # Eq. (4)-(5): target patchified, masked at r_t, visible patches encoded.
+        # Eq. (4)-(5): the target patchified, masked at r_t, its visible patches encoded.
         target_latent, mask, ids_restore = self.forward_masked(target, self.target_mask_ratio, target_noise)
-        # Eq. (6): every anchor masked independently at r_a by the same (Siamese) encoder;
-        # the N anchors of a sample go through it as N rows of one batch.
-        if anchor_noise is not None:
-            anchor_noise = anchor_noise.flatten(0, 1)
+        # Eq. (6): every anchor masked independently at r_a and encoded by the same (Siamese)
+        # encoder: the N anchors of a sample go through it as N rows of one batch.
         anchor_latent, _, anchor_ids_restore = self.forward_masked(
-            anchors.flatten(0, 1), self.anchor_mask_ratio, anchor_noise)
-        # Eq. (7): A'_v = [A'^1_v; ...; A'^N_v], cls tokens included, at the decoder width.
-        memory = self.decoder_embed(anchor_latent)  # [B*N, 1+K_a, Dd]
-        if self.decoder_block == "croco":  # CroCo: position embedding on the memory as well
-            memory = memory + self.memory_pos_embed(anchor_ids_restore, memory.shape[1] - 1)
-        memory = memory.reshape(B, N * anchor_latent.shape[1], -1)
+            anchors.flatten(0, 1), self.anchor_mask_ratio, None if anchor_noise is None else anchor_noise.flatten(0, 1))
+        # Eq. (7): A'_v = [A'^1_v; ...; A'^N_v], the N anchors' tokens in one memory.
+        memory = self.anchor_memory(anchor_latent, anchor_ids_restore).reshape(B, N * anchor_latent.shape[1], -1)
         pred = self.forward_decoder(target_latent, ids_restore, memory)
         return self.forward_loss(target, pred, mask), pred, mask
 
 
-# -----------------------------------------------------------------------------
-# FLOP counting (Sec. A.3.1, Table 8)
-# -----------------------------------------------------------------------------
+# =============================================================================
+# 2. The sample (Sec. 3.1): one bag of views -> a target and N anchors, one box, one flip
+# =============================================================================
+#
+# A bag is a folder holding the real image and its M generated views (the layout that
+# generate_views.py writes, common.bag_files reads):  BAGS/<folder>/<stem>/real.<ext>, view_00.jpg ...
+
+class BagDataset(torch.utils.data.Dataset):
+    """The training samples of bags of views (Sec. 3.1 and 4, Tables 2 and 6).
+
+    An item is addressed by key = (epoch, index), and everything random about it -- which image of
+    the bag is the target, which N are anchors, the crop box and flip shared by all of them, the
+    masking noise -- is drawn from a generator seeded by (seed, epoch, index). So a sample does not
+    depend on the worker, rank or world size that loads it: resumed and multi-process runs
+    reproduce a single-process one.
+
+    item -> (target [3, S, S] uint8, anchors [N, 3, S, S] uint8, target_noise [L], anchor_noise [N, L]);
+    the ImageNet normalisation runs on the device (`normalize`). target_choice: "any" (the paper's
+    "random between real and generated": uniform over the 1 + M images), "real" or "generated"
+    (Table 2). A bag with an image that cannot be decoded is replaced by the next bags in order
+    (the same ones in every run), listed in `bad_bags_file`. With encoded=True (--decode gpu) the
+    files stay encoded and the device decodes and crops them (`assemble_on_device`).
+    """
+
+    ITEM, MODE = "bag", "bicubic"  # what an item is, in messages; crop_resize's interpolation
+    MAX_SUBSTITUTES = 16
+
+    def __init__(self, root, bags, num_views, num_anchors=1, input_size=224, target_choice="any",
+                 crop_scale=(0.5, 1.0), crop_ratio=(3 / 4, 4 / 3), num_patches=196, seed=0,
+                 encoded=False, bad_bags_file=None):
+        if target_choice not in ("any", "real", "generated"):
+            raise ValueError(f"target_choice must be any, real or generated, not {target_choice!r}")
+        self.root, self.bags = Path(root), list(bags)
+        self.num_views, self.num_anchors = num_views, num_anchors
+        self.input_size, self.target_choice = input_size, target_choice
+        self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
+        self.num_patches, self.seed = num_patches, seed
+        self.encoded, self.bad_bags_file, self.reported = encoded, bad_bags_file, set()
+
+    def __len__(self):
+        return len(self.bags)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        for attempt in range(self.MAX_SUBSTITUTES + 1):
+            bag = self.bags[(index + attempt) % len(self.bags)]
+            rng = np.random.default_rng([self.seed, epoch, index] + ([attempt] if attempt else []))
+            try:
+                return self.sample(bag, rng)
+            except UnreadableImage as e:
+                self.report_bad(bag, e)
+        raise RuntimeError(f"{self.root / self.bags[index]}: it and the next {self.MAX_SUBSTITUTES} "
+                           f"{self.ITEM}s cannot be decoded (list them with --verify-images decode)")
+
+    def sample(self, bag, rng):
+        """One bag -> one sample: a target and N anchors among its images, cut with one box and one flip."""
+        files = self.files(bag, rng)                                          # [target, anchor_1, ..., anchor_N]
+        if self.encoded:
+            blobs, sizes = zip(*[read_encoded(path) for path in files])
+        else:
+            images = [decode_image(path) for path in files]                   # [3, H_i, W_i] uint8 each
+            sizes = [(image.shape[-1], image.shape[-2]) for image in images]
+        (width, height), regions = self.geometry(files, sizes)
+        box = sample_crop_box(rng, width, height, self.crop_scale, self.crop_ratio)  # one box ...
+        flip = rng.random() < 0.5                                             # ... and one flip for every image
+        target_noise, anchor_noise = self.draw_noise(rng)                     # the masks (Eq. 4 and 6)
+        boxes = image_boxes(box, regions)                                     # the box in each image
+        if self.encoded:
+            return list(blobs), torch.tensor(boxes, dtype=torch.float64), torch.tensor(flip), target_noise, anchor_noise
+        crops = crop_views(images, boxes, flip, self.input_size, self.MODE)   # [1 + N, 3, S, S] uint8
+        return crops[0], crops[1:], target_noise, anchor_noise
+
+    def files(self, bag, rng):
+        """The image files of a sample, [target, anchor_1, ..., anchor_N]: the draws before any decode."""
+        real, views = bag_files(self.root / bag)
+        paths = [real] + views[:self.num_views]
+        return [paths[i] for i in self.choose_views(rng)]
+
+    def choose_views(self, rng):
+        """Indices into [real, view_00, ...]: the target first, then N distinct anchors among the rest."""
+        if self.target_choice == "real":
+            target = 0
+        else:  # "generated": one of the views; "any": one of all 1 + M images
+            target = int(rng.integers(1 if self.target_choice == "generated" else 0, 1 + self.num_views))
+        rest = [i for i in range(1 + self.num_views) if i != target]
+        if len(rest) < self.num_anchors:
+            raise ValueError("not enough views for the anchors")
+        return [target] + [int(a) for a in rng.choice(rest, size=self.num_anchors, replace=False)]
+
+    def geometry(self, files, sizes):
+        """Where the shared box is drawn, and what it is relative to in each image: ((width, height)
+        of the common geometry, [each image's region, fractions (l, t, r, b)]).
+
+        The views are generated from the real image's centre region (`conditioning_region`), so that
+        region is the bag's geometry: the real image's region is the one the generator was
+        conditioned on, a square view's the whole view, and the box is drawn on a square of the
+        views' size. (A view that is not square, in a bag of k-NN images, is brought to its own
+        centre square, the crop its neighbour search embedded.) In a bag of square images of one
+        size, every region is (0, 0, 1, 1) and the box is the same fractions of every image."""
+        regions = [conditioning_region(width, height) for width, height in sizes]
+        side = next(min(size) for path, size in zip(files, sizes) if not is_real_image(path))
+        return (side, side), regions
+
+    def draw_noise(self, rng):
+        """The masking noise of the target [L] and of the anchors [N, L] (after the crop's draws)."""
+        return (torch.from_numpy(rng.random(self.num_patches, dtype=np.float32)),
+                torch.from_numpy(rng.random((self.num_anchors, self.num_patches), dtype=np.float32)))
+
+    def report_bad(self, bag, error):
+        """List a bag whose image cannot be decoded (once per process) and warn once."""
+        if bag in self.reported:
+            return
+        if not self.reported:
+            print(f"warning: {error}; {self.ITEM} {bag} is replaced by the next {self.ITEM} in a fixed order "
+                  f"(listed in {self.bad_bags_file or 'no file'}; further such {self.ITEM}s are listed there only)",
+                  file=sys.stderr)
+        self.reported.add(bag)
+        if self.bad_bags_file:
+            with open(self.bad_bags_file, "a") as f:  # one short append: whole lines from many processes
+                f.write(f"{bag}\t{' '.join(str(error).split())}\n")
+
+
+def sample_crop_box(rng, width, height, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop's box (torchvision's algorithm: whole pixels of a width x height image), as
+    fractions (l, t, r, b) of the image. Table 6: area 0.5-1, aspect ratio 0.75-1.33."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+            return left / width, top / height, (left + w) / width, (top + h) / height
+    # Fallback: the largest central crop with the aspect ratio clamped into range.
+    if width / height < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif width / height > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    top, left = (height - h) // 2, (width - w) // 2
+    return left / width, top / height, (left + w) / width, (top + h) / height
+
+
+def conditioning_region(width, height, size=224):
+    """The centre region of a width x height image that generate_views.py conditions the generator on
+    (`conditioning_tensor`: the shorter side resized to `size` with rounding, a size x size centre
+    crop), as fractions (l, t, r, b) of the image; exactly (0, 0, 1, 1) for a square image."""
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return left / new_w, top / new_h, (left + size) / new_w, (top + size) / new_h
+
+
+def compose_box(outer, inner):
+    """The box `inner` (fractions of the crop `outer`) as fractions of the image `outer` is cut from."""
+    width, height = outer[2] - outer[0], outer[3] - outer[1]
+    return (outer[0] + inner[0] * width, outer[1] + inner[1] * height,
+            outer[0] + inner[2] * width, outer[1] + inner[3] * height)
+
+
+def image_boxes(box, regions):
+    """The shared box (fractions of the common geometry) as each image's box: composed with the
+    image's region; a region (0, 0, 1, 1) leaves it as it is, bit for bit."""
+    return [compose_box(region, box) for region in regions]
+
+
+def decode_image(path):
+    """A file's pixels as uint8 [3, H, W] (a view of H x W x 3 memory): RGB by common.to_rgb's rule
+    for every mode; UnreadableImage naming the file if it cannot be decoded or is refused."""
+    with open_image(path) as image:
+        try:
+            return torch.from_numpy(np.array(image if image.mode == "RGB" else to_rgb(image, path))).permute(2, 0, 1)
+        except UnreadableImage:
+            raise
+        except Exception as e:  # noqa: BLE001 -- the decoder's error (a truncated file), with the file's name
+            raise UnreadableImage(f"{path}: cannot decode image ({e})") from e
+
+
+def crop_resize(image, box, size, mode="bicubic", float_math=None):
+    """Cut the box (fractions l, t, r, b of the image, rounded to whole pixels as RandomResizedCrop
+    cuts) out of image [3, H, W] uint8 and resize it to [3, size, size] uint8, antialiased: bicubic
+    (Pillow's filter, a = -0.5) or "bilinear" (--pretext crops and frames). On the CPU torch's uint8
+    kernel runs; on a GPU (--decode gpu; or with float_math) the same filter in float32, rounded."""
+    height, width = image.shape[-2:]
+    left, right = round(box[0] * width), round(box[2] * width)
+    top, bottom = round(box[1] * height), round(box[3] * height)
+    crop = image[None, :, top:max(bottom, top + 1), left:max(right, left + 1)]
+    if not float_math and crop.device.type == "cpu":
+        return F.interpolate(crop, size=(size, size), mode=mode, antialias=True, align_corners=False)[0]
+    crop = F.interpolate(crop.float(), size=(size, size), mode=mode, antialias=True, align_corners=False)[0]
+    return crop.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def crop_views(images, boxes, flip, size, mode="bicubic"):
+    """The images of one sample [3, H_i, W_i] uint8, each cut with its own box (the sample's box in
+    that image) and all mirrored left-right or none: -> [V, 3, size, size] uint8."""
+    crops = [crop_resize(image, box, size, mode) for image, box in zip(images, boxes)]
+    return torch.stack([crop.flip(-1) if flip else crop for crop in crops])
+
+
+def normalize(x, mean, std):
+    """uint8 [..., 3, H, W] -> ImageNet-normalised float32: x / 255, minus the mean, over the std
+    ([3, 1, 1] tensors on x's device; the arithmetic of `image_to_tensor`)."""
+    return (x.float() / 255.0 - mean) / std
+
+
+def image_to_tensor(img):
+    """PIL RGB -> ImageNet-normalised float tensor [3, H, W] (the encoder's input at evaluation)."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+# =============================================================================
+# 3. The step and the epoch loop (Sec. 4, Table 6): AdamW, warmup then cosine, as MAE trains
+# =============================================================================
+
+def learning_rate(epoch, lr, min_lr, warmup_epochs, epochs):
+    """The lr at a fractional epoch: a linear warmup to `lr`, then a half-cycle cosine to `min_lr`,
+    set at every iteration (MAE; Table 6's 100 epochs, CropMAE's 5 warmup epochs)."""
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-8)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def param_groups(model, weight_decay):
+    """AdamW's groups by timm's rule, which MAE and CropMAE train with: no weight decay on biases and
+    1-D parameters (LayerNorms) only; the [1, 1, D] cls and mask tokens are decayed."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train_one_epoch(model, optimizer, batches, epoch, steps, lr_at, *, first_step=0, global_step=0, accum_iter=1,
+                    seed=0, rank=0, max_steps=None, log=None):
+    """Steps first_step .. steps - 1 of one epoch (or until global step max_steps), as MAE's
+    train_one_epoch. `batches` yields (target, anchors, target_noise, anchor_noise), normalised on the
+    training device; `model` is what a step calls (the CDGMAE, or it wrapped in DDP or compiled).
+    A step sets the lr of its iteration, lr_at(fractional epoch); runs accum_iter forward and backward
+    passes (bf16 autocast on CUDA); takes one optimizer step; and calls log(global step, epoch, step,
+    lr, loss) with the step's mean loss (a device tensor). Returns (global step, the last step done,
+    whether max_steps stopped the epoch, the last batch and prediction)."""
+    model.train()
+    step, last = first_step - 1, None
+    for step in range(first_step, steps):
+        lr = lr_at(epoch + step / steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # Dropout (and any other randomness in the model) is a function of (seed, step, rank): a
+        # resumed run replays exactly what an uninterrupted one would have drawn.
+        torch.manual_seed(seed * 1_000_003 + global_step * 1009 + rank)
+        step_loss = 0.0
+        for micro in range(accum_iter):
+            target, anchors, target_noise, anchor_noise = next(batches)
+            # With DDP, the gradients are averaged over the ranks at the step's last pass only.
+            sync = micro == accum_iter - 1 or not hasattr(model, "no_sync")
+            with (contextlib.nullcontext() if sync else model.no_sync()), \
+                    torch.autocast(target.device.type, dtype=torch.bfloat16, enabled=target.device.type == "cuda"):
+                loss, pred, mask = model(target, anchors, target_noise, anchor_noise)
+            (loss / accum_iter).backward()
+            step_loss = step_loss + loss.detach() / accum_iter
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        global_step += 1
+        last = (target, anchors, pred.detach(), mask)
+        if log is not None:
+            log(global_step, epoch, step, lr, step_loss)
+        if max_steps is not None and global_step >= max_steps:
+            return global_step, step, True, last
+    return global_step, step, False, last
+
+
+def pretrain(model, optimizer, loader, sampler, epochs, steps_per_epoch, lr_at, to_device, start=(0, 0, 0),
+             after_epoch=None, **step_settings):
+    """The epoch loop (Table 6: 100 epochs): each epoch a new order of the bags (the sampler's), its
+    steps (`train_one_epoch`, with `step_settings`), then after_epoch(epoch, last step, global step,
+    last batch) writes the checkpoints. start: (epoch, step, global step) to resume from.
+    to_device: a loader batch -> the step's normalised tensors on the training device."""
+    start_epoch, start_step, global_step = start
+    for epoch in range(start_epoch, epochs):
+        first = start_step if epoch == start_epoch else 0
+        sampler.set_epoch(epoch, first)  # the loader's workers stay; only the keys they are given change
+        batches = (to_device(batch) for batch in loader)
+        global_step, step, stopped, last = train_one_epoch(model, optimizer, batches, epoch, steps_per_epoch, lr_at,
+                                                           first_step=first, global_step=global_step, **step_settings)
+        if after_epoch is not None:
+            after_epoch(epoch, step, global_step, last)
+        if stopped:
+            break
+    return global_step
+
+
+# =============================================================================
+# 4. What the paper compares with and measures: CroCo's decoder, the FLOPs of Table 8,
+#    and the family's other pretext data (Table 5): CropMAE's crops, SiamMAE's frames
+# =============================================================================
+
+class CroCoDecoderBlock(nn.Module):
+    """CroCo's decoder block, "CrossBlock" (CroCo Sec. 3, Fig. 4), pre-norm:
+
+        x = x + SelfAttn(LN1(x));  x = x + CrossAttn(LN2(x), LN_m(memory));  x = x + MLP(LN3(x))
+
+    The memory (the other views' tokens) is normalised by the block's own LayerNorm and left
+    unchanged, so every block reads the same tokens. As in CroCo's decoder: MLP ratio 4 (GELU),
+    qkv biases, LayerNorm eps 1e-6, no dropout; the final norm is the model's decoder_norm."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.self_attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm_memory = nn.LayerNorm(dim, eps=1e-6)
+        self.cross_attn = CrossAttention(dim, num_heads)
+        self.norm3 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def init_weights(self):
+        """CroCo's: MAE's rule; CroCo projects keys and values with two [D, D] Linears, so each half of
+        the fused kv weight gets its own draw (bound sqrt(6 / 2D), not the fused [2D, D]'s sqrt(6 / 3D))."""
+        self.apply(init_linear_and_norm)
+        for half in self.cross_attn.kv.weight.data.chunk(2):
+            nn.init.xavier_uniform_(half)
+
+    def forward(self, x, memory):  # x [B, 1+L, Dd] the target stream, memory [B, M, Dd] the anchors' tokens
+        x = x + self.self_attn(self.norm1(x))
+        x = x + self.cross_attn(self.norm2(x), self.norm_memory(memory))
+        return x + self.mlp(self.norm3(x))
+
+
+class CroCoMAE(CDGMAE):
+    """CDGMAE with CroCo's decoder (`--decoder-block croco`): CroCo's pre-norm block (MLP ratio 4, no
+    dropout: decoder_ffn_dim and decoder_dropout do not apply), and, as in CroCo, the decoder's sin-cos
+    position embedding on the memory too: each anchor's tokens get the embedding of their own patch
+    positions (zero in the cls slot). Everything else is the paper's model."""
+
+    def decoder_block(self, dim, num_heads, ffn_dim, dropout):
+        return CroCoDecoderBlock(dim, num_heads)
+
+    def anchor_memory(self, anchor_latent, anchor_ids_restore):
+        """[B*N, 1+K_a, D] -> [B*N, 1+K_a, Dd]: the anchors' tokens at the decoder width, plus the
+        decoder position embedding of the patches each anchor kept (forward_masked kept the first
+        K_a of the permutation whose inverse is anchor_ids_restore)."""
+        memory = self.decoder_embed(anchor_latent)
+        ids_keep = torch.argsort(anchor_ids_restore, dim=1)[:, :memory.shape[1] - 1]
+        pos = self.decoder_pos_embed.expand(ids_keep.shape[0], -1, -1)
+        kept = torch.gather(pos[:, 1:], 1, ids_keep.unsqueeze(-1).expand(-1, -1, pos.shape[2]))
+        return memory + torch.cat([pos[:, :1], kept], dim=1)
+
+
+DECODER_BLOCKS = {"cdgmae": CDGMAE, "croco": CroCoMAE}  # --decoder-block -> the model's class
+
+
+def build_model(decoder_block="cdgmae", **config):
+    """The model of a run's configuration (`model_config`): CDGMAE, or CroCoMAE for CroCo's decoder."""
+    if decoder_block not in DECODER_BLOCKS:
+        raise ValueError(f"decoder_block {decoder_block!r}: must be one of {', '.join(DECODER_BLOCKS)}")
+    return DECODER_BLOCKS[decoder_block](**config)
+
 
 def count_flops(model, num_anchors=None, batch_size=1):
-    """Count the FLOPs of one forward pass up to the loss, fvcore's convention.
-
-    Every nn.Linear and nn.Conv2d counts one FLOP per multiply-add and every affine
-    LayerNorm 5 FLOPs per element (fvcore's defaults); the products inside
-    F.scaled_dot_product_attention are not counted by fvcore, so they are returned
-    separately as `attention` (multiply-adds of q.k and attn.v). Returns a dict of
-    per-sample counts: linear, conv, layernorm, attention, fvcore (= the first three).
-    """
+    """The FLOPs of one forward pass up to the loss (A.3.1, Table 8), fvcore's convention: every
+    nn.Linear and nn.Conv2d counts one FLOP per multiply-add and every affine LayerNorm 5 FLOPs per
+    element; the products inside F.scaled_dot_product_attention, which fvcore does not count, are
+    returned apart as `attention` (the multiply-adds of q.k and attn.v of this file's Attention and
+    CrossAttention). -> per-sample {linear, conv, layernorm, attention, fvcore (= the first three)}."""
     num_anchors = num_anchors or model.num_anchors
     counts = {"linear": 0, "conv": 0, "layernorm": 0, "attention": 0}
 
@@ -603,15 +802,10 @@ def count_flops(model, num_anchors=None, batch_size=1):
         (B, Lq, D), Lm = inputs[0].shape, inputs[1].shape[1]
         counts["attention"] += 2 * B * Lq * Lm * D
 
-    hooks = []
-    for m in model.modules():
-        hook = {nn.Linear: linear_hook, nn.Conv2d: conv_hook, nn.LayerNorm: norm_hook,
-                Attention: self_attn_hook, CrossAttention: cross_attn_hook}.get(type(m))
-        if hook is not None:
-            hooks.append(m.register_forward_hook(hook))
-    size = model.img_size
-    device = next(model.parameters()).device
-    was_training = model.training
+    hooks = [m.register_forward_hook(hook) for m in model.modules()
+             if (hook := {nn.Linear: linear_hook, nn.Conv2d: conv_hook, nn.LayerNorm: norm_hook,
+                          Attention: self_attn_hook, CrossAttention: cross_attn_hook}.get(type(m)))]
+    size, device, was_training = model.img_size, next(model.parameters()).device, model.training
     model.eval()
     try:
         with torch.no_grad():
@@ -626,265 +820,17 @@ def count_flops(model, num_anchors=None, batch_size=1):
     return counts
 
 
-# -----------------------------------------------------------------------------
-# Bags of views (Sec. 3.1): a sample is a target and N anchors of one bag
-# -----------------------------------------------------------------------------
-#
-#   BAGS/<relative folder of the real image>/<image stem>/     one folder per real image
-#       real.<ext>                  the real image (its original bytes)
-#       view_00.jpg ... view_{M-1}  the M generated views
-#
-# `generate_views.py` writes this layout (mirroring the input tree); a bag is any folder
-# holding a file named real.*. Files are written under a temporary name and renamed,
-# so a name that matches below is always complete.
-
-
-
-class BagDataset(torch.utils.data.Dataset):
-    """Samples (target, N anchors) from bags of views (Sec. 3.1 and 4, Tables 2 and 6).
-
-    An item is addressed by (epoch, index): everything random about it -- which view is
-    the target, which N views are anchors, the crop box and flip shared by all of its
-    views, and the masking noise -- is drawn from a generator seeded by (seed, epoch,
-    index). So a sample does not depend on the worker, rank or world size that loads it,
-    which makes resumed and multi-process runs reproduce single-process ones. The box is
-    drawn once on the bag's common geometry and mapped into each image (`geometry`,
-    `image_boxes`), so it cuts the same part of the scene in the real image and every view.
-
-    An item is (target [3, S, S] uint8, anchors [N, 3, S, S] uint8, target_noise [L],
-    anchor_noise [N, L]); the ImageNet normalisation runs on the device (`normalize`).
-    With encoded=True (--decode gpu) the images stay encoded: ([N+1] byte tensors, boxes
-    [N+1, 4] (each image's box, from the sizes in the files' headers), flip, target_noise,
-    anchor_noise), for `collate_encoded` and `assemble_on_device`.
-
-    A bag with an image that cannot be decoded is replaced by the next bags in order
-    (index + 1, + 2, ...), drawn with the generator of (seed, epoch, index, attempt): the
-    same substitute in every run, so resume and multi-process equality still hold. The
-    bag is appended to `bad_bags_file` and each process warns once.
-
-    target_choice: "any" (real or generated at random, the paper's default),
-    "real" (always the real image) or "generated" (always a generated view).
-    """
-
-    MAX_SUBSTITUTES = 16
-    ITEM = "bag"         # what an item is, in messages
-    MODE = "bicubic"     # crop_resize's interpolation
-
-    def __init__(self, root, bags, num_views, num_anchors=1, input_size=224, target_choice="any",
-                 crop_scale=(0.5, 1.0), crop_ratio=(3 / 4, 4 / 3), num_patches=196, seed=0,
-                 encoded=False, bad_bags_file=None):
-        self.root, self.bags = Path(root), list(bags)
-        self.num_views, self.num_anchors = num_views, num_anchors
-        self.input_size, self.target_choice = input_size, target_choice
-        self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
-        self.num_patches, self.seed = num_patches, seed
-        self.encoded, self.bad_bags_file, self.reported = encoded, bad_bags_file, set()
-        if target_choice not in ("any", "real", "generated"):
-            raise ValueError(f"target_choice must be any, real or generated, not {target_choice!r}")
-
-    def __len__(self):
-        return len(self.bags)
-
-    def choose_views(self, rng):
-        """Indices into [real, view_00, ...]: the target first, then N distinct anchors."""
-        everything = list(range(1 + self.num_views))
-        if self.target_choice == "real":
-            target = 0
-        elif self.target_choice == "generated":
-            target = int(rng.integers(1, 1 + self.num_views))
-        else:
-            target = int(rng.integers(0, 1 + self.num_views))
-        rest = [i for i in everything if i != target]
-        if self.target_choice == "real" and len(rest) < self.num_anchors:
-            raise ValueError("not enough generated views for the anchors")
-        anchors = rng.choice(rest, size=self.num_anchors, replace=False)
-        return [target] + [int(a) for a in anchors]
-
-    def __getitem__(self, key):
-        return self.item(key)
-
-    def __getitems__(self, keys):
-        """The DataLoader's fetch of a batch: `collated`, in shared memory inside a worker."""
-        return self.collated(keys, shared=torch.utils.data.get_worker_info() is not None)
-
-    def collated(self, keys, shared=False):
-        """The items of `keys` stacked as default_collate stacks them: (target [B, 3, S, S], anchors
-        [B, N, 3, S, S], target_noise [B, L], anchor_noise [B, N, L]), each crop written straight
-        into its row of the batch, so no item is copied again to collate it. `shared`: the batch
-        is allocated in shared memory. Encoded items (--decode gpu) stay a list, for collate_encoded."""
-        if self.encoded:
-            return [self.item(key) for key in keys]
-        b, n, size, patches = len(keys), self.num_anchors, self.input_size, self.num_patches
-        target = batch_tensor((b, 3, size, size), torch.uint8, shared)
-        anchors = batch_tensor((b, n, 3, size, size), torch.uint8, shared)
-        target_noise = batch_tensor((b, patches), torch.float32, shared)
-        anchor_noise = batch_tensor((b, n, patches), torch.float32, shared)
-        # The files of all items first, then the decodes and crops: between two decodes, which
-        # evict them from the caches, the listing and the draws take about 4 times the CPU.
-        firsts = [self.first_files(key) for key in keys]
-        for i, (key, first) in enumerate(zip(keys, firsts)):
-            item = self.item(key, [target[i], *anchors[i]], first)
-            target_noise[i], anchor_noise[i] = item[2], item[3]
-        return target, anchors, target_noise, anchor_noise
-
-    def first_files(self, key):
-        """(files, generator) of the first attempt at the item `key`, or None where they cannot be
-        listed (`item` then tries again and reports it)."""
-        epoch, index = key
-        rng = np.random.default_rng([self.seed, epoch, index])
-        try:
-            return self.files(self.bags[index % len(self.bags)], rng), rng
-        except UnreadableImage:
-            return None
-
-    def item(self, key, out=None, first=None):
-        """The item (epoch, index), its crops written into `out` where given (see `crop_views`).
-        `first`: the files and generator of the first attempt, if drawn already (`first_files`)."""
-        epoch, index = key
-        for attempt in range(self.MAX_SUBSTITUTES + 1):
-            bag = self.bags[(index + attempt) % len(self.bags)]
-            try:
-                if attempt == 0 and first is not None:
-                    files, rng = first
-                else:
-                    rng = np.random.default_rng([self.seed, epoch, index] + ([attempt] if attempt else []))
-                    files = self.files(bag, rng)
-                return self.cut_views(files, rng, out)
-            except UnreadableImage as e:
-                self.report_bad(bag, e)
-        raise RuntimeError(f"{self.root / self.bags[index]}: it and the next {self.MAX_SUBSTITUTES} "
-                           f"{self.ITEM}s cannot be decoded (list them with --verify-images decode)")
-
-    def files(self, bag, rng):
-        """The image files of an item, [target, anchor_1, ..., anchor_N]: the draws before any decode."""
-        real, views = bag_files(self.root / bag)
-        paths = [real] + views[:self.num_views]
-        return [paths[i] for i in self.choose_views(rng)]
-
-    def draw_noise(self, rng):
-        """The masking noise of the target [L] and of the anchors [N, L] (after the crops' draws)."""
-        return (torch.from_numpy(rng.random(self.num_patches, dtype=np.float32)),
-                torch.from_numpy(rng.random((self.num_anchors, self.num_patches), dtype=np.float32)))
-
-    def geometry(self, chosen, sizes):
-        """Where the shared box is drawn and what it is relative to in each image: ((width, height)
-        of the common geometry, [region of each image, fractions (l, t, r, b)]).
-
-        A bag's views are generated from the real image's centre region (`conditioning_region`),
-        so that region is the bag's common geometry: the real image's region is the one the
-        generator was conditioned on, a square view's is the whole view, and the box is drawn on
-        a square of the views' size (the first view's shorter side). A view that is not square
-        (k-NN bags hold other real images) is brought to its own centre square, the crop its
-        neighbour search embedded. In a bag of square images of one size (the toy world's) every
-        region is (0, 0, 1, 1): the box is the same fractions of every image."""
-        regions = [conditioning_region(width, height) for width, height in sizes]
-        side = next(min(size) for path, size in zip(chosen, sizes) if not is_real_image(path))
-        return (side, side), regions
-
-    def cut_views(self, chosen, rng, out=None):
-        """The item of the image files [target, anchor_1, ..., anchor_N]: one box and one flip for all."""
-        if self.encoded:
-            blobs, sizes = zip(*[read_encoded(p) for p in chosen])
-        else:
-            images = [decode_rgbx(p) for p in chosen]
-            sizes = [(image.shape[-1], image.shape[-2]) for image in images]
-        (width, height), regions = self.geometry(chosen, sizes)
-        # One crop box (drawn on the common geometry) and one flip for all views of the sample.
-        box = sample_crop_box(rng, width, height, self.crop_scale, self.crop_ratio)
-        flip = rng.random() < 0.5
-        target_noise, anchor_noise = self.draw_noise(rng)
-        boxes = image_boxes(box, regions)
-        if self.encoded:
-            return list(blobs), torch.tensor(boxes, dtype=torch.float64), torch.tensor(flip), target_noise, anchor_noise
-        crops = crop_views(images, boxes, flip, self.input_size, self.MODE, out)
-        return crops[0], crops[1:], target_noise, anchor_noise
-
-    def report_bad(self, bag, error):
-        """List a bag whose image cannot be decoded (once per process) and warn once."""
-        if bag in self.reported:
-            return
-        if not self.reported:
-            print(f"warning: {error}; {self.ITEM} {bag} is replaced by the next {self.ITEM} in a fixed order "
-                  f"(listed in {self.bad_bags_file or 'no file'}; further such {self.ITEM}s are listed there only)",
-                  file=sys.stderr)
-        self.reported.add(bag)
-        if self.bad_bags_file:
-            with open(self.bad_bags_file, "a") as f:  # one short append: whole lines from many processes
-                f.write(f"{bag}\t{' '.join(str(error).split())}\n")
-
-
-def sample_crop_box(rng, width, height, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop's box (torchvision's algorithm), as fractions (l, t, r, b) of the image."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return left / width, top / height, (left + w) / width, (top + h) / height
-    # Fallback: the largest central crop with the aspect ratio clamped into range.
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    top, left = (height - h) // 2, (width - w) // 2
-    return left / width, top / height, (left + w) / width, (top + h) / height
-
-
-def conditioning_region(width, height, size=224):
-    """The centre region of a width x height image that generate_views.py conditions the generator
-    on, as fractions (l, t, r, b) of the image: `conditioning_tensor`'s crop (metrics.evaluation_image:
-    the shorter side resized to `size` with rounding, a size x size centre crop) in the image's own
-    pixels. A square image's region is the whole image, exactly (0, 0, 1, 1). `size` is the S-LDM
-    conditioner's input (224 for DINO ViT-B/16); the image-variation pipeline's CLIPImageProcessor
-    crops the same centre square with its long side truncated instead of rounded (docs/training.md)."""
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return left / new_w, top / new_h, (left + size) / new_w, (top + size) / new_h
-
-
-def image_boxes(box, regions):
-    """The shared box (fractions of the common geometry) as each image's box (fractions of that
-    image): the box composed with the image's region, [compose_box(region, box), ...]. A region
-    (0, 0, 1, 1) leaves the box as it is, bit for bit."""
-    return [compose_box(region, box) for region in regions]
-
-
-def crop_views(images, boxes, flip, size, mode="bicubic", out=None):
-    """The views of one sample, each cut with its own box (the sample's shared box mapped to each
-    image, `image_boxes`) and one shared flip: [C, H_i, W_i] uint8 images (C = 3 or 4, any sizes,
-    any device) -> [V, 3, size, size] uint8, written into `out` where given (V tensors
-    [3, size, size]: rows of a batch, see `BagDataset.collated`)."""
-    if out is None:
-        out = torch.empty(len(images), 3, size, size, dtype=torch.uint8, device=images[0].device)
-    for crop, image, box in zip(out, images, boxes):
-        copy_flipped(crop, crop_resize(image, box, size, mode=mode)[:3], flip)
-    return out
-
-
-# -----------------------------------------------------------------------------
-# Pretext data of the family (Table 5): CropMAE's crops and SiamMAE's video frames
-# -----------------------------------------------------------------------------
-# The same model and trainer, other data: --pretext crops reads a plain image folder (any
-# depth, ImageNet layout), --pretext frames a folder of videos stored as frame folders
-# (DAVIS/Kinetics style: ROOT/<video>/<frame>.jpg, at any depth). An item is one image or one
-# video; an epoch is one sample per item. Both keep BagDataset's properties: every draw comes
-# from the generator of (seed, epoch, index), uint8 output, substitution of unreadable items.
+# The same model and steps on other data: --pretext crops reads a plain image folder (any depth,
+# ImageNet's layout), --pretext frames a folder of videos stored as frame folders (ROOT/<video>/
+# <frame>.jpg at any depth). An item is one image or one video; an epoch is one sample per item.
+# Both keep BagDataset's properties: every draw comes from the generator of (seed, epoch, index),
+# uint8 output, the substitution of unreadable items.
 
 PRETEXTS = ("bags", "crops", "frames")
 PRETEXT_ITEMS = {"bags": "bag", "crops": "image", "frames": "video"}
-
-# The flags left unset (None) take their pretext's value: bags the paper's (Table 6), crops
-# CropMAE's ImageNet script (GlobalToLocal: global area [0.10, 1], mask 98.5%), frames
-# SiamMAE's (CropMAE's SiamMAE script: area [0.5, 1], mask 95%).
+# The flags left unset take their pretext's value: bags the paper's (Table 6), crops CropMAE's
+# ImageNet script (GlobalToLocal: global area [0.10, 1], mask 98.5%), frames SiamMAE's (CropMAE's
+# SiamMAE script: area [0.5, 1], mask 95%).
 PRETEXT_DEFAULTS = {"bags": dict(target_mask=0.9, crop_scale=(0.5, 1.0), crop_ratio=(0.75, 1.33)),
                     "crops": dict(target_mask=0.985, crop_scale=(0.10, 1.0), crop_ratio=(3 / 4, 4 / 3)),
                     "frames": dict(target_mask=0.95, crop_scale=(0.5, 1.0), crop_ratio=(3 / 4, 4 / 3))}
@@ -898,11 +844,11 @@ def pretext_default(args, name):
 
 
 class CropDataset(BagDataset):
-    """--pretext crops: CropMAE's GlobalToLocal (the paper's Table 5 baseline) on a plain image
-    folder. The N anchors are global random resized crops of the image (area `crop_scale`),
-    the target a random resized crop of the first one (area `local_scale` of it); see
-    `sample_crop_params` and `cut_crops`. Items, noise, determinism and substitution as in
-    BagDataset; encoded=True gives ([bytes], boxes [N + 1, 4], flips [N + 1], noises)."""
+    """--pretext crops: CropMAE's GlobalToLocal (the paper's Table 5 baseline) on a plain image folder.
+    The N anchors are global random resized crops of the image (area `crop_scale`), the target a
+    random resized crop of the first one (area `local_scale` of it): `sample_crop_params`,
+    `cut_crops`. Items, noise, determinism and substitution as in BagDataset; encoded=True gives
+    ([bytes], boxes [N + 1, 4], flips [N + 1], noises)."""
 
     ITEM, MODE = "image", "bilinear"
 
@@ -912,15 +858,12 @@ class CropDataset(BagDataset):
                          seed, encoded, bad_bags_file)
         self.local_scale = local_scale
 
-    def files(self, image, rng):
-        return [self.root / image]
-
-    def cut_views(self, files, rng, out=None):
-        path = files[0]
+    def sample(self, image, rng):
+        path = self.root / image
         if self.encoded:
             blob, (width, height) = read_encoded(path)
         else:
-            pixels = decode_rgbx(path)
+            pixels = decode_image(path)
             height, width = pixels.shape[-2:]
         global_boxes, local_box, flips = sample_crop_params(rng, width, height, self.num_anchors, self.input_size,
                                                             self.crop_scale, self.local_scale, self.crop_ratio)
@@ -928,51 +871,37 @@ class CropDataset(BagDataset):
         if self.encoded:
             boxes = torch.tensor(global_boxes + [local_box], dtype=torch.float64)
             return [blob], boxes, torch.tensor(flips), target_noise, anchor_noise
-        return (*cut_crops(pixels, global_boxes, local_box, flips, self.input_size, out), target_noise, anchor_noise)
+        return (*cut_crops(pixels, global_boxes, local_box, flips, self.input_size), target_noise, anchor_noise)
 
 
 def sample_crop_params(rng, width, height, num_anchors, size, global_scale=(0.10, 1.0), local_scale=(0.3, 0.6),
                        ratio=(3 / 4, 4 / 3)):
-    """CropMAE's GlobalToLocal draws for one image of width x height: N global boxes (fractions
-    of the image; area `global_scale`), one local box (fractions of the first global crop once
-    resized to size x size, in whole pixels of it; area `local_scale` of it), and N + 1 flips
-    drawn one per view (target first), as CropMAE flips each view on its own.
-    Returns ([N boxes], local box, [N + 1 bools])."""
+    """CropMAE's GlobalToLocal draws for one image of width x height: N global boxes (fractions of the
+    image; area `global_scale`), one local box (fractions of the first global crop once resized to
+    size x size, in whole pixels of it; area `local_scale` of it), and N + 1 flips drawn one per view
+    (target first), as CropMAE flips each view on its own. -> ([N boxes], local box, [N + 1 bools])."""
     global_boxes = [sample_crop_box(rng, width, height, global_scale, ratio) for _ in range(num_anchors)]
     local_box = sample_crop_box(rng, size, size, local_scale, ratio)
-    flips = [bool(rng.random() < 0.5) for _ in range(num_anchors + 1)]
-    return global_boxes, local_box, flips
+    return global_boxes, local_box, [bool(rng.random() < 0.5) for _ in range(num_anchors + 1)]
 
 
-def cut_crops(image, global_boxes, local_box, flips, size, out=None):
-    """CropMAE's views of one image [C, H, W] uint8 (C = 3 or 4, see `crop_resize`): the anchors
-    are the global crops [N, 3, S, S], the target a crop of the first global crop after its resize
-    (as CropMAE crops the resized global view), all antialiased bilinear; then each view is
-    flipped by its own draw. Returns (target [3, S, S], anchors [N, 3, S, S]) uint8, written
-    into `out` where given (as in `crop_views`)."""
+def cut_crops(image, global_boxes, local_box, flips, size):
+    """CropMAE's views of one image [3, H, W] uint8: the anchors are the global crops, the target a
+    crop of the first global crop after its resize (as CropMAE crops the resized global view), all
+    antialiased bilinear, each flipped by its own draw. -> (target [3, S, S], anchors [N, 3, S, S])."""
     anchors = [crop_resize(image, box, size, mode="bilinear") for box in global_boxes]
     views = [crop_resize(anchors[0], local_box, size, mode="bilinear")] + anchors
-    if out is None:
-        out = torch.empty(len(views), 3, size, size, dtype=torch.uint8, device=image.device)
-    for crop, view, flip in zip(out, views, flips):
-        copy_flipped(crop, view[:3], flip)
-    return out[0], out[1:]
-
-
-def compose_box(outer, inner):
-    """The box `inner` (fractions of the crop `outer`) as fractions of the image `outer` is cut from."""
-    width, height = outer[2] - outer[0], outer[3] - outer[1]
-    return (outer[0] + inner[0] * width, outer[1] + inner[1] * height,
-            outer[0] + inner[2] * width, outer[1] + inner[3] * height)
+    views = [view.flip(-1) if flip else view for view, flip in zip(views, flips)]
+    return views[0], torch.stack(views[1:])
 
 
 class FrameDataset(BagDataset):
-    """--pretext frames: SiamMAE's frame pairs from videos stored as frame folders. The target
-    is a frame 4 to 48 frames after its unmasked anchor (`sample_frame_indices`); one random
-    resized crop box (area `crop_scale`) and one flip are shared by all frames of the sample,
-    antialiased bilinear, as SiamMAE's data pipe does. Items, noise, determinism, substitution
-    (a video with an unreadable frame, or fewer than gap[0] + 1 frames left since the start-up
-    check) and the encoded form as in BagDataset."""
+    """--pretext frames: SiamMAE's frame pairs from videos stored as frame folders. The target is a
+    frame 4 to 48 frames after its unmasked anchor (`sample_frame_indices`); one random resized crop
+    box (area `crop_scale`) and one flip are shared by all frames of the sample, antialiased
+    bilinear, as SiamMAE's data pipe does. Items, noise, determinism, substitution (a video with an
+    unreadable frame, or fewer than gap[0] + 1 frames left since the start-up check) and the encoded
+    form as in BagDataset."""
 
     ITEM, MODE = "video", "bilinear"
 
@@ -982,9 +911,9 @@ class FrameDataset(BagDataset):
                          seed, encoded, bad_bags_file)
         self.gap = gap
 
-    def geometry(self, chosen, sizes):
-        """The frames of a video share one geometry: the box is drawn on the target frame's size
-        and cuts the same fractions of every frame (SiamMAE's shared crop)."""
+    def geometry(self, files, sizes):
+        """The frames of a video share one geometry: the box is drawn on the target frame's size and
+        cuts the same fractions of every frame (SiamMAE's shared crop)."""
         return sizes[0], [(0.0, 0.0, 1.0, 1.0)] * len(sizes)
 
     def files(self, video, rng):
@@ -995,28 +924,26 @@ class FrameDataset(BagDataset):
 
 
 def sample_frame_indices(rng, num_frames, num_anchors=1, gap=FRAME_GAP):
-    """[target, anchor_1, ..., anchor_N] frame indices of a video of num_frames frames.
-
-    The first pair is SiamMAE's: a gap g uniform in [gap[0], min(gap[1], n - 1)] (both ends
-    included), the unmasked frame a uniform in [0, n - 1 - g], the target the later frame a + g.
-    Anchors 2..N are other frames before the target, each at its own gap within the same range
-    (distinct frames when the window before the target holds enough, else drawn with repeats)."""
+    """[target, anchor_1, ..., anchor_N] frame indices of a video of num_frames frames. The first pair
+    is SiamMAE's: a gap g uniform in [gap[0], min(gap[1], n - 1)] (both ends included), the unmasked
+    frame a uniform in [0, n - 1 - g], the target the later frame a + g. Anchors 2..N are other
+    frames before the target, each at its own gap within the same range (distinct frames when the
+    window before the target holds enough, else drawn with repeats)."""
     if num_frames < gap[0] + 1:
         raise ValueError(f"{num_frames} frames, needs at least {gap[0] + 1} (a gap of {gap[0]})")
     g = int(rng.integers(gap[0], min(gap[1], num_frames - 1) + 1))
     first = int(rng.integers(0, num_frames - g))
-    target = first + g
-    others = []
+    target, others = first + g, []
     if num_anchors > 1:
         window = [i for i in range(max(0, target - gap[1]), target - gap[0] + 1) if i != first] or [first]
         others = rng.choice(window, size=num_anchors - 1, replace=len(window) < num_anchors - 1).tolist()
     return [target, first] + [int(i) for i in others]
 
 
-# -----------------------------------------------------------------------------
-# Optimisation and the training loop (Sec. 4, Table 6): global batches, AdamW,
-# warmup + per-iteration cosine, one epoch after another
-# -----------------------------------------------------------------------------
+# =============================================================================
+# 5. The run: data loading, --decode gpu, checkpoints and encoders, the run folder and its
+#    resume checks, the start-up scan, torchrun/DDP, the command line
+# =============================================================================
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
     """Yields this rank's (epoch, index) keys, one global batch after another.
@@ -1050,217 +977,39 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         return (self.steps - self.start_step) * (self.global_batch // self.world_size)
 
 
-def learning_rate(args, epoch_float):
-    """Linear warmup, then half-cycle cosine to min_lr; evaluated every iteration (MAE)."""
-    if epoch_float < args.warmup_epochs:
-        return args.lr * epoch_float / args.warmup_epochs
-    progress = (epoch_float - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-8)
-    return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def param_groups(model, weight_decay):
-    """AdamW groups by timm's rule, which MAE and CropMAE train with: no weight decay on biases
-    and 1-D parameters (LayerNorms) only. The [1, 1, D] cls and mask tokens are decayed."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def train_epoch(args, run, epoch, first, batches, global_step):
-    """Steps first..end of one epoch (or up to --max-steps), as MAE's train_one_epoch: each step
-    sets the lr of its iteration, runs --accum-iter forward/backward passes (bf16 autocast on
-    CUDA), takes one optimizer step, and every --log-every steps logs the loss averaged over
-    ranks. Returns (global_step, the last step index done, whether --max-steps stopped it, the
-    last batch and prediction)."""
-    steps = run.steps_per_epoch
-    bar = tqdm(range(first, steps), desc=f"epoch {epoch}", disable=run.rank != 0, dynamic_ncols=True,
-               initial=first, total=steps)
-    run.model.train()
-    t_last, seen, loss_steps = time.time(), 0, 0
-    loss_sum = torch.zeros((), device=run.device)  # summed on the device: no sync per step
-    step, stop, last = first - 1, False, None
-    for step in bar:
-        lr = learning_rate(args, epoch + step / steps)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
-        # Dropout (and any other model-side randomness) is a function of (seed, rank, step),
-        # so a resumed run replays exactly what an uninterrupted one would have drawn.
-        torch.manual_seed(args.seed * 1_000_003 + global_step * 1009 + run.rank)
-        for micro in range(args.accum_iter):
-            target, anchors, target_noise, anchor_noise = run.move(next(batches))
-            sync = micro == args.accum_iter - 1 or run.world_size == 1
-            with (contextlib.nullcontext() if sync else run.train_model.no_sync()), \
-                    torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
-                loss, pred, mask = run.train_model(target, anchors, target_noise, anchor_noise)
-            (loss / args.accum_iter).backward()
-            loss_sum += loss.detach() / args.accum_iter
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        global_step, loss_steps, seen = global_step + 1, loss_steps + 1, seen + args.batch_size
-        last = (target, anchors, pred.detach(), mask)
-        if global_step % args.log_every == 0 or step == steps - 1:
-            if run.device.type == "cuda":  # samples/s of steps the GPU has finished, not merely queued
-                torch.cuda.synchronize(run.device)
-            now = time.time()
-            log_progress(run, bar, {"epoch": epoch, "step": global_step, "lr": lr}, loss_sum, loss_steps,
-                         seen / max(now - t_last, 1e-9))
-            t_last, seen, loss_steps = now, 0, 0
-        if args.max_steps is not None and global_step >= args.max_steps:
-            stop = True
-            break
-    return global_step, step, stop, last
-
-
-def log_progress(run, bar, record, loss_sum, loss_steps, samples_per_s):
-    """Average the loss over ranks (one collective every --log-every steps) and log it."""
-    if run.world_size > 1:
-        dist.all_reduce(loss_sum)
-        loss_sum /= run.world_size
-    record.update(loss=loss_sum.item() / loss_steps, samples_per_s=samples_per_s)
-    loss_sum.zero_()
-    if run.rank == 0:
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", samples_per_s=f"{samples_per_s:.1f}")
-        try:
-            run.log.write(json.dumps(record) + "\n")
-            run.log.flush()
-        except OSError as e:
-            raise SystemExit(f"{run.output / 'log.jsonl'}: cannot write the log ({e.strerror or e}) "
-                             f"(free space in {run.output}, then rerun with --resume auto)") from None
-
-
-def train(args, bags, rank, world_size, device, per_step, output, ckpt, resume):
-    """Model, optimizer, loader and the epoch loop (Table 6); returns the model."""
-    steps_per_epoch, item = len(bags) // args.batch_size, PRETEXT_ITEMS[args.pretext]
-    if steps_per_epoch == 0:
-        raise SystemExit(f"{args.data}: {len(bags)} {item}s is fewer than one global batch of {args.batch_size} "
-                         f"(lower --batch-size or add {item}s)")
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = CDGMAE(**model_config(args)).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=tuple(args.betas),
-                                  fused=device.type == "cuda" or None)  # one kernel for all parameters
-    start_epoch, start_step, global_step = resume_from(ckpt, resume, model, optimizer) if ckpt else (0, 0, 0)
-    if args.max_steps is not None and global_step >= args.max_steps or start_epoch >= args.epochs:
-        print(f"{output}: nothing to do (step {global_step}, epoch {start_epoch} of {args.epochs})")
-        return model
-    train_model = model_for_training(model, world_size, device, args.compile)  # DDP, torch.compile
-
-    dataset = make_dataset(args, bags, model.num_patches, output)
-    sampler = GlobalBatchSampler(len(bags), args.batch_size, rank, world_size, seed=args.seed)
-    loader = make_loader(args, dataset, sampler, per_step, device)
-    run = argparse.Namespace(model=model, train_model=train_model, optimizer=optimizer, rank=rank,
-                             world_size=world_size, device=device, output=output, steps_per_epoch=steps_per_epoch,
-                             settings=run_settings(args), move=batch_mover(args, device), log=None)
-    if rank == 0:  # a summary line, args.json, the log, and checkpoint-0000.pth on a fresh start
-        start_records(args, run, len(bags), per_step, resume if ckpt else None, (start_epoch, start_step, global_step))
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            first = start_step if epoch == start_epoch else 0
-            sampler.set_epoch(epoch, first)  # the persistent workers stay; only the keys change
-            global_step, step, stop, last = train_epoch(args, run, epoch, first, iter(loader), global_step)
-            if rank == 0:
-                save_checkpoint(args, run, epoch, step, global_step, last)
-            if stop:
-                break
-    finally:
-        if run.log:
-            run.log.close()
-        if world_size > 1:
-            dist.destroy_process_group()
-    return model
-
-
-def main(argv=None):
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    check_args(parser, args)
-    if args.count_flops:
-        counts = count_flops(CDGMAE(**{**model_config(args), "img_size": 224}))
-        print(f"N={args.anchors} r_a={args.anchor_mask:g} r_t={args.target_mask:g}: "
-              f"{counts['fvcore'] / 1e9:.2f} GFLOPs per sample (fvcore: Linear+Conv multiply-adds "
-              f"{(counts['linear'] + counts['conv']) / 1e9:.3f} G, LayerNorm {counts['layernorm'] / 1e9:.3f} G; "
-              f"attention products, not counted: {counts['attention'] / 1e9:.3f} G)")
-        return counts
-
-    # Everything that can be refused is checked before any expensive work.
-    args.lr = peak_lr(args)
-    output = Path(args.output)
-    try:
-        check_output_folder(output)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    resume = find_resume(args, output)
-    ckpt = read_training_checkpoint(resume) if resume else None
-    refuse_changed_settings(args, ckpt, resume, output)
-    if ckpt:
-        check_resume_fits(args, ckpt, resume)
-    check_data_root(args)
-    try:
-        check_outside(output, args.data, "--output", "--data")
-        rank, world_size, local_rank = torchrun_environment()
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-
-    device = setup_distributed(rank, world_size, local_rank, args.dist_timeout)
-    if args.decode == "gpu" and (device.type != "cuda" or importlib.util.find_spec("torchvision") is None):
-        raise SystemExit(f"--decode gpu: needs a CUDA device and torchvision (nvJPEG); this process has "
-                         f"{'a' if device.type == 'cuda' else 'no'} CUDA device and "
-                         f"{'no ' if importlib.util.find_spec('torchvision') is None else ''}torchvision "
-                         "(use --decode cpu)")
-    per_step = args.batch_size // (world_size * args.accum_iter)
-    if per_step * world_size * args.accum_iter != args.batch_size:
-        raise SystemExit(f"--batch-size {args.batch_size}: not divisible by {world_size} ranks x "
-                         f"{args.accum_iter} accumulation steps (choose a multiple of {world_size * args.accum_iter})")
-    try:
-        bags, args.views = scan_bag_root(args, rank, world_size, output)
-    except ValueError as e:  # a name that breaks the lists, a symbolic link that loops
-        raise SystemExit(one_line(e)) from None
-    if rank == 0:
-        output.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(output)
-    args.bags = bag_list_id(bags, PRETEXT_ITEMS[args.pretext])
-    refuse_changed_settings(args, ckpt, resume, output)  # now with the views and the bag list known
-    return train(args, bags, rank, world_size, device, per_step, output, ckpt, resume)
-
-
-# -----------------------------------------------------------------------------
-# The training run's pieces: dataset, loader, batches on the device, checkpoints, pictures
-# -----------------------------------------------------------------------------
-
 def make_dataset(args, items, num_patches, output):
     """The dataset of --pretext: BagDataset, CropDataset or FrameDataset."""
-    common = dict(num_patches=num_patches, seed=args.seed, encoded=args.decode == "gpu",
+    shared = dict(num_patches=num_patches, seed=args.seed, encoded=args.decode == "gpu",
                   bad_bags_file=output / ("bad_bags.txt" if args.pretext == "bags" else f"bad_{args.pretext}.txt"))
     scale, ratio = tuple(args.crop_scale), tuple(args.crop_ratio)
     if args.pretext == "crops":
         return CropDataset(args.data, items, args.anchors, args.input_size, scale, tuple(args.local_scale), ratio,
-                           **common)
+                           **shared)
     if args.pretext == "frames":
-        return FrameDataset(args.data, items, args.anchors, args.input_size, scale, ratio, **common)
+        return FrameDataset(args.data, items, args.anchors, args.input_size, scale, ratio, **shared)
     return BagDataset(args.data, items, args.views, args.anchors, args.input_size, args.target_view, scale, ratio,
-                      **common)
+                      **shared)
 
 
 def make_loader(args, dataset, sampler, per_step, device):
-    """One DataLoader for the whole run: persistent workers (the sampler is moved on with
-    set_epoch), uint8 batches (encoded ones with --decode gpu), and a prefetch depth of about 256 samples per worker (2 batches
-    of 128 or more, up to 8 small ones), so large batches do not pile up in shared memory."""
+    """One DataLoader for the whole run: persistent workers (the sampler is moved on with set_epoch),
+    uint8 batches (encoded ones with --decode gpu), and a prefetch depth of about 256 samples per
+    worker (2 batches of 128 or more, up to 8 small ones), so large batches do not pile up in
+    shared memory."""
     extra = {}
     if args.workers > 0:
         extra = dict(persistent_workers=True, prefetch_factor=min(8, max(2, -(-256 // per_step))))
     return torch.utils.data.DataLoader(dataset, batch_size=per_step, sampler=sampler, num_workers=args.workers,
                                        pin_memory=device.type == "cuda" and args.decode == "cpu", drop_last=False,
-                                       collate_fn=collate_encoded if args.decode == "gpu" else collate_batch, **extra)
+                                       collate_fn=collate_encoded if args.decode == "gpu" else None, **extra)
 
 
-def batch_mover(args, device):
-    """A loader batch -> (target, anchors) normalised on the device, and the masking noise."""
+def batch_to_device(args, device):
+    """loader batch -> (target, anchors) normalised on the device, and the masking noise: what a step reads."""
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
 
-    def move(batch):
+    def to_device(batch):
         if args.decode == "gpu" and args.pretext == "crops":
             target, anchors, target_noise, anchor_noise = assemble_crops_on_device(batch, args.input_size, device)
         elif args.decode == "gpu":
@@ -1269,110 +1018,12 @@ def batch_mover(args, device):
         else:
             target, anchors, target_noise, anchor_noise = [t.to(device, non_blocking=True) for t in batch]
         return normalize(target, mean, std), normalize(anchors, mean, std), target_noise, anchor_noise
-    return move
+    return to_device
 
 
-def save_checkpoint(args, run, epoch, step, global_step, last):
-    """checkpoint-last.pth after every epoch or stop, a kept copy every --save-every epochs and
-    a reconstruction picture every --vis-every epochs (rank 0; each written atomically)."""
-    finished = step == run.steps_per_epoch - 1
-    next_epoch, next_step = (epoch + 1, 0) if finished else (epoch, step + 1)
-    ckpt = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "next_epoch": next_epoch,
-            "next_step": next_step, "global_step": global_step, "args": run.settings}
-
-    def write(tmp):
-        with open(tmp, "wb") as f:  # a Python file, so that a full disk is an OSError
-            torch.save(ckpt, f)
-    write_or_exit(run.output / "checkpoint-last.pth", write, "the checkpoint")
-    if finished and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
-        write_or_exit(run.output / f"checkpoint-{epoch + 1:04d}.pth", write, "the checkpoint")
-    if finished and last and args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
-        picture = reconstruction_image(run.model, *last)
-        write_or_exit(run.output / f"reconstruction-{epoch + 1:04d}.png",
-                     lambda tmp: picture.save(tmp, format="PNG"), "the reconstruction picture")
-
-
-def save_initial_checkpoint(run):
-    """checkpoint-0000.pth: the weights before the first step, in the format of the other
-    checkpoints (a run can also resume from it), so that the random-init baseline of a run is
-    read from a file rather than re-derived from the seed."""
-    ckpt = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "next_epoch": 0,
-            "next_step": 0, "global_step": 0, "args": run.settings}
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-    write_or_exit(run.output / "checkpoint-0000.pth", write, "the initial checkpoint")
-
-
-def start_records(args, run, num_items, per_step, resumed, start):
-    """Rank 0, before the first step: print the run's sizes (and where it resumed), write
-    OUTPUT/args.json, cut log.jsonl to the steps done (`truncate_log`) and open it for appending,
-    and on a fresh start write the initial weights (`save_initial_checkpoint`).
-    resumed: the checkpoint resumed from, or None; start: (epoch, step, global step)."""
-    (start_epoch, start_step, global_step), output = start, run.output
-    counts = count_flops(CDGMAE(**{**model_config(args), "decoder_dropout": 0.0}))
-    data = {"bags": f"{num_items} bags of 1 real + {args.views} views",
-            "crops": f"{num_items} images (CropMAE crops)", "frames": f"{num_items} videos (SiamMAE frames)"}
-    print(f"{data[args.pretext]}; {run.world_size} rank(s) x {per_step} samples x "
-          f"{args.accum_iter} accumulation = global batch {args.batch_size}; {run.steps_per_epoch} steps/epoch; "
-          f"lr {args.lr:.3g}; {counts['fvcore'] / 1e9:.3g} GFLOPs/sample (fvcore)")
-    if resumed:
-        print(f"resumed from {resumed}: epoch {start_epoch}, step {start_step} of {run.steps_per_epoch}")
-    write_or_exit(output / "args.json", lambda tmp: Path(tmp).write_text(json.dumps(run.settings, indent=2)),
-                 "the settings")
-    truncate_log(output / "log.jsonl", global_step)
-    run.log = open(output / "log.jsonl", "a")
-    if global_step == 0:  # the initial weights: the random-init baseline of the same run
-        save_initial_checkpoint(run)
-
-def resume_from(ckpt, resume, model, optimizer):
-    """Load a checkpoint's model and optimizer states; returns (next_epoch, next_step, global_step)."""
-    try:
-        model.load_state_dict(ckpt["model"], strict=True)
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise SystemExit(f"{resume}: does not fit this model ({first_line(e)}) "
-                         "(--resume needs a checkpoint of this run)") from None
-    return ckpt["next_epoch"], ckpt["next_step"], ckpt["global_step"]
-
-
-def denormalize(x):
-    """ImageNet-normalised [..., 3, H, W] -> [0, 1]."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
-    return (x * std + mean).clamp(0, 1)
-
-
-@torch.no_grad()
-def reconstruction_image(model, target, anchors, pred, mask, max_rows=4):
-    """PIL grid, one row per sample: anchors | masked target | reconstruction | original.
-
-    The reconstruction pastes the predicted patches among the visible ones; with the
-    normalised-pixel loss the predictions are de-normalised with each true patch's
-    mean and standard deviation (as MAE's visualisation does). Masked patches are grey.
-    """
-    target, anchors = target[:max_rows].float().cpu(), anchors[:max_rows].float().cpu()
-    pred, m = pred[:max_rows].float().cpu(), mask[:max_rows].float().cpu().unsqueeze(-1)
-    patches = model.patchify(target)
-    if model.norm_pix_loss:
-        pred = pred * (patches.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + patches.mean(dim=-1, keepdim=True)
-    recon = denormalize(model.unpatchify(patches * (1 - m) + pred * m))
-    masked = model.unpatchify(model.patchify(denormalize(target)) * (1 - m) + 0.5 * m)
-    rows = [torch.cat([*denormalize(anchors[i]), masked[i], recon[i], denormalize(target[i])], dim=2)
-            for i in range(target.shape[0])]
-    grid = torch.cat(rows, dim=1).permute(1, 2, 0).numpy()
-    image = Image.fromarray((grid * 255).round().astype(np.uint8))
-    scale = -(-128 // target.shape[-2])  # small crops (the toy world's 64x64) are enlarged to be seen
-    return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
-
-
-# -----------------------------------------------------------------------------
-# Decoding, cropping and resizing (shared by the CPU and the GPU decode paths)
-# -----------------------------------------------------------------------------
-
-# What --decode gpu (torchvision) decodes as the CPU path does: format -> Pillow modes. nvJPEG's
-# CMYK, torchvision's 16-bit PNGs (uint16 pixels) and BMP (not decoded) are refused instead.
+# --decode gpu: the workers read the files' bytes and draw the boxes; the GPU decodes (nvJPEG) and
+# crops. What torchvision decodes as the CPU path does: format -> Pillow modes. nvJPEG's CMYK,
+# torchvision's 16-bit PNGs (uint16 pixels) and BMP (not decoded) are refused instead.
 GPU_MODES = {"JPEG": ("L", "RGB"), "MPO": ("L", "RGB"),  # MPO: a camera's JPEG with a second picture
              "PNG": ("1", "L", "P", "LA", "RGB", "RGBA"), "WEBP": ("RGB", "RGBA")}
 
@@ -1394,44 +1045,6 @@ def gpu_check(image, path):
         return gpu_decode_problem(image, f.read(26))
 
 
-def map_pixels(pixels, im):
-    """Pillow image memory over the H x W x 4 array `pixels` (what Image.frombuffer does for
-    RGBX), into which ImageFile.load then decodes; None where this Pillow has no such internal
-    (Image.core.map_buffer is not public API), and decode_rgbx copies instead."""
-    map_buffer = getattr(Image.core, "map_buffer", None)
-    if map_buffer is None:
-        return None
-    try:
-        return map_buffer(pixels, im.size, "raw", 0, ("RGB", 0, 1))
-    except (TypeError, ValueError):  # another signature in another Pillow version
-        return None
-
-
-def decode_rgbx(path):
-    """A file's pixels as uint8 [4, H, W]: R, G, B and a fourth byte (255), a channels-last view
-    of an H x W x 4 array. This is Pillow's own layout for RGB, so an RGB file (any JPEG in
-    colour) is decoded straight into the array, without the copy that np.asarray(image) makes;
-    and torch's uint8 resize reads 4-byte pixels without repacking them. Other modes are
-    converted by `to_rgb`. UnreadableImage if it cannot be decoded or is refused."""
-    with open_image(path) as im:
-        try:
-            pixels = np.empty((im.height, im.width, 4), np.uint8)
-            target = map_pixels(pixels, im) if im.mode == "RGB" and im.tile else None
-            if target is not None:
-                im.im = target
-                im.load()
-                if im.im is target:
-                    return torch.from_numpy(pixels).permute(2, 0, 1)
-            rgb = im if im.mode == "RGB" else to_rgb(im, path)
-            pixels[..., :3] = np.asarray(rgb)
-            pixels[..., 3] = 255
-        except UnreadableImage:
-            raise
-        except Exception as e:  # noqa: BLE001 -- re-raised with the file's name
-            raise UnreadableImage(f"{path}: cannot decode image ({e})") from e
-    return torch.from_numpy(pixels).permute(2, 0, 1)
-
-
 def read_encoded(path):
     """A file's bytes as a uint8 tensor, for decoding on the device (--decode gpu), and the
     image's (width, height) from its header. A file whose header does not parse, an image that
@@ -1451,131 +1064,16 @@ def read_encoded(path):
     return torch.frombuffer(bytearray(data), dtype=torch.uint8), size
 
 
-def resize_plan(low, high, length, size, max_extra=32, taps=2):
-    """How to resample [low, high) of an axis of `length` pixels to `size` samples the way
-    Pillow's box resize does (sample i centred at low + (i + 0.5) * scale, scale = (high - low)
-    / size) with torch's resize, which centres sample i of a crop starting at a whole pixel x0
-    at x0 + (i + 0.5) * scale: resize the crop to extra + size samples and drop the first
-    `extra`, with `extra` chosen so that x0 = low - extra * scale falls on a whole pixel and,
-    away from the image's edge, the first kept sample's taps lie inside the crop. x0 may be
-    negative (the crop then repeats the edge pixel). The residual offset is 0 for a box in whole
-    pixels and usually a few hundredths of a pixel otherwise, but up to 0.5 px when the scale
-    is within about 1% of a whole number (every `extra` then leaves the same fraction).
-    `taps`: the filter's reach in output samples (bicubic 2, bilinear 1). Returns (x0, x1, extra, scale)."""
-    scale = (high - low) / size
-    support = taps * max(scale, 1.0)  # the filter's reach in source pixels (widened when shrinking)
-    best = None
-    for extra in range(max_extra + 1):
-        start = low - extra * scale
-        x0 = round(start)
-        taps_inside = x0 <= 0 or low + 0.5 * scale - support + 0.5 >= x0
-        # A residual offset of r px moves every sample by r; taps cut at the crop's start or a
-        # copied edge (x0 < 0) change the first two samples only: about what r = 0.005 costs.
-        cost = abs(start - x0) + (0 if taps_inside else 0.005) + (0.01 if x0 < 0 else 0)
-        if best is None or cost < best[0]:
-            best = (cost, extra, x0)
-        if cost < 1e-9:
-            break
-    _, extra, x0 = best
-    return x0, min(length, math.ceil(high + support) + 1), extra, scale
-
-
-def crop_axis(image, dim, start, stop):
-    """image[start:stop] along dim of an [H, W, C] image; a start below 0 repeats the first row
-    or column. (Indexing the channels-last layout keeps it, which torch's fast uint8 resize reads.)"""
-    if start >= 0:
-        return image.narrow(dim, start, stop - start)
-    edge = list(image.shape)
-    edge[dim] = -start
-    return torch.cat([image.narrow(dim, 0, 1).expand(edge), image.narrow(dim, 0, stop)], dim)
-
-
-# mode -> (the filter's reach in output samples, the aten op behind F.interpolate(antialias=True))
-RESAMPLING = {"bicubic": (2, torch.ops.aten._upsample_bicubic2d_aa),
-              "bilinear": (1, torch.ops.aten._upsample_bilinear2d_aa)}
-
-
-def crop_resize(image, box, size, float_math=None, mode="bicubic"):
-    """Crop the box (fractions l, t, r, b) out of image [C, H, W] uint8 (C = 3, or 4: the RGBX
-    pixels of `decode_rgbx`) and resize it to [C, size, size] uint8 (on the CPU a channels-last
-    view) with antialiased bicubic interpolation (mode "bilinear": antialiased
-    bilinear, Pillow's BILINEAR, for --pretext crops and frames): Pillow's filter (a = -0.5) at
-    Pillow's sample positions (`resize_plan`), so the crop matches Image.resize(..., box=...)
-    also where the box falls between pixels (the other views of a sample, when their size
-    differs); docs/training.md gives the measured difference. On the CPU torch's uint8 kernel
-    runs; on other devices (or with float_math) the same kernel in float32, rounded. Used by
-    both decode paths."""
-    taps, resample = RESAMPLING[mode]
-    height, width = image.shape[-2:]
-    y0, y1, extra_y, scale_y = resize_plan(box[1] * height, box[3] * height, height, size, taps=taps)
-    x0, x1, extra_x, scale_x = resize_plan(box[0] * width, box[2] * width, width, size, taps=taps)
-    crop = crop_axis(crop_axis(image.permute(1, 2, 0), 0, y0, y1), 1, x0, x1).permute(2, 0, 1).unsqueeze(0)
-    # One more sample where the crop is as long as the output: torch copies such an axis as is.
-    out_h = extra_y + size + (y1 - y0 == extra_y + size)
-    out_w = extra_x + size + (x1 - x0 == extra_x + size)
-    # The aten op behind F.interpolate(antialias=True), called with both the output size and
-    # the scales, which F.interpolate does not allow together.
-    if float_math or (float_math is None and crop.device.type != "cpu"):
-        out = resample(crop.float(), [out_h, out_w], False, 1 / scale_y, 1 / scale_x)
-        return out[0, :, extra_y:extra_y + size, extra_x:extra_x + size].round_().clamp_(0, 255).to(torch.uint8)
-    # The uint8 kernel works on channels-last pixels: given a channels-last output it writes it
-    # as is, where a planar one costs it another pass.
-    out = torch.empty(1, out_h, out_w, crop.shape[1], dtype=torch.uint8).permute(0, 3, 1, 2)
-    resample.out(crop, [out_h, out_w], False, 1 / scale_y, 1 / scale_x, out=out)
-    return out[0, :, extra_y:extra_y + size, extra_x:extra_x + size]
-
-
-def copy_flipped(out, image, flip):
-    """out[...] = image [3, H, W], mirrored left-right where `flip`. On the CPU numpy's strided
-    copy reads the channels-last crop and writes it planar and mirrored in one pass."""
-    if out.device.type == "cpu":
-        np.copyto(out.numpy(), image.numpy()[..., ::-1] if flip else image.numpy())
-    else:
-        out.copy_(image.flip(-1) if flip else image)
-
-
-def normalize(x, mean, std):
-    """uint8 [..., 3, H, W] -> ImageNet-normalised float32 (the same arithmetic as
-    `image_to_tensor`: x / 255, minus mean, over std). Runs on the training device."""
-    return (x.float() / 255.0 - mean) / std
-
-
-def image_to_tensor(img):
-    """PIL RGB -> ImageNet-normalised float tensor [3, H, W]."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (x - mean) / std
-
-
-def batch_tensor(shape, dtype, shared):
-    """An uninitialised batch tensor; where `shared`, in shared memory, as default_collate
-    allocates its output inside a DataLoader worker (the main process maps it, no copy)."""
-    if not shared:
-        return torch.empty(shape, dtype=dtype)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
-
-
-def collate_batch(batch):
-    """The DataLoader's collate_fn on the CPU path: a batch that `BagDataset.__getitems__`
-    assembled (a tuple) passes as it is; a list of items goes to default_collate."""
-    return batch if isinstance(batch, tuple) else torch.utils.data.default_collate(batch)
-
-
 def collate_encoded(samples):
-    """Collate --decode gpu samples: the bytes of all B x V files in one uint8 tensor (in shared
-    memory inside a DataLoader worker) with their lengths [B, V], then the stacked boxes, flips and
-    noise. A worker hands each tensor of a batch over as its own shared-memory segment and file
-    descriptor: one tensor per file (1,024 for a batch of 256 a3 samples) cost milliseconds each
-    and exceeded the usual limit of 1,024 open files, which stalled the loader."""
+    """Collate --decode gpu samples: the bytes of all B x V files in one uint8 tensor with their
+    lengths [B, V], then the stacked boxes, flips and noise. (A worker hands each tensor of a batch
+    to the main process as its own shared-memory segment and file descriptor: one tensor per file,
+    1,024 for a batch of 256 a3 samples, cost milliseconds each and exceeded the usual limit of
+    1,024 open files, which stalled the loader.)"""
     blobs, boxes, flips, target_noise, anchor_noise = zip(*samples)
-    files = [b for sample in blobs for b in sample]
-    data = batch_tensor((sum(len(b) for b in files),), torch.uint8, torch.utils.data.get_worker_info() is not None)
-    torch.cat(files, out=data)
     lengths = torch.tensor([[len(b) for b in sample] for sample in blobs], dtype=torch.int64)
-    return (data, lengths, torch.stack(boxes), torch.stack(flips), torch.stack(target_noise),
-            torch.stack(anchor_noise))
+    return (torch.cat([b for sample in blobs for b in sample]), lengths, torch.stack(boxes), torch.stack(flips),
+            torch.stack(target_noise), torch.stack(anchor_noise))
 
 
 def encoded_files(data, lengths):
@@ -1596,11 +1094,10 @@ def decode_on_device(blobs, device):
 
 
 def assemble_on_device(batch, size, device, decode=decode_on_device, mode="bicubic"):
-    """--decode gpu: a batch of encoded samples (see `collate_encoded`; boxes [B, N + 1, 4], each
-    image's box, mapped by the workers from the sizes in the files' headers with `image_boxes`)
-    -> the uint8 batch that the CPU path delivers: target [B, 3, S, S], anchors [B, N, 3, S, S],
-    noise. `decode` maps a list of byte tensors to [3, H, W] uint8 images (injectable: tests
-    decode on CPU)."""
+    """--decode gpu: a batch of encoded samples (`collate_encoded`; boxes [B, N + 1, 4], each image's
+    box, mapped by the workers from the sizes in the files' headers) -> the uint8 batch of the CPU
+    path: target [B, 3, S, S], anchors [B, N, 3, S, S], noise. `decode` maps a list of byte tensors
+    to [3, H, W] uint8 images (injectable: tests decode on the CPU)."""
     data, lengths, boxes, flips, target_noise, anchor_noise = batch
     per_sample = lengths.shape[1]
     images = decode(encoded_files(data, lengths), device)
@@ -1622,9 +1119,7 @@ def assemble_crops_on_device(batch, size, device, decode=decode_on_device):
             target_noise.to(device, non_blocking=True), anchor_noise.to(device, non_blocking=True))
 
 
-# -----------------------------------------------------------------------------
 # Checkpoints of the MAE family: an encoder from MAE, DINO, CropMAE or CDG-MAE weights
-# -----------------------------------------------------------------------------
 
 DECODER_PREFIXES = ("decoder_", "mask_token")  # MAE, CropMAE and CDG-MAE decoder parameters
 HEAD_PREFIXES = ("head.", "fc_norm.")          # classification / DINO projection heads
@@ -1664,16 +1159,6 @@ def unreadable_checkpoint_reason(path, error):
     if "WeightsUnpickler error:" in text:  # torch's advice is pages long; its reason is the line after
         return "weights_only loading refuses it: " + first_line(text.split("WeightsUnpickler error:", 1)[1])
     return first_line(error)
-
-
-def read_state_dict(path):
-    """Load a checkpoint file and unwrap it to a flat state dict of tensors.
-
-    Understands {"model": sd} (MAE, CropMAE, CDG-MAE), {"state_dict": sd}, DINO's training
-    checkpoints {"teacher": sd} and plain state dicts (DINO's released backbones), and
-    strips the "module." (DDP) and "backbone." (DINO) prefixes.
-    """
-    return unwrap_state_dict(load_checkpoint(path), str(path))
 
 
 def unwrap_state_dict(ckpt, name="checkpoint"):
@@ -1782,9 +1267,101 @@ def encoder_from_checkpoint(checkpoint, img_size=None, num_heads=None, name=None
     return encoder
 
 
-# -----------------------------------------------------------------------------
+# The run's checkpoints and pictures
+
+def write_checkpoint(path, model, optimizer, settings, next_epoch, next_step, global_step, what="the checkpoint"):
+    """A training checkpoint (weights_only-readable: state dicts, ints, the settings as plain values),
+    written atomically; a full disk is a one-line exit and the previous file stays whole."""
+    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "next_epoch": next_epoch,
+            "next_step": next_step, "global_step": global_step, "args": settings}
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a Python file, so that a full disk is an OSError
+            torch.save(ckpt, f)
+    write_or_exit(path, write, what, then="rerun with --resume auto")
+
+
+def save_checkpoints(args, run, epoch, step, global_step, last):
+    """After every epoch or stop: checkpoint-last.pth, a kept copy every --save-every epochs and a
+    reconstruction picture every --vis-every epochs (rank 0; each written atomically)."""
+    finished = step == run.steps_per_epoch - 1
+    next_epoch, next_step = (epoch + 1, 0) if finished else (epoch, step + 1)
+    state = (run.model, run.optimizer, run.settings, next_epoch, next_step, global_step)
+    write_checkpoint(run.output / "checkpoint-last.pth", *state)
+    if finished and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
+        write_checkpoint(run.output / f"checkpoint-{epoch + 1:04d}.pth", *state)
+    if finished and last and args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
+        picture = reconstruction_image(run.model, *last)
+        write_or_exit(run.output / f"reconstruction-{epoch + 1:04d}.png", lambda tmp: picture.save(tmp, format="PNG"),
+                      "the reconstruction picture", then="rerun with --resume auto")
+
+
+def start_records(args, run, num_items, per_step, resumed, start):
+    """Rank 0, before the first step: print the run's sizes (and where it resumed), write
+    OUTPUT/args.json, cut log.jsonl to the steps done (`truncate_log`) and open it for appending, and
+    on a fresh start write the initial weights, checkpoint-0000.pth (the run's own random-init
+    baseline, read from a file rather than re-derived from the seed; a run can resume from it).
+    resumed: the checkpoint resumed from, or None; start: (epoch, step, global step)."""
+    (start_epoch, start_step, global_step), output = start, run.output
+    counts = count_flops(build_model(**{**model_config(args), "decoder_dropout": 0.0}))
+    data = {"bags": f"{num_items} bags of 1 real + {args.views} views",
+            "crops": f"{num_items} images (CropMAE crops)", "frames": f"{num_items} videos (SiamMAE frames)"}
+    print(f"{data[args.pretext]}; {run.world_size} rank(s) x {per_step} samples x "
+          f"{args.accum_iter} accumulation = global batch {args.batch_size}; {run.steps_per_epoch} steps/epoch; "
+          f"lr {args.lr:.3g}; {counts['fvcore'] / 1e9:.3g} GFLOPs/sample (fvcore)")
+    if resumed:
+        print(f"resumed from {resumed}: epoch {start_epoch}, step {start_step} of {run.steps_per_epoch}")
+    write_or_exit(output / "args.json", lambda tmp: Path(tmp).write_text(json.dumps(run.settings, indent=2)),
+                  "the settings", then="rerun with --resume auto")
+    truncate_log(output / "log.jsonl", global_step)
+    run.log_file = open(output / "log.jsonl", "a")
+    if global_step == 0:
+        write_checkpoint(output / "checkpoint-0000.pth", run.model, run.optimizer, run.settings, 0, 0, 0,
+                         "the initial checkpoint")
+
+
+def resume_from(ckpt, resume, model, optimizer):
+    """Load a checkpoint's model and optimizer states; returns (next_epoch, next_step, global_step)."""
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise SystemExit(f"{resume}: does not fit this model ({first_line(e)}) "
+                         "(--resume needs a checkpoint of this run)") from None
+    return ckpt["next_epoch"], ckpt["next_step"], ckpt["global_step"]
+
+
+def denormalize(x):
+    """ImageNet-normalised [..., 3, H, W] -> [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    return (x * std + mean).clamp(0, 1)
+
+
+@torch.no_grad()
+def reconstruction_image(model, target, anchors, pred, mask, max_rows=4):
+    """PIL grid, one row per sample: anchors | masked target | reconstruction | original.
+
+    The reconstruction pastes the predicted patches among the visible ones; with the
+    normalised-pixel loss the predictions are de-normalised with each true patch's
+    mean and standard deviation (as MAE's visualisation does). Masked patches are grey.
+    """
+    target, anchors = target[:max_rows].float().cpu(), anchors[:max_rows].float().cpu()
+    pred, m = pred[:max_rows].float().cpu(), mask[:max_rows].float().cpu().unsqueeze(-1)
+    patches = model.patchify(target)
+    if model.norm_pix_loss:
+        pred = pred * (patches.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + patches.mean(dim=-1, keepdim=True)
+    recon = denormalize(model.unpatchify(patches * (1 - m) + pred * m))
+    masked = model.unpatchify(model.patchify(denormalize(target)) * (1 - m) + 0.5 * m)
+    rows = [torch.cat([*denormalize(anchors[i]), masked[i], recon[i], denormalize(target[i])], dim=2)
+            for i in range(target.shape[0])]
+    grid = torch.cat(rows, dim=1).permute(1, 2, 0).numpy()
+    image = Image.fromarray((grid * 255).round().astype(np.uint8))
+    scale = -(-128 // target.shape[-2])  # small crops (the toy world's 64x64) are enlarged to be seen
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
+
+
 # The run folder: one run per --output, resumed only with the settings it was made with
-# -----------------------------------------------------------------------------
 
 RUN_FILES = ("checkpoint-last.pth", "log.jsonl", "args.json")  # a folder holding any of them holds a run
 
@@ -1809,26 +1386,38 @@ def run_settings(args):
     return settings
 
 
-def settings_differences(args, stored, finished=False):
-    """['--flag old -> new', ...]: the stored settings that the command line would change and
-    that change what the run computes. Keys a run did not record (older versions) and keys
-    not known yet (views and bags before the scan) are skipped. `finished`: the stored run
-    has done all its epochs, so --epochs may grow (the cosine of the new length then sets
-    the lr from the resumed step on)."""
-    current, differences = run_settings(args), {}
-    for key in RESULT_SETTINGS + tuple(model_config(args)):
-        if key not in stored or current.get(key) is None or key == "local_scale" and current["pretext"] != "crops":
-            continue
-        old, new = stored[key], current[key]
-        if key == "data":
-            old, new = os.path.realpath(old), os.path.realpath(new)
-        if old != new:
-            flag = FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
-            differences.setdefault(flag, f"{flag} {stored[key]} -> {current[key]}")
+def refuse_changed_settings(args, ckpt, resume, output):
+    """Exit, naming every difference (common.refuse_other_settings), if resuming would change what
+    the run computes. Without a checkpoint, --resume auto compares with OUTPUT/args.json (a run killed
+    before its first checkpoint restarts from scratch, but only with its own settings). Keys a run did
+    not record (older versions) and keys not known yet (views and bags before the scan) are skipped;
+    --epochs, the cosine's length, may grow once the run has finished its epochs."""
+    if ckpt is not None:
+        stored, source = ckpt["args"], resume
+        finished = ckpt["next_epoch"] >= stored.get("epochs", math.inf)
+    elif args.resume == "auto" and (output / "args.json").exists():
+        source, finished = output / "args.json", False
+        try:
+            stored = read_record(source, "remove it to start the run afresh")
+        except InputError as e:
+            raise SystemExit(str(e)) from None
+    else:
+        return
+    current, names = run_settings(args), {}
+    for key in RESULT_SETTINGS + tuple(model_config(args)) + (() if finished else ("epochs",)):
+        flag = FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
+        if key in stored and current.get(key) is not None and flag not in names.values() \
+                and not (key == "local_scale" and current["pretext"] != "crops"):
+            names[key] = flag
+    stored = {**stored, "data": os.path.realpath(stored["data"])} if "data" in stored else stored
+    way_out = "resume with the run's settings, or start a new run in another --output"
     if stored.get("epochs", args.epochs) != args.epochs and not finished:
-        differences["--epochs"] = (f"--epochs {stored['epochs']} -> {args.epochs} (the cosine's length: it sets "
-                                   "the lr of every remaining step; extend a run once it has finished)")
-    return list(differences.values())
+        way_out = "the cosine's length sets the lr of every remaining step: extend a run once it has finished; " + way_out
+    try:
+        refuse_other_settings(source, stored, current, keys=list(names), names=names, made="the run was made",
+                              what_to_do=way_out)
+    except InputError as e:
+        raise SystemExit(one_line(e)) from None
 
 
 def find_resume(args, output):
@@ -1879,12 +1468,11 @@ def read_training_checkpoint(path):
 
 
 def check_resume_fits(args, ckpt, path):
-    """Exit with one line, before any work, if the checkpoint's weights do not fit the model
-    that this command line builds (a hand-made checkpoint whose recorded settings match but
-    whose tensors do not: another width, depth or decoder). The model is built on the meta
-    device: shapes only, no memory."""
+    """Exit with one line, before any work, if the checkpoint's weights do not fit the model that this
+    command line builds (a hand-made checkpoint whose recorded settings match but whose tensors do
+    not: another width, depth or decoder). The model is built on the meta device: shapes only."""
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in CDGMAE(**model_config(args)).state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in build_model(**model_config(args)).state_dict().items()}
     found = {k: tuple(v.shape) for k, v in ckpt["model"].items() if torch.is_tensor(v)}
     differ = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
     if differ:
@@ -1892,28 +1480,6 @@ def check_resume_fits(args, ckpt, path):
         raise SystemExit(f"{path}: its weights do not fit this run's model ({len(differ)} tensor(s) differ, e.g. {k}: "
                          f"checkpoint {found.get(k, 'absent')}, model {expected.get(k, 'absent')}) "
                          "(--resume needs a checkpoint of this run, with its settings)")
-
-
-def refuse_changed_settings(args, ckpt, resume, output):
-    """Exit, listing the differences, if resuming would change what the run computes. Without
-    a checkpoint, --resume auto compares with OUTPUT/args.json (a run killed before its first
-    checkpoint restarts from scratch, but only with its own settings)."""
-    if ckpt is not None:
-        stored, source = ckpt["args"], resume
-        finished = ckpt["next_epoch"] >= stored.get("epochs", math.inf)
-    elif args.resume == "auto" and (output / "args.json").exists():
-        source, finished = output / "args.json", False
-        try:
-            stored = json.loads(source.read_text())
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"{source}: cannot read ({first_line(e)}) (remove it to start the run afresh)") from None
-    else:
-        return
-    differences = settings_differences(args, stored, finished)
-    if differences:
-        raise SystemExit(f"{source}: the run was made with other settings, and resuming would change what it "
-                         f"computes: {'; '.join(differences)} (resume with the run's settings, or start a new "
-                         "run in another --output)")
 
 
 def truncate_log(path, last_step):
@@ -1929,18 +1495,10 @@ def truncate_log(path, last_step):
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= last_step:
             kept.append(line + "\n")
-    write_or_exit(path, lambda tmp: Path(tmp).write_text("".join(kept)), "the log")
+    write_or_exit(path, lambda tmp: Path(tmp).write_text("".join(kept)), "the log", then="rerun with --resume auto")
 
 
-# -----------------------------------------------------------------------------
-# Temporary files and atomic writes
-# -----------------------------------------------------------------------------
-
-
-
-# -----------------------------------------------------------------------------
-# Start-up: list and check the data, split over ranks and processes, cached
-# -----------------------------------------------------------------------------
+# The start-up scan: list and check the data, split over ranks and processes, cached
 
 VERIFY_LEVELS = ("none", "header", "decode")  # --verify-images, from cheapest to most thorough
 EXPECTED_LAYOUT = {"bags": "a bag is a folder holding real.* and view_NN.jpg files",
@@ -1966,6 +1524,12 @@ def check_data_root(args):
                      "or `toyworld.py bags`)")
 
 
+def start_method():
+    """How the start-up scan starts its processes: forked, unless CUDA is initialised (a forked
+    child of a process that has started CUDA cannot use it, and may hang)."""
+    return "forkserver" if torch.cuda.is_initialized() else "fork"
+
+
 def _bag_problem(job):
     """(bag, reason or None) for one bag; see check_bags."""
     root, bag, num_views, min_views, level, decode = job
@@ -1982,12 +1546,6 @@ def _bag_problem(job):
             if (problem := image_problem(path, level, gpu_check if decode == "gpu" else None)):
                 return bag, f"{os.path.basename(path)}: {problem}"
     return bag, None
-
-
-def start_method():
-    """How the start-up scan starts its processes: forked, unless CUDA is initialised (a forked
-    child of a process that has started CUDA cannot use it, and may hang)."""
-    return "forkserver" if torch.cuda.is_initialized() else "fork"
 
 
 def check_bags(root, bags, num_views, min_views, verify_images="header", processes=1, decode="cpu"):
@@ -2080,7 +1638,7 @@ def scan_bag_root(args, rank, world_size, output):
         if rank == 0:  # one "item<TAB>reason" a line
             text = "".join(f"{b}\t{' '.join(why.split())}\n" for b, why in listed)
             output.mkdir(parents=True, exist_ok=True)
-            write_or_exit(output / f"{item}-problems.txt", lambda tmp: Path(tmp).write_text(text), "a list")
+            write_or_exit(output / f"{item}-problems.txt", lambda tmp: Path(tmp).write_text(text), "a list", then="rerun with --resume auto")
         shown = "; ".join(f"{bag}: {why}" for bag, why in listed[:3])
         raise SystemExit(f"{args.data}: {len(problems)} of {len(bags)} {item}s cannot be used{setting}: "
                          f"{shown}{' ...' if len(listed) > 3 else ''} "
@@ -2088,7 +1646,7 @@ def scan_bag_root(args, rank, world_size, output):
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         index = {"key": key, "verified": args.verify_images, "num_views": num_views, "bags": bags}
-        write_or_exit(cache, lambda tmp: Path(tmp).write_text(json.dumps(index)), "the bag index")
+        write_or_exit(cache, lambda tmp: Path(tmp).write_text(json.dumps(index)), "the bag index", then="rerun with --resume auto")
     return bags, num_views
 
 
@@ -2097,11 +1655,7 @@ def bag_list_id(bags, item="bag"):
     return f"{len(bags)} {item}s, sha1 {hashlib.sha1(chr(10).join(bags).encode()).hexdigest()[:12]}"
 
 
-# -----------------------------------------------------------------------------
-# Distributed set-up (torchrun: NCCL on CUDA, gloo on CPU)
-# -----------------------------------------------------------------------------
-
-
+# torchrun and DDP: NCCL on CUDA, gloo on CPU
 
 def setup_distributed(rank, world_size, local_rank, timeout_minutes=30):
     """The process's device, and with several ranks (torchrun: `torchrun_environment`) the process
@@ -2141,6 +1695,7 @@ def model_for_training(model, world_size, device, compile_model=False):
         torch.backends.cudnn.allow_tf32 = True
     return train_model
 
+
 def gather(part, world_size):
     """The concatenation of every rank's list (bounded by --dist-timeout)."""
     if world_size == 1:
@@ -2150,9 +1705,151 @@ def gather(part, world_size):
     return [item for p in parts for item in p]
 
 
-# -----------------------------------------------------------------------------
-# Command line
-# -----------------------------------------------------------------------------
+# The run
+
+class TrainingLog:
+    """train_one_epoch's `log` on every rank: the loss summed on the device (no sync per step) and,
+    every --log-every steps and at an epoch's end, averaged over the steps and the ranks (one
+    collective), shown on rank 0's progress bar and appended to OUTPUT/log.jsonl with the lr and
+    samples/s."""
+
+    def __init__(self, run, batch_size, log_every):
+        self.run, self.batch_size, self.log_every = run, batch_size, log_every
+        self.bar, self.epoch, self.loss_sum, self.steps, self.t_last = None, None, 0.0, 0, time.time()
+
+    def __call__(self, global_step, epoch, step, lr, loss):
+        run = self.run
+        if epoch != self.epoch:  # a new epoch: a new progress bar (shown on rank 0)
+            self.close()
+            self.epoch = epoch
+            self.bar = tqdm(total=run.steps_per_epoch, initial=step, desc=f"epoch {epoch}", disable=run.rank != 0,
+                            dynamic_ncols=True)
+        self.bar.update(1)
+        self.loss_sum, self.steps = self.loss_sum + loss, self.steps + 1
+        if global_step % self.log_every and step != run.steps_per_epoch - 1:
+            return
+        if run.device.type == "cuda":  # samples/s of steps the GPU has finished, not merely queued
+            torch.cuda.synchronize(run.device)
+        now = time.time()
+        samples_per_s = self.steps * self.batch_size / max(now - self.t_last, 1e-9)
+        loss_sum = torch.as_tensor(self.loss_sum, dtype=torch.float32, device=run.device).clone()
+        if run.world_size > 1:
+            dist.all_reduce(loss_sum)
+            loss_sum /= run.world_size
+        record = {"epoch": epoch, "step": global_step, "lr": lr, "loss": loss_sum.item() / self.steps,
+                  "samples_per_s": samples_per_s}
+        self.loss_sum, self.steps, self.t_last = 0.0, 0, now
+        if run.rank == 0:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", samples_per_s=f"{samples_per_s:.1f}")
+            try:
+                run.log_file.write(json.dumps(record) + "\n")
+                run.log_file.flush()
+            except OSError as e:
+                raise SystemExit(f"{run.output / 'log.jsonl'}: cannot write the log ({e.strerror or e}) "
+                                 f"(free space in {run.output}, then rerun with --resume auto)") from None
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(args, bags, rank, world_size, device, per_step, output, ckpt, resume):
+    """The model, the optimizer, the loader and the run's records, then the epoch loop (`pretrain`,
+    Table 6); returns the model."""
+    steps_per_epoch, item = len(bags) // args.batch_size, PRETEXT_ITEMS[args.pretext]
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{args.data}: {len(bags)} {item}s is fewer than one global batch of {args.batch_size} "
+                         f"(lower --batch-size or add {item}s)")
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = build_model(**model_config(args)).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=tuple(args.betas),
+                                  fused=device.type == "cuda" or None)  # one kernel for all parameters
+    start = resume_from(ckpt, resume, model, optimizer) if ckpt else (0, 0, 0)  # (epoch, step, global step)
+    if args.max_steps is not None and start[2] >= args.max_steps or start[0] >= args.epochs:
+        print(f"{output}: nothing to do (step {start[2]}, epoch {start[0]} of {args.epochs})")
+        return model
+    train_model = model_for_training(model, world_size, device, args.compile)  # DDP, torch.compile
+    sampler = GlobalBatchSampler(len(bags), args.batch_size, rank, world_size, seed=args.seed)
+    loader = make_loader(args, make_dataset(args, bags, model.num_patches, output), sampler, per_step, device)
+    run = argparse.Namespace(model=model, optimizer=optimizer, rank=rank, world_size=world_size, device=device,
+                             output=output, steps_per_epoch=steps_per_epoch, settings=run_settings(args), log_file=None)
+    if rank == 0:  # a summary line, args.json, the log, and checkpoint-0000.pth on a fresh start
+        start_records(args, run, len(bags), per_step, resume if ckpt else None, start)
+    log = TrainingLog(run, args.batch_size, args.log_every)
+
+    def lr_at(epoch):
+        return learning_rate(epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
+
+    def after_epoch(epoch, step, global_step, last):
+        if rank == 0:
+            save_checkpoints(args, run, epoch, step, global_step, last)
+    try:
+        pretrain(train_model, optimizer, loader, sampler, args.epochs, steps_per_epoch, lr_at,
+                 batch_to_device(args, device), start, after_epoch, accum_iter=args.accum_iter, seed=args.seed,
+                 rank=rank, max_steps=args.max_steps, log=log)
+    finally:
+        log.close()
+        if run.log_file:
+            run.log_file.close()
+        if world_size > 1:
+            dist.destroy_process_group()
+    return model
+
+
+def main(argv=None):
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    if args.count_flops:
+        counts = count_flops(build_model(**{**model_config(args), "img_size": 224}))
+        print(f"N={args.anchors} r_a={args.anchor_mask:g} r_t={args.target_mask:g}: "
+              f"{counts['fvcore'] / 1e9:.2f} GFLOPs per sample (fvcore: Linear+Conv multiply-adds "
+              f"{(counts['linear'] + counts['conv']) / 1e9:.3f} G, LayerNorm {counts['layernorm'] / 1e9:.3f} G; "
+              f"attention products, not counted: {counts['attention'] / 1e9:.3f} G)")
+        return counts
+
+    # Everything that can be refused is checked before any expensive work.
+    args.lr = peak_lr(args)
+    output = Path(args.output)
+    try:
+        check_output_folder(output)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    resume = find_resume(args, output)
+    ckpt = read_training_checkpoint(resume) if resume else None
+    refuse_changed_settings(args, ckpt, resume, output)
+    if ckpt:
+        check_resume_fits(args, ckpt, resume)
+    check_data_root(args)
+    try:
+        check_outside(output, args.data, "--output", "--data")
+        rank, world_size, local_rank = torchrun_environment()
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+    device = setup_distributed(rank, world_size, local_rank, args.dist_timeout)
+    if args.decode == "gpu" and (device.type != "cuda" or importlib.util.find_spec("torchvision") is None):
+        raise SystemExit(f"--decode gpu: needs a CUDA device and torchvision (nvJPEG); this process has "
+                         f"{'a' if device.type == 'cuda' else 'no'} CUDA device and "
+                         f"{'no ' if importlib.util.find_spec('torchvision') is None else ''}torchvision "
+                         "(use --decode cpu)")
+    per_step = args.batch_size // (world_size * args.accum_iter)
+    if per_step * world_size * args.accum_iter != args.batch_size:
+        raise SystemExit(f"--batch-size {args.batch_size}: not divisible by {world_size} ranks x "
+                         f"{args.accum_iter} accumulation steps (choose a multiple of {world_size * args.accum_iter})")
+    try:
+        bags, args.views = scan_bag_root(args, rank, world_size, output)
+    except ValueError as e:  # a name that breaks the lists, a symbolic link that loops
+        raise SystemExit(one_line(e)) from None
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(output)
+    args.bags = bag_list_id(bags, PRETEXT_ITEMS[args.pretext])
+    refuse_changed_settings(args, ckpt, resume, output)  # now with the views and the bag list known
+    return train(args, bags, rank, world_size, device, per_step, output, ckpt, resume)
+
+
+# The command line
 
 DEFAULT_DATA = "data/bags"  # --data default, relative to the working folder (the docstring's torchrun usage names none)
 SEED_MAX = 2 ** 32 - 1  # torch's seed of a step, seed * 1_000_003 + ..., must stay below 2^64
@@ -2164,7 +1861,7 @@ def get_args_parser():
         description="CDG-MAE pre-training on bags of views (defaults: the paper's single-anchor "
                     "setting, Table 6), or on the family's other pretext data (--pretext crops: CropMAE, "
                     "frames: SiamMAE). Run with python (one process) or torchrun (DDP).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     add_data_arguments(p.add_argument_group("data"))
     add_model_arguments(p.add_argument_group("model"))
     add_optimisation_arguments(p.add_argument_group("optimisation"))

@@ -284,7 +284,7 @@ def loader_only(stage, data, decode, workers):
     dataset = cdgmae.make_dataset(args, bags, (args.input_size // args.patch_size) ** 2, output)
     sampler = cdgmae.GlobalBatchSampler(len(bags), args.batch_size, 0, 1, seed=args.seed)
     loader = cdgmae.make_loader(args, dataset, sampler, args.batch_size, stage.device)
-    move = cdgmae.batch_mover(args, stage.device)
+    move = cdgmae.batch_to_device(args, stage.device)
     batches, waited, moved, counted = iter(loader), 0.0, 0.0, 0
     for i in range(len(bags) // args.batch_size):
         start = time.perf_counter()

@@ -115,7 +115,7 @@ def test_one_box_cuts_the_same_pixels_of_the_real_image_and_of_a_view_of_its_reg
     view_box = boxes[[i for i, p in enumerate(chosen) if not common.is_real_image(p)][0]].tolist()
     pixels = torch.from_numpy(real.copy()).permute(2, 0, 1)
     unmapped = cdgmae.crop_resize(pixels, view_box, 112)
-    view = cdgmae.crop_resize(cdgmae.decode_rgbx(tmp_path / "bags" / "b0" / "view_00.png"), view_box, 112)[:3]
+    view = cdgmae.crop_resize(cdgmae.decode_image(tmp_path / "bags" / "b0" / "view_00.png"), view_box, 112)
     assert (unmapped.int() - view.int()).abs().max() > 10
 
 
@@ -125,12 +125,12 @@ def old_item(ds, key):
     epoch, index = key
     rng = np.random.default_rng([ds.seed, epoch, index])
     chosen = ds.files(ds.bags[index], rng)
-    images = [cdgmae.decode_rgbx(p) for p in chosen]
+    images = [cdgmae.decode_image(p) for p in chosen]
     height, width = images[0].shape[-2:]
     box = cdgmae.sample_crop_box(rng, width, height, ds.crop_scale, ds.crop_ratio)
     flip = rng.random() < 0.5
     target_noise, anchor_noise = ds.draw_noise(rng)
-    crops = [cdgmae.crop_resize(image, box, ds.input_size)[:3] for image in images]
+    crops = [cdgmae.crop_resize(image, box, ds.input_size) for image in images]
     crops = torch.stack([crop.flip(-1) if flip else crop for crop in crops])
     return crops[0], crops[1:], target_noise, anchor_noise
 

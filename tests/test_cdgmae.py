@@ -356,11 +356,11 @@ def test_learning_rate_schedule_warmup_then_cosine():
     args = cdgmae.get_args_parser().parse_args(["--data", "x"])
     args.lr = args.blr * args.batch_size / 256
     assert args.lr == pytest.approx(1.2e-3)  # 1.5e-4 * 2048 / 256
-    assert cdgmae.learning_rate(args, 0.0) == 0.0
-    assert cdgmae.learning_rate(args, 2.5) == pytest.approx(args.lr / 2)
-    assert cdgmae.learning_rate(args, 5.0) == pytest.approx(args.lr)
-    assert cdgmae.learning_rate(args, 52.5) == pytest.approx(args.lr / 2)
-    assert cdgmae.learning_rate(args, 100.0) == pytest.approx(0.0, abs=1e-12)
+    assert cdgmae.learning_rate(0.0, args.lr, args.min_lr, args.warmup_epochs, args.epochs) == 0.0
+    assert cdgmae.learning_rate(2.5, args.lr, args.min_lr, args.warmup_epochs, args.epochs) == pytest.approx(args.lr / 2)
+    assert cdgmae.learning_rate(5.0, args.lr, args.min_lr, args.warmup_epochs, args.epochs) == pytest.approx(args.lr)
+    assert cdgmae.learning_rate(52.5, args.lr, args.min_lr, args.warmup_epochs, args.epochs) == pytest.approx(args.lr / 2)
+    assert cdgmae.learning_rate(100.0, args.lr, args.min_lr, args.warmup_epochs, args.epochs) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_weight_decay_follows_timms_rule_as_mae_and_cropmae():

@@ -89,7 +89,7 @@ def test_keys_and_values_are_initialised_like_two_separate_linears():
     """CroCo projects keys and values with two [D, D] Linears: xavier bound sqrt(6 / 2D) each,
     wider than the fused [2D, D] Linear's sqrt(6 / 3D)."""
     torch.manual_seed(2)
-    model = CDGMAE(decoder_block="croco", **{**TINY, "decoder_embed_dim": 256, "decoder_num_heads": 8})
+    model = cdgmae.build_model(decoder_block="croco", **{**TINY, "decoder_embed_dim": 256, "decoder_num_heads": 8})
     w = model.decoder_blocks[0].cross_attn.kv.weight
     for half in w.chunk(2):
         assert half.abs().max() <= math.sqrt(6 / 512)
@@ -116,7 +116,7 @@ def test_memory_gets_each_anchors_kept_patch_position_embeddings_and_zero_on_cls
     target_noise, anchor_noise = torch.rand(B, L), torch.rand(B, N, L)
     kept = int(L * (1 - 0.25))                                  # 12 of 16 patches per anchor
     for block, moves in (("croco", True), ("cdgmae", False)):
-        model = CDGMAE(num_anchors=N, anchor_mask_ratio=0.25, decoder_block=block, **TINY).eval()
+        model = cdgmae.build_model(num_anchors=N, anchor_mask_ratio=0.25, decoder_block=block, **TINY).eval()
         before = memory_seen_by_first_block(model, target, anchors, target_noise, anchor_noise)
         assert before.shape == (B, N * (1 + kept), 32)          # [B, N*(1+K_a), Dd]
         delta = torch.randn(32)
@@ -137,7 +137,7 @@ def test_memory_gets_each_anchors_kept_patch_position_embeddings_and_zero_on_cls
 
 def test_unmasked_anchor_memory_is_tokens_plus_the_whole_decoder_embedding():
     torch.manual_seed(4)
-    model = CDGMAE(num_anchors=2, anchor_mask_ratio=0.0, decoder_block="croco", **TINY).eval()
+    model = cdgmae.build_model(num_anchors=2, anchor_mask_ratio=0.0, decoder_block="croco", **TINY).eval()
     target, anchors = torch.randn(1, 3, 64, 64), torch.randn(1, 2, 3, 64, 64)
     memory = memory_seen_by_first_block(model, target, anchors)
     with torch.no_grad():
@@ -148,7 +148,7 @@ def test_unmasked_anchor_memory_is_tokens_plus_the_whole_decoder_embedding():
 
 def test_croco_model_trains_with_two_anchors_masked_at_a_quarter():
     torch.manual_seed(5)
-    model = CDGMAE(num_anchors=2, anchor_mask_ratio=0.25, decoder_block="croco", **TINY)
+    model = cdgmae.build_model(num_anchors=2, anchor_mask_ratio=0.25, decoder_block="croco", **TINY)
     assert all(isinstance(b, CroCoDecoderBlock) for b in model.decoder_blocks)
     loss, pred, mask = model(torch.randn(2, 3, 64, 64), torch.randn(2, 2, 3, 64, 64))
     assert torch.isfinite(loss) and pred.shape == (2, 16, 16 * 16 * 3) and mask.shape == (2, 16)
@@ -180,7 +180,7 @@ def test_default_block_is_the_papers_and_the_flag_selects_croco():
         parser.parse_args(["--decoder-block", "crocov2"])
     assert exit_info.value.code == 2
     with pytest.raises(ValueError, match="decoder_block"):
-        CDGMAE(decoder_block="catblock", **TINY)
+        cdgmae.build_model(decoder_block="catblock", **TINY)
 
 
 # --- FLOPs -------------------------------------------------------------------------
@@ -199,7 +199,7 @@ def test_flop_count_of_the_croco_decoder_matches_a_count_by_hand():
     decoder = t_tokens * D * Dd + dec_target + dec_memory + 197 * Dd * 768
     layernorm = 5 * ((t_tokens + n * a_tokens) * D * 25                 # 12 x 2 + final, encoder
                      + 197 * Dd * (4 * 3 + 1) + 4 * n * a_tokens * Dd)  # 3 per block + final; memory norm
-    counts = cdgmae.count_flops(CDGMAE(num_anchors=3, anchor_mask_ratio=0.25, decoder_block="croco"))
+    counts = cdgmae.count_flops(cdgmae.build_model(num_anchors=3, anchor_mask_ratio=0.25, decoder_block="croco"))
     assert counts["linear"] + counts["conv"] == encoder + decoder
     assert counts["layernorm"] == layernorm
     assert counts["fvcore"] / 1e9 == pytest.approx(11.15, abs=0.005)  # an integer count, written to 0.01 G

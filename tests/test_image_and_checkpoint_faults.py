@@ -103,7 +103,7 @@ def test_32_bit_images_convert_inside_their_range_and_are_refused_outside_it(tmp
                "over.png": (float_image(1.5, (8, 8)), "mode F"), "nan.png": (float_image(np.nan, (8, 8)), "mode F")}
     for name, (image, words) in refused.items():
         path = save_as(tmp_path / name, image, "TIFF")
-        for load in (common.load_rgb, cdgmae.decode_rgbx, common.check_image):
+        for load in (common.load_rgb, cdgmae.decode_image, common.check_image):
             with pytest.raises(common.UnreadableImage, match=words) as error:
                 load(path)
             assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
@@ -136,7 +136,7 @@ def test_exif_orientation_is_ignored_the_pixels_are_used_as_stored(tmp_path):
     image = common.load_rgb(tmp_path / "phone.jpg")
     assert image.size == (40, 20)  # not (20, 40): the orientation is not applied
     assert rgb(image)[:, :15].max() < 30 and rgb(image)[:, 25:].min() > 225
-    assert cdgmae.decode_rgbx(tmp_path / "phone.jpg").shape == (4, 20, 40)
+    assert cdgmae.decode_image(tmp_path / "phone.jpg").shape == (3, 20, 40)
 
 
 def test_a_mode_without_a_conversion_is_refused_naming_the_file_and_the_mode(tmp_path):
@@ -151,7 +151,7 @@ def test_a_header_declaring_an_absurd_size_is_refused_before_decoding_without_a_
     # error limits, where Pillow would only warn and then try to decode 10^8 pixels.
     for side in (100_000, 10_000):
         path = bomb_png(tmp_path / f"bomb{side}.png", side, side)
-        for load in (common.open_image, common.load_rgb, cdgmae.decode_rgbx, common.check_image):
+        for load in (common.open_image, common.load_rgb, cdgmae.decode_image, common.check_image):
             with pytest.raises(common.UnreadableImage, match="MAX_IMAGE_PIXELS") as error:
                 load(path)
             assert str(error.value).startswith(f"{path}: the header declares")
@@ -164,7 +164,7 @@ def test_a_header_declaring_an_absurd_size_is_refused_before_decoding_without_a_
 
 READERS = {
     "common.load_rgb": lambda p: rgb(p),
-    "cdgmae.decode_rgbx": lambda p: cdgmae.decode_rgbx(p),
+    "cdgmae.decode_image": lambda p: cdgmae.decode_image(p),
     "propagate.load_frame": lambda p: pr.load_frame(p, (8, 64)),
     "metrics.PairImages": lambda p: metrics.PairImages([(p,)], size=32)[0][0],
     "metrics.gray_uint8 (MIMIC overlap)": lambda p: metrics.gray_uint8(Image.open(p)),
@@ -314,13 +314,13 @@ def test_generation_skips_and_lists_an_image_the_loader_refuses(tmp_path, capsys
 @pytest.mark.parametrize("width,height", [(1, 1), (2, 1), (1, 2)])
 def test_images_of_one_or_two_pixels_are_cropped_and_resized_without_error(width, height):
     rng = np.random.default_rng(0)
-    pixels = torch.from_numpy(rng.integers(0, 256, (4, height, width), dtype=np.uint8))
+    pixels = torch.from_numpy(rng.integers(0, 256, (3, height, width), dtype=np.uint8))
     for _ in range(20):
         box = cdgmae.sample_crop_box(rng, width, height)
         l, t, r, b = box
         assert 0 <= l < r <= 1 and 0 <= t < b <= 1
         crop = cdgmae.crop_resize(pixels, box, 16)
-        assert crop.shape == (4, 16, 16)
+        assert crop.shape == (3, 16, 16)
         if width * height == 1:  # the resampling weights sum to one: a constant image stays that constant
             assert torch.equal(crop, pixels[:, :1, :1].expand_as(crop))
     global_boxes, local_box, _ = cdgmae.sample_crop_params(rng, width, height, 2, 16)
@@ -539,8 +539,8 @@ def test_resume_refuses_unusable_checkpoints_before_any_work(tmp_path, capsys, f
         assert not out.exists()  # refused before the output folder is made
 
 
-@pytest.mark.parametrize("flags,difference", [(["--embed-dim", "64", "--num-heads", "2"], "--embed-dim 32 -> 64"),
-                                              (["--decoder-block", "croco"], "--decoder-block cdgmae -> croco")])
+@pytest.mark.parametrize("flags,difference", [(["--embed-dim", "64", "--num-heads", "2"], "--embed-dim: 32 -> 64"),
+                                              (["--decoder-block", "croco"], "--decoder-block: cdgmae -> croco")])
 def test_resume_refuses_a_checkpoint_of_another_width_or_decoder(tmp_path, capsys, finished_run, flags, difference):
     bags, last = finished_run
     status, err, message = cli(cdgmae.main, train_argv(bags, tmp_path / "run", "--resume", last, *flags), capsys)

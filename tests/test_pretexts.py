@@ -108,23 +108,20 @@ def test_the_target_pixels_are_the_anchors_source_region_cropped_again(tmp_path)
 
 
 @pytest.mark.float_kernels
-def test_bilinear_crop_resize_matches_pillows_bilinear_box_resize():
+def test_bilinear_crop_resize_is_pillows_bilinear_resize_of_the_boxs_whole_pixels():
     y, x = np.mgrid[0:300, 0:400]
     smooth = 128 + 60 * np.sin(x / 9.0)[..., None] * np.cos(y[..., None] / 7.0 + np.arange(3)) \
         + np.random.default_rng(1).normal(0, 3, (300, 400, 3))
     image = smooth.clip(0, 255).round().astype(np.uint8)
     rng = np.random.default_rng(2)
-    diffs = []
-    for trial in range(12):  # boxes in whole pixels of this image, and between its pixels
+    for trial in range(12):  # boxes in whole pixels of this image, and between its pixels (rounded)
         box = cdgmae.sample_crop_box(rng, *[(400, 300), (224, 224)][trial % 2], (0.1, 1.0))
         ours = cdgmae.crop_resize(torch.from_numpy(image).permute(2, 0, 1), box, 64, mode="bilinear")
-        pil = Image.fromarray(image).resize((64, 64), Image.BILINEAR,
-                                            box=(box[0] * 400, box[1] * 300, box[2] * 400, box[3] * 300))
-        diffs.append(np.abs(ours.permute(1, 2, 0).numpy().astype(int) - np.asarray(pil)))
-    d = np.concatenate([x.ravel() for x in diffs])
-    # The bicubic bound of test_data_path, derived there: the positioning code is shared (taps cut at a
-    # crop's first row or column change those samples by a few levels), and bilinear has fewer taps.
-    assert d.mean() < 0.25 and np.quantile(d, 0.999) <= 3
+        whole = (round(box[0] * 400), round(box[1] * 300), round(box[2] * 400), round(box[3] * 300))
+        pil = Image.fromarray(image).crop(whole).resize((64, 64), Image.BILINEAR)
+        # the bound of test_data_path (UINT8_BOUND): two two-pass uint8 resizes of the same pixels with the same
+        # filter lie within 2 levels; the bilinear filter has no overshoot, so neither clamps its first pass
+        assert np.abs(ours.permute(1, 2, 0).numpy().astype(int) - np.asarray(pil)).max() <= 2
 
 
 @pytest.mark.float_kernels
@@ -203,7 +200,7 @@ def test_each_pretext_trains_and_a_resume_with_another_pretext_is_refused(tmp_pa
     with pytest.raises(SystemExit) as refused:
         cdgmae.main([*argv, "--pretext", other, "--max-steps", "3", "--resume", "auto"])
     message = str(refused.value.code)
-    assert f"--pretext {pretext} -> {other}" in message and "\n" not in message
+    assert f"--pretext: {pretext} -> {other}" in message and "\n" not in message
     assert "Traceback" not in capsys.readouterr().err
     assert (output / "checkpoint-last.pth").read_bytes() == before
 

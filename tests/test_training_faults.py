@@ -96,7 +96,7 @@ def test_several_differences_are_listed_in_one_message(run_copy, capsys):
     code, message = run([*common(bags), "--output", str(out), "--resume", "auto", "--batch-size", "8",
                          "--seed", "3", "--anchors", "3"], capsys)
     assert code == 1 and len(message.strip().splitlines()) == 1
-    assert all(f in message for f in ("--batch-size 4 -> 8", "--seed 0 -> 3", "--anchors 2 -> 3"))
+    assert all(f in message for f in ("--batch-size: 4 -> 8", "--seed: 0 -> 3", "--anchors: 2 -> 3"))
 
 
 def test_settings_that_cannot_change_the_result_may_differ_and_the_log_is_not_duplicated(run_copy, capsys):
