@@ -34,7 +34,8 @@ propagation. Every step below was checked against that public code (read, not co
   k-NN      affinity = query . key; keys of the queue frames at a distance >= `radius`
             cells (Euclidean) from the query are excluded, frame 0's memory is not;
             divide by the temperature; top-k over ALL context keys jointly; softmax over
-            those k; the prediction is the weighted sum of their soft labels.
+            those k; the prediction is the weighted sum of their soft labels
+            (`label_propagation`, line by line; `label_propagation_fast` runs it).
   Output    DAVIS / VIP: soft labels resized bilinearly to the input size, argmax, then
             resized to the annotation size by nearest neighbour (DAVIS: OpenCV's rule, as
             CRW's convert_davis.py; VIP: PIL's rule, as CRW's eval_vip.py) and written as
@@ -53,8 +54,8 @@ rerun resumes only with the same settings and checkpoint contents, and removes w
 runs left (hidden temporaries and partial video folders of dead processes).
 
 What you may copy: the method comes first in this file, the plumbing after it.
-`label_propagation` and its literal reference `label_propagation_reference` (with
-`neighbourhood_mask` and `context_frames`) need only torch: features [T, C, h, w] of any
+`label_propagation`, the k-NN as the table reads, and its fast path `label_propagation_fast`
+(with `neighbourhood_mask` and `context_frames`) need only torch: features [T, C, h, w] of any
 encoder and the first frame's soft labels. `extract_features` needs a ViT with
 `forward_features` and `patch_size` (cdgmae.VisionTransformer, which resizes its position
 embedding to the frame's grid). Of the pre- and post-processing, `input_size_for`,
@@ -161,38 +162,8 @@ def context_frames(t, queue_length):
 
 
 @torch.no_grad()
-def label_propagation_reference(features, first_labels, *, topk, queue_length, radius, temperature):
-    """The k-NN label propagation written literally, one frame and one query cell at a time:
-    the reference label_propagation is tested against (same arguments, same result; slow).
-
-    features [T, C, h, w] (L2-normalised over C), first_labels [K, h, w]
-    -> soft labels [T, K, h, w]; frame 0 is first_labels itself.
-    """
-    T, C, h, w = features.shape
-    K = first_labels.shape[0]
-    feats = features.reshape(T, C, h * w)
-    labels = [first_labels.reshape(K, h * w).to(features)]
-    near = neighbourhood_mask(h, w, radius, features.device)                  # [query, key]
-    for t in range(1, T):
-        context = context_frames(t, queue_length)                              # frame 0, then the queue
-        keys = torch.cat([feats[s] for s in context], dim=1)                   # [C, N*h*w]
-        key_labels = torch.cat([labels[s] for s in context], dim=1)            # [K, N*h*w]
-        affinity = feats[t].T @ keys                                           # [h*w queries, N*h*w keys]
-        predicted = features.new_zeros(K, h * w)
-        for q in range(h * w):
-            # the candidates: every key of frame 0, the keys of the queue frames within the radius
-            candidate = torch.cat([torch.ones_like(near[q])] + [near[q]] * (len(context) - 1))
-            scores = affinity[q, candidate] / temperature                       # divided by the temperature
-            top, index = scores.topk(min(topk, len(scores)))                    # top-k over all candidates
-            predicted[:, q] = key_labels[:, candidate][:, index] @ top.softmax(0)  # softmax, weighted sum
-        labels.append(predicted)
-    return torch.stack(labels).reshape(T, K, h, w)
-
-
-@torch.no_grad()
-def label_propagation(features, first_labels, *, topk, queue_length, radius, temperature,
-                      max_chunk_bytes=2 ** 28, on_frame=None):
-    """Propagate frame 0's soft labels through a video.
+def label_propagation(features, first_labels, *, topk, queue_length, radius, temperature):
+    """Propagate frame 0's soft labels through a video: the protocol's k-NN, as it reads.
 
     features [T, C, h, w] (L2-normalised over C), first_labels [K, h, w]
     -> soft labels [T, K, h, w]; frame 0 is first_labels itself.
@@ -201,12 +172,38 @@ def label_propagation(features, first_labels, *, topk, queue_length, radius, tem
     repeated before the start). Each query cell scores every context key by dot product;
     keys of the queue frames (not of the long-term frame 0) at distance >= radius are
     excluded; scores are divided by the temperature; the top-k over all context keys
-    together are softmaxed and their labels averaged with those weights.
+    together are softmaxed and their labels averaged with those weights. propagate.py
+    runs label_propagation_fast: the same result with less work and bounded memory.
+    """
+    T, C, h, w = features.shape
+    K = first_labels.shape[0]
+    feats = features.reshape(T, C, h * w)
+    labels = [first_labels.reshape(K, h * w).to(features)]                 # frame 0: the given labels
+    near = neighbourhood_mask(h, w, radius, features.device)              # [h*w queries, h*w keys]
+    for t in range(1, T):
+        context = context_frames(t, queue_length)                         # frame 0, then the queue: N frames
+        N = len(context)
+        keys = feats[context]                                             # [N, C, h*w]
+        key_labels = torch.stack([labels[s] for s in context])            # [N, K, h*w]
+        affinity = feats[t].T @ keys                                      # [N, h*w queries, h*w keys]: cosines
+        affinity[1:].masked_fill_(~near, float("-inf"))                   # queue frames: keys within the radius only
+        scores = affinity.permute(1, 0, 2).reshape(h * w, N * h * w) / temperature  # [queries, all context keys]
+        top, index = scores.topk(topk, dim=1)                             # top-k over all context keys jointly
+        weights = top.softmax(dim=1)                                      # [h*w, k]
+        neighbour_labels = key_labels.permute(1, 0, 2).reshape(K, N * h * w)[:, index]  # [K, h*w, k]
+        labels.append((neighbour_labels * weights).sum(-1))               # weighted sum: [K, h*w]
+    return torch.stack(labels).reshape(T, K, h, w)
 
-    Implementation (the result of label_propagation_reference, with less work): a frame
-    repeated in the context (frame 0 early in the video) is multiplied with the queries once
-    and copied; the temperature is applied to the k selected scores only (dividing by it does
-    not change the order); queries are processed in chunks of at most max_chunk_bytes of
+
+@torch.no_grad()
+def label_propagation_fast(features, first_labels, *, topk, queue_length, radius, temperature,
+                           max_chunk_bytes=2 ** 28, on_frame=None):
+    """label_propagation's result with less work and bounded memory: the one propagate.py runs.
+
+    Same arguments and result (tests/test_propagate.py compares them), plus: a frame repeated
+    in the context (frame 0 early in the video) is multiplied with the queries once and
+    copied; the temperature is applied to the k selected scores only (dividing by it does not
+    change the order); queries are processed in chunks of at most max_chunk_bytes of
     affinities, in reused buffers. `on_frame(t)` is called after each frame (progress bars).
     """
     T, C, h, w = features.shape
@@ -426,8 +423,8 @@ def output_path(dataset, output, name):
 
 @torch.no_grad()
 def propagate_video(dataset, encoder, frames, extra, size, final, settings, device, progress=True):
-    """Propagate one video and write its predictions atomically to `final` (a folder of PNGs,
-    renamed into place when complete, or a .mat file)."""
+    """Propagate one video (label_propagation_fast) and write its predictions atomically to
+    `final` (a folder of PNGs, renamed into place when complete, or a .mat file)."""
     P = encoder.patch_size
     grid = (size[0] // P, size[1] // P)
     T = len(frames)
@@ -447,9 +444,9 @@ def propagate_video(dataset, encoder, frames, extra, size, final, settings, devi
                 first_ids[first_ids == ev.DAVIS_VOID] = 0  # void is background to the official scorer
             values, first = segmentation_labels(first_ids, size, grid)
         bar.update(1)
-        soft = label_propagation(features, first.to(device), topk=settings["topk"],
-                                 queue_length=settings["queue_length"], radius=settings["radius"],
-                                 temperature=settings["temperature"], on_frame=lambda t: bar.update(1))
+        soft = label_propagation_fast(features, first.to(device), topk=settings["topk"],
+                                      queue_length=settings["queue_length"], radius=settings["radius"],
+                                      temperature=settings["temperature"], on_frame=lambda t: bar.update(1))
         if dataset == "jhmdb":
             xy = np.stack([decode_joints(s) for s in soft]) * np.array([width / grid[1], height / grid[0]])
             ev.write_joints_mat(final, xy)
