@@ -5,6 +5,7 @@ wording written literally (itself checked on hand-worked cases below), which the
 propagate.label_propagation_fast must reproduce.
 """
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -406,6 +407,31 @@ def test_static_jhmdb_video_keeps_its_first_pose_through_joint_positions_mat(tmp
     assert pos.shape == (2, 15, 4) and np.allclose(pos[:, :, 3], jhmdb_joints().T + 1)
     summary = ev.evaluate_dataset("jhmdb", tmp_path / "JHMDB", out, progress=False)
     assert summary["PCK@0.1"] == 100.0 and summary["PCK@0.2"] == 100.0
+
+
+class PatchPixels(torch.nn.Module):
+    """A feature extractor that is no ViT: each 8x8 patch's pixels as its feature, L2-normalised."""
+    patch_size, embed_dim = PATCH, 3 * PATCH ** 2
+
+    def description(self):
+        return {"features": "patch pixels", "stride": self.patch_size}
+
+    def forward(self, frames):  # [B, 3, H, W] -> [B, 3*8*8, H/8, W/8]
+        B, _, H, W = frames.shape
+        patches = F.unfold(frames, PATCH, stride=PATCH)  # [B, 3*8*8, (H/8)(W/8)]
+        return F.normalize(patches, dim=1).reshape(B, -1, H // PATCH, W // PATCH)
+
+
+def test_any_module_with_the_feature_extractor_interface_propagates(tmp_path):
+    # frames in, features out, patch_size and embed_dim: nothing of a ViT is asked of it. A static
+    # video's cells match themselves (cosine 1) in every context frame, so the bands stay exact
+    make_davis(tmp_path / "DAVIS")
+    out = tmp_path / "pred"
+    result = pr.propagate_dataset("davis", tmp_path / "DAVIS", PatchPixels(), out, input_size=(H, W), progress=False)
+    assert result["written"] == ["seq"]
+    assert ev.evaluate_dataset("davis", tmp_path / "DAVIS", out, progress=False)["J&F_m"] == 100.0
+    record = json.loads((out / "propagation.json").read_text())
+    assert record["encoder"] == {"features": "patch pixels", "stride": PATCH} and record["topk"] == 7  # Table 7
 
 
 def test_command_line_writes_strips_and_a_rerun_skips_finished_videos(tmp_path, capsys):
