@@ -34,7 +34,8 @@ propagation. Every step below was checked against that public code (read, not co
   k-NN      affinity = query . key; keys of the queue frames at a distance >= `radius`
             cells (Euclidean) from the query are excluded, frame 0's memory is not;
             divide by the temperature; top-k over ALL context keys jointly; softmax over
-            those k; the prediction is the weighted sum of their soft labels.
+            those k; the prediction is the weighted sum of their soft labels
+            (`label_propagation`, line by line; `label_propagation_fast` runs it).
   Output    DAVIS / VIP: soft labels resized bilinearly to the input size, argmax, then
             resized to the annotation size by nearest neighbour (DAVIS: OpenCV's rule, as
             CRW's convert_davis.py; VIP: PIL's rule, as CRW's eval_vip.py) and written as
@@ -52,19 +53,23 @@ folder records the settings and the sha256 of the checkpoint file in propagation
 rerun resumes only with the same settings and checkpoint contents, and removes what killed
 runs left (hidden temporaries and partial video folders of dead processes).
 
-What you may copy: the method comes first in this file, the plumbing after it.
-`label_propagation` and its literal reference `label_propagation_reference` (with
-`neighbourhood_mask` and `context_frames`) need only torch: features [T, C, h, w] of any
-encoder and the first frame's soft labels. `extract_features` needs a ViT with
-`forward_features` and `patch_size` (cdgmae.VisionTransformer, which resizes its position
-embedding to the frame's grid). Of the pre- and post-processing, `input_size_for`,
-`nearest_source_index` and `resize_nearest` need only numpy; `segmentation_labels`,
-`labels_to_ids`, `joint_heatmaps` and `decode_joints` numpy and torch; `load_frame`
-cdgmae.load_rgb / image_to_tensor. `DiftFeatures` needs torch and a diffusers UNet, VQ or KL
-autoencoder and scheduler (`load_dift` reads them from a model folder; transformers for a
-Stable Diffusion one). `propagate_dataset` and `propagate_own_video` drive the rest and read
-and write files with evaluate.py (PyAV for video files); after them come the output records,
-the visualisation and the command line.
+What you may copy: the file reads as the protocol (features, the k-NN, pre- and
+post-processing, a benchmark run, DIFT, your own video), then come the output records, the
+visualisation and the command line; the plumbing (flags, one-line errors, atomic writes,
+settings records) comes from common.py. `label_propagation`, the k-NN as the table reads
+(with `neighbourhood_mask` and `context_frames`), and its fast path `label_propagation_fast`
+(chunked, tested equal to it) need only torch: features [T, C, h, w] of any encoder and the
+first frame's soft labels. A feature extractor is a module from frames [B, 3, H, W] to
+L2-normalised features [B, C, H/s, W/s] with `patch_size` (s) and `embed_dim` (C):
+`ViTFeatures` makes one of a ViT with `forward_features` (`extract_features`;
+cdgmae.VisionTransformer resizes its position embedding to the frame's grid);
+`DiftFeatures` is one, and needs a diffusers UNet, VQ or KL autoencoder and scheduler
+(`load_dift` reads them from a model folder; transformers for a Stable Diffusion one). Of
+the pre- and post-processing, `input_size_for`, `nearest_source_index` and `resize_nearest`
+need only numpy; `segmentation_labels`, `labels_to_ids`, `joint_heatmaps` and
+`decode_joints` numpy and torch; `load_frame` common.load_rgb and cdgmae.image_to_tensor.
+`propagate_dataset` (a benchmark) and `propagate_own_video` (your clip) drive the rest and
+read and write files with evaluate.py and common.py (PyAV for video files).
 
 Usage:
     python propagate.py --dataset davis --data-root DAVIS --checkpoint ckpt.pth --output runs/davis
@@ -111,14 +116,17 @@ PROTOCOL = {
 MIN_TEMPERATURE = torch.finfo(torch.float32).tiny  # a lower one overflows score / temperature (<= 1 / it): NaN labels
 JHMDB_SIGMA = 0.5        # Gaussian width of a joint on the feature grid, in cells
 JHMDB_DECODE_TOPK = 5    # cells averaged to read a joint's position back
-# JHMDB limbs (0-based joint indices, evaluate.JHMDB_JOINTS order), for drawing only.
-SKELETON = [(0, 1), (0, 2), (0, 3), (0, 4), (3, 7), (7, 11), (4, 8), (8, 12),
-            (1, 5), (5, 9), (9, 13), (1, 6), (6, 10), (10, 14)]
 
 
 # -----------------------------------------------------------------------------
-# Encoder and features
+# Features
 # -----------------------------------------------------------------------------
+#
+# A feature extractor is a module that maps frames [B, 3, H, W] (ImageNet-normalised, as
+# load_frame gives them) to L2-normalised features [B, C, H/s, W/s], with `patch_size` = s
+# (its stride in pixels), `embed_dim` = C and `description()` (what propagation.json records
+# about it). A ViT becomes one through ViTFeatures; DiftFeatures ("DIFT features" below) is
+# one itself and also brings its own `protocol` (the defaults of its settings).
 
 def load_encoder(checkpoint, num_heads=None):
     """A VisionTransformer loaded strictly from a checkpoint of CDG-MAE, MAE, CropMAE or DINO
@@ -128,18 +136,39 @@ def load_encoder(checkpoint, num_heads=None):
 
 
 @torch.no_grad()
-def extract_features(encoder, frames):
+def extract_features(vit, frames):
     """frames [B, 3, H, W] (normalised) -> L2-normalised patch features [B, C, H/P, W/P] of the
     last block after the final norm, cls token dropped. The ViT resizes its position
-    embedding to the frame's grid as CropMAE's evaluation does (cdgmae.interpolate_pos_embed).
-    DiftFeatures computes its own (see "DIFT features")."""
-    if isinstance(encoder, DiftFeatures):
-        return encoder(frames)
+    embedding to the frame's grid as CropMAE's evaluation does (cdgmae.interpolate_pos_embed)."""
     B, _, H, W = frames.shape
-    P = encoder.patch_size
-    tokens = encoder.forward_features(frames)
+    P = vit.patch_size
+    tokens = vit.forward_features(frames)                                  # [B, 1 + (H/P)(W/P), C]
     features = tokens[:, 1:].reshape(B, H // P, W // P, -1).permute(0, 3, 1, 2)
     return F.normalize(features, dim=1)
+
+
+class ViTFeatures(nn.Module):
+    """A ViT as a feature extractor: extract_features(vit, frames). `vit` is anything with
+    `forward_features` (tokens, cls first), `patch_size`, `embed_dim`, `depth` and `num_heads`:
+    cdgmae.VisionTransformer, a CDGMAE, demo.py's RawPixels."""
+
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+        self.patch_size, self.embed_dim = vit.patch_size, vit.embed_dim
+
+    def description(self):
+        return dict(embed_dim=self.vit.embed_dim, depth=self.vit.depth, num_heads=self.vit.num_heads,
+                    patch_size=self.vit.patch_size)
+
+    def forward(self, frames):
+        return extract_features(self.vit, frames)
+
+
+def feature_extractor(encoder):
+    """`encoder` as a feature extractor: a ViT (it has forward_features) wrapped in ViTFeatures;
+    a module that already is one (DiftFeatures) as it is."""
+    return ViTFeatures(encoder) if hasattr(encoder, "forward_features") else encoder
 
 
 # -----------------------------------------------------------------------------
@@ -161,38 +190,8 @@ def context_frames(t, queue_length):
 
 
 @torch.no_grad()
-def label_propagation_reference(features, first_labels, *, topk, queue_length, radius, temperature):
-    """The k-NN label propagation written literally, one frame and one query cell at a time:
-    the reference label_propagation is tested against (same arguments, same result; slow).
-
-    features [T, C, h, w] (L2-normalised over C), first_labels [K, h, w]
-    -> soft labels [T, K, h, w]; frame 0 is first_labels itself.
-    """
-    T, C, h, w = features.shape
-    K = first_labels.shape[0]
-    feats = features.reshape(T, C, h * w)
-    labels = [first_labels.reshape(K, h * w).to(features)]
-    near = neighbourhood_mask(h, w, radius, features.device)                  # [query, key]
-    for t in range(1, T):
-        context = context_frames(t, queue_length)                              # frame 0, then the queue
-        keys = torch.cat([feats[s] for s in context], dim=1)                   # [C, N*h*w]
-        key_labels = torch.cat([labels[s] for s in context], dim=1)            # [K, N*h*w]
-        affinity = feats[t].T @ keys                                           # [h*w queries, N*h*w keys]
-        predicted = features.new_zeros(K, h * w)
-        for q in range(h * w):
-            # the candidates: every key of frame 0, the keys of the queue frames within the radius
-            candidate = torch.cat([torch.ones_like(near[q])] + [near[q]] * (len(context) - 1))
-            scores = affinity[q, candidate] / temperature                       # divided by the temperature
-            top, index = scores.topk(min(topk, len(scores)))                    # top-k over all candidates
-            predicted[:, q] = key_labels[:, candidate][:, index] @ top.softmax(0)  # softmax, weighted sum
-        labels.append(predicted)
-    return torch.stack(labels).reshape(T, K, h, w)
-
-
-@torch.no_grad()
-def label_propagation(features, first_labels, *, topk, queue_length, radius, temperature,
-                      max_chunk_bytes=2 ** 28, on_frame=None):
-    """Propagate frame 0's soft labels through a video.
+def label_propagation(features, first_labels, *, topk, queue_length, radius, temperature):
+    """Propagate frame 0's soft labels through a video: the protocol's k-NN, as it reads.
 
     features [T, C, h, w] (L2-normalised over C), first_labels [K, h, w]
     -> soft labels [T, K, h, w]; frame 0 is first_labels itself.
@@ -201,12 +200,38 @@ def label_propagation(features, first_labels, *, topk, queue_length, radius, tem
     repeated before the start). Each query cell scores every context key by dot product;
     keys of the queue frames (not of the long-term frame 0) at distance >= radius are
     excluded; scores are divided by the temperature; the top-k over all context keys
-    together are softmaxed and their labels averaged with those weights.
+    together are softmaxed and their labels averaged with those weights. propagate.py
+    runs label_propagation_fast: the same result with less work and bounded memory.
+    """
+    T, C, h, w = features.shape
+    K = first_labels.shape[0]
+    feats = features.reshape(T, C, h * w)
+    labels = [first_labels.reshape(K, h * w).to(features)]                 # frame 0: the given labels
+    near = neighbourhood_mask(h, w, radius, features.device)              # [h*w queries, h*w keys]
+    for t in range(1, T):
+        context = context_frames(t, queue_length)                         # frame 0, then the queue: N frames
+        N = len(context)
+        keys = feats[context]                                             # [N, C, h*w]
+        key_labels = torch.stack([labels[s] for s in context])            # [N, K, h*w]
+        affinity = feats[t].T @ keys                                      # [N, h*w queries, h*w keys]: cosines
+        affinity[1:].masked_fill_(~near, float("-inf"))                   # queue frames: keys within the radius only
+        scores = affinity.permute(1, 0, 2).reshape(h * w, N * h * w) / temperature  # [queries, all context keys]
+        top, index = scores.topk(topk, dim=1)                             # top-k over all context keys jointly
+        weights = top.softmax(dim=1)                                      # [h*w, k]
+        neighbour_labels = key_labels.permute(1, 0, 2).reshape(K, N * h * w)[:, index]  # [K, h*w, k]
+        labels.append((neighbour_labels * weights).sum(-1))               # weighted sum: [K, h*w]
+    return torch.stack(labels).reshape(T, K, h, w)
 
-    Implementation (the result of label_propagation_reference, with less work): a frame
-    repeated in the context (frame 0 early in the video) is multiplied with the queries once
-    and copied; the temperature is applied to the k selected scores only (dividing by it does
-    not change the order); queries are processed in chunks of at most max_chunk_bytes of
+
+@torch.no_grad()
+def label_propagation_fast(features, first_labels, *, topk, queue_length, radius, temperature,
+                           max_chunk_bytes=2 ** 28, on_frame=None):
+    """label_propagation's result with less work and bounded memory: the one propagate.py runs.
+
+    Same arguments and result (tests/test_propagate.py compares them), plus: a frame repeated
+    in the context (frame 0 early in the video) is multiplied with the queries once and
+    copied; the temperature is applied to the k selected scores only (dividing by it does not
+    change the order); queries are processed in chunks of at most max_chunk_bytes of
     affinities, in reused buffers. `on_frame(t)` is called after each frame (progress bars).
     """
     T, C, h, w = features.shape
@@ -264,7 +289,7 @@ def load_frame(path, size):
     """One frame -> [3, H, W] ImageNet-normalised at `size` (bilinear, no antialiasing)."""
     try:
         image = load_rgb(path)
-    except RuntimeError as e:  # cdgmae.load_rgb: "path: cannot decode image (...)"
+    except RuntimeError as e:  # common.load_rgb: "path: cannot decode image (...)"
         raise InputError(f"{one_line(e)} (replace the frame; finished videos are kept)") from None
     x = image_to_tensor(image)
     if tuple(x.shape[-2:]) != tuple(size):
@@ -273,8 +298,9 @@ def load_frame(path, size):
     return x
 
 
-def video_features(encoder, frames, size, batch_size=8, device="cpu", on_frame=None):
-    """Features [T, C, H/P, W/P] of a list of frame paths, extracted batch by batch."""
+def video_features(extractor, frames, size, batch_size=8, device="cpu", on_frame=None):
+    """Features [T, C, H/s, W/s] of a list of frame paths, extracted batch by batch by a
+    feature extractor (see "Features")."""
     first = None
     chunks = []
     for b in range(0, len(frames), batch_size):
@@ -286,7 +312,7 @@ def video_features(encoder, frames, size, batch_size=8, device="cpu", on_frame=N
                 elif im.size != first:
                     raise ValueError(f"{path}: frame size {im.size} differs from the first frame's {first}")
             batch.append(load_frame(path, size))
-        chunks.append(extract_features(encoder, torch.stack(batch).to(device)))
+        chunks.append(extractor(torch.stack(batch).to(device)))
         if on_frame is not None:
             on_frame(len(batch))
     return torch.cat(chunks)
@@ -371,70 +397,22 @@ def decode_joints(soft, topk=JHMDB_DECODE_TOPK):
 
 
 # -----------------------------------------------------------------------------
-# A benchmark: check every video, propagate each one, write the predictions
+# A benchmark run: propagate each video, write the predictions (every video is checked
+# first: prepare_videos, under "Records and checks")
 # -----------------------------------------------------------------------------
 
-def prepare_videos(dataset, data_root, videos, settings, patch_size):
-    """Check every video before any long work and return [(name, frames, annotation paths or
-    joints, input (H, W))]: its files exist and are valid (evaluate.check_segmentation_video:
-    frames readable and of one size, annotations 'P' / 'L' PNGs of their frame's size, first
-    ids 0..K (DAVIS) or classes 0..19 (VIP); JHMDB: pos_img 2x15xT with T = frames), its frames
-    are images load_frame takes (`check_frames`: cdgmae's image rule), its input
-    size is a positive multiple of the patch size and --topk does not exceed the context keys."""
-    prepared = []
-    for name in videos:
-        if dataset == "jhmdb":
-            frames, _, extra = ev.jhmdb_video(data_root, name)
-            width, height = ev.frame_size(frames)
-        else:
-            if dataset == "davis":
-                frames, extra = ev.davis_video(data_root, name, settings["resolution"])
-            else:
-                frames, extra = ev.vip_video(data_root, name)
-            _, _, (width, height) = ev.check_segmentation_video(dataset, frames, extra)
-        check_frames(frames)
-        size = input_size_for(height, width, settings["input_size"], settings["size_multiple"])
-        if min(size) <= 0 or size[0] % patch_size or size[1] % patch_size:
-            flags = f"--input-size {' '.join(map(str, settings['input_size']))}" + (
-                f" and --size-multiple {settings['size_multiple']}" if len(settings["input_size"]) == 1 else "")
-            raise InputError(f"{frames[0]}: input size {size} (from frame {width}x{height} and {flags}) is not a "
-                                f"positive multiple of the patch size {patch_size} (choose multiples of {patch_size})")
-        keys = (1 + settings["queue_length"]) * (size[0] // patch_size) * (size[1] // patch_size)
-        if settings["topk"] > keys:
-            raise InputError(f"--topk {settings['topk']}: more than the {keys} context keys of {frames[0].parent} "
-                                f"(lower --topk or raise --queue-length / --input-size)")
-        prepared.append((name, frames, extra, size))
-    return prepared
-
-
-def check_frames(frames, error=InputError):
-    """Every frame is an image that load_frame takes (cdgmae.check_image: a mode with a
-    conversion to RGB, at most Image.MAX_IMAGE_PIXELS pixels), else `error` naming it."""
-    for frame in frames:
-        try:
-            check_image(frame)
-        except UnreadableImage as e:
-            raise error(str(e)) from None
-
-
-def output_path(dataset, output, name):
-    """Where a finished video's predictions live (its existence marks the video as done)."""
-    if dataset == "jhmdb":
-        return Path(output) / name / "joint_positions.mat"
-    return Path(output) / name
-
-
 @torch.no_grad()
-def propagate_video(dataset, encoder, frames, extra, size, final, settings, device, progress=True):
-    """Propagate one video and write its predictions atomically to `final` (a folder of PNGs,
-    renamed into place when complete, or a .mat file)."""
-    P = encoder.patch_size
+def propagate_video(dataset, extractor, frames, extra, size, final, settings, device, progress=True):
+    """Propagate one video with a feature extractor and label_propagation_fast, and write its
+    predictions atomically to `final` (a folder of PNGs, renamed into place when complete, or
+    a .mat file)."""
+    P = extractor.patch_size
     grid = (size[0] // P, size[1] // P)
     T = len(frames)
     bar = tqdm(total=3 * T, desc=final.name if dataset != "jhmdb" else final.parent.name, leave=False,
                disable=not progress)
     try:
-        features = video_features(encoder, frames, size, settings["batch_size"], device, on_frame=bar.update)
+        features = video_features(extractor, frames, size, settings["batch_size"], device, on_frame=bar.update)
         if dataset == "jhmdb":
             with Image.open(frames[0]) as im:
                 width, height = im.size
@@ -447,9 +425,9 @@ def propagate_video(dataset, encoder, frames, extra, size, final, settings, devi
                 first_ids[first_ids == ev.DAVIS_VOID] = 0  # void is background to the official scorer
             values, first = segmentation_labels(first_ids, size, grid)
         bar.update(1)
-        soft = label_propagation(features, first.to(device), topk=settings["topk"],
-                                 queue_length=settings["queue_length"], radius=settings["radius"],
-                                 temperature=settings["temperature"], on_frame=lambda t: bar.update(1))
+        soft = label_propagation_fast(features, first.to(device), topk=settings["topk"],
+                                      queue_length=settings["queue_length"], radius=settings["radius"],
+                                      temperature=settings["temperature"], on_frame=lambda t: bar.update(1))
         if dataset == "jhmdb":
             xy = np.stack([decode_joints(s) for s in soft]) * np.array([width / grid[1], height / grid[0]])
             ev.write_joints_mat(final, xy)
@@ -489,6 +467,13 @@ def write_segmentation_pngs(dataset, soft, values, size, frames, annotations, fo
             on_frame(1)
 
 
+def output_path(dataset, output, name):
+    """Where a finished video's predictions live (its existence marks the video as done)."""
+    if dataset == "jhmdb":
+        return Path(output) / name / "joint_positions.mat"
+    return Path(output) / name
+
+
 def propagate_dataset(dataset, data_root, encoder, output, *, topk=None, queue_length=None, radius=None,
                       temperature=None, input_size=None, size_multiple=64, list_file=None, videos=None,
                       subset="val", resolution="480p", batch_size=8, device=None, num_heads=None,
@@ -496,16 +481,18 @@ def propagate_dataset(dataset, data_root, encoder, output, *, topk=None, queue_l
     """Propagate the first-frame labels of every video of a benchmark and write the predictions
     under `output` in the formats evaluate.py (and the official evaluators) read.
 
-    encoder: a VisionTransformer or a checkpoint path. Settings left None take the paper's
-    values for the dataset (PROTOCOL). Every video is checked first (prepare_videos). Finished
-    videos are skipped, so a rerun resumes; the settings and a sha256 of the checkpoint file
-    (of the weights for a module) are recorded in output/propagation.json, and a rerun into
-    the same folder with other settings or another checkpoint content is refused. Leftovers
-    of killed runs are removed. Returns {"settings", "written", "skipped"}.
+    encoder: a checkpoint path, a ViT (a module with forward_features: cdgmae.VisionTransformer)
+    or a feature extractor (DiftFeatures). Settings left None take the paper's values for the
+    dataset (PROTOCOL), or the extractor's own `protocol` (DiftFeatures: DIFT's). Every video
+    is checked first (prepare_videos). Finished videos are skipped, so a rerun resumes; the
+    settings and a sha256 of the checkpoint file (of the weights for a module) are recorded in
+    output/propagation.json, and a rerun into the same folder with other settings or another
+    checkpoint content is refused. Leftovers of killed runs are removed. Returns
+    {"settings", "written", "skipped"}.
     """
     if dataset not in PROTOCOL:
         raise InputError(f"unknown dataset {dataset!r} (expected one of {', '.join(ev.DATASETS)})")
-    defaults = (DIFT_PROTOCOL if isinstance(encoder, DiftFeatures) else PROTOCOL)[dataset]
+    defaults = getattr(encoder, "protocol", PROTOCOL)[dataset]
     given = dict(topk=topk, queue_length=queue_length, radius=radius, temperature=temperature, input_size=input_size)
     settings = dict(dataset=dataset, checkpoint=None, checkpoint_sha256=None,
                     **{k: defaults[k] if v is None else v for k, v in given.items()},  # 0 is a value, not "unset"
@@ -524,14 +511,15 @@ def propagate_dataset(dataset, data_root, encoder, output, *, topk=None, queue_l
     else:
         settings["checkpoint"] = getattr(encoder, "folder", None)  # DiftFeatures: the model folder
         settings["checkpoint_sha256"] = weights_sha256(encoder)
-    settings["encoder"] = encoder_description(encoder)
-    prepared = prepare_videos(dataset, data_root, names, settings, encoder.patch_size)
+    extractor = feature_extractor(encoder)
+    settings["encoder"] = extractor.description()
+    prepared = prepare_videos(dataset, data_root, names, settings, extractor.patch_size)
     output = Path(output)
     record = output / "propagation.json"
     check_record(record, settings)
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    encoder = encoder.to(device).eval()
+    extractor = extractor.to(device).eval()
     output.mkdir(parents=True, exist_ok=True)
     for folder in [output, output / "visualize"] + [output / name for name in names if dataset == "jhmdb"]:
         remove_stale_temporaries(folder)
@@ -545,7 +533,7 @@ def propagate_dataset(dataset, data_root, encoder, output, *, topk=None, queue_l
             skipped.append(name)
         else:
             final.parent.mkdir(parents=True, exist_ok=True)
-            propagate_video(dataset, encoder, frames, extra, size, final, settings, device, progress)
+            propagate_video(dataset, extractor, frames, extra, size, final, settings, device, progress)
             written.append(name)
         strip = output / "visualize" / f"{name.replace('/', '__')}.png"
         if visualize and not strip.exists():
@@ -657,13 +645,16 @@ def up_block_output(unet, x_t, timestep, context, up_block):
 
 
 class DiftFeatures(nn.Module):
-    """DIFT as a label-propagation feature extractor: frames in, L2-normalised features out,
-    like extract_features for a ViT. `patch_size` is the feature stride and `embed_dim` the
-    feature width, so the propagation code treats it like any encoder.
+    """DIFT as a feature extractor (see "Features"): frames [B, 3, H, W] (ImageNet-normalised,
+    as load_frame gives) -> L2-normalised features [B, C, H/s, W/s]; `patch_size` is the
+    stride s, `embed_dim` the width C, and `protocol` (DIFT_PROTOCOL) the defaults of the
+    k-NN settings and input sizes.
 
-    frames [B, 3, H, W] (ImageNet-normalised, as load_frame gives) -> [B, C, H/s, W/s].
-    up_block None: the first up-block at DIFT's stride of 8 (`dift_up_block`). Each frame's noise is drawn from a generator seeded by (seed, the frame's pixels), so a
-    frame's features depend neither on the batch nor on the order or resumption of a run."""
+    up_block None: the first up-block at DIFT's stride of 8 (`dift_up_block`). Each frame's
+    noise is drawn from a generator seeded by (seed, the frame's pixels), so a frame's
+    features depend neither on the batch nor on the order or resumption of a run."""
+
+    protocol = DIFT_PROTOCOL
 
     def __init__(self, unet, vae, scheduler, context, *, timestep=DIFT_TIMESTEP, up_block=None,
                  ensemble_size=DIFT_ENSEMBLE, seed=0, source=None, folder=None):
@@ -915,20 +906,21 @@ def check_own_video(source, output, encoder, *, mask=None, keypoints=None, topk=
     if isinstance(encoder, (str, Path)):
         encoder, _ = load_checkpoint_encoder(encoder, num_heads)
     kind = "davis" if mask is not None else "jhmdb"  # the benchmark whose protocol the clip follows
-    defaults = {**(DIFT_PROTOCOL if isinstance(encoder, DiftFeatures) else PROTOCOL)[kind],
-                "input_size": OWN_VIDEO_INPUT_SIZE}
+    defaults = {**getattr(encoder, "protocol", PROTOCOL)[kind], "input_size": OWN_VIDEO_INPUT_SIZE}
+    extractor = feature_extractor(encoder)
     given = dict(topk=topk, queue_length=queue_length, radius=radius, temperature=temperature, input_size=input_size)
     settings = {k: defaults[k] if v is None else v for k, v in given.items()}
     first = mask if mask is not None else keypoints
     settings.update(video=str(Path(source).resolve()), first=str(Path(first).resolve()), checkpoint=checkpoint,
                     input_size=list(settings["input_size"]), size_multiple=size_multiple, batch_size=batch_size,
-                    encoder=encoder_description(encoder))
+                    encoder=extractor.description())
     size = input_size_for(height, width, settings["input_size"], size_multiple)
-    if min(size) <= 0 or size[0] % encoder.patch_size or size[1] % encoder.patch_size:
+    if min(size) <= 0 or size[0] % extractor.patch_size or size[1] % extractor.patch_size:
         raise ValueError(f"{source}: input size {size} (from frame {width}x{height} and input size "
-                         f"{settings['input_size']}) is not a positive multiple of the patch size {encoder.patch_size}")
+                         f"{settings['input_size']}) is not a positive multiple of the patch size "
+                         f"{extractor.patch_size}")
     return dict(source=Path(source), output=output, frames=frames, extra=extra, kind=kind, final=final,
-                size=size, encoder=encoder, settings=settings)
+                size=size, extractor=extractor, settings=settings)
 
 
 def overlay_frames(frames, kind, final, height):
@@ -977,8 +969,8 @@ def run_own_video(plan, device=None, overlay="gif", overlay_height=480, fps=None
     output.mkdir(parents=True, exist_ok=True)
     write_json(output / "propagation.json", plan["settings"])
     frames = plan["frames"] or decode_video(plan["source"], output / "frames")
-    encoder = plan["encoder"].to(device).eval()
-    propagate_video(kind, encoder, frames, plan["extra"], plan["size"], final, plan["settings"], device, progress)
+    extractor = plan["extractor"].to(device).eval()
+    propagate_video(kind, extractor, frames, plan["extra"], plan["size"], final, plan["settings"], device, progress)
     if kind == "jhmdb":
         xy = ev.read_joints_mat(final, num_joints=None)
         rows = [[None if np.isnan(p).any() else [round(float(v), 2) for v in p] for p in frame] for frame in xy]
@@ -1008,7 +1000,7 @@ def propagate_own_video(source, output, encoder, *, mask=None, keypoints=None, d
 
 
 # -----------------------------------------------------------------------------
-# Records and checks: propagation.json, the checkpoint's fingerprint
+# Records and checks: propagation.json, the checkpoint's fingerprint, the videos
 # -----------------------------------------------------------------------------
 
 # Settings that change the predictions: a rerun into a folder made with others is refused.
@@ -1076,12 +1068,47 @@ def check_record(record, settings):
                               what_to_do="use another --output, or the same settings to resume")
 
 
-def encoder_description(encoder):
-    """What propagation.json records about the feature extractor."""
-    if isinstance(encoder, DiftFeatures):
-        return encoder.description()
-    return dict(embed_dim=encoder.embed_dim, depth=encoder.depth, num_heads=encoder.num_heads,
-                patch_size=encoder.patch_size)
+def prepare_videos(dataset, data_root, videos, settings, patch_size):
+    """Check every video before any long work and return [(name, frames, annotation paths or
+    joints, input (H, W))]: its files exist and are valid (evaluate.check_segmentation_video:
+    frames readable and of one size, annotations 'P' / 'L' PNGs of their frame's size, first
+    ids 0..K (DAVIS) or classes 0..19 (VIP); JHMDB: pos_img 2x15xT with T = frames), its frames
+    are images load_frame takes (`check_frames`), its input size is a positive multiple of the
+    patch size and --topk does not exceed the context keys."""
+    prepared = []
+    for name in videos:
+        if dataset == "jhmdb":
+            frames, _, extra = ev.jhmdb_video(data_root, name)
+            width, height = ev.frame_size(frames)
+        else:
+            if dataset == "davis":
+                frames, extra = ev.davis_video(data_root, name, settings["resolution"])
+            else:
+                frames, extra = ev.vip_video(data_root, name)
+            _, _, (width, height) = ev.check_segmentation_video(dataset, frames, extra)
+        check_frames(frames)
+        size = input_size_for(height, width, settings["input_size"], settings["size_multiple"])
+        if min(size) <= 0 or size[0] % patch_size or size[1] % patch_size:
+            flags = f"--input-size {' '.join(map(str, settings['input_size']))}" + (
+                f" and --size-multiple {settings['size_multiple']}" if len(settings["input_size"]) == 1 else "")
+            raise InputError(f"{frames[0]}: input size {size} (from frame {width}x{height} and {flags}) is not a "
+                                f"positive multiple of the patch size {patch_size} (choose multiples of {patch_size})")
+        keys = (1 + settings["queue_length"]) * (size[0] // patch_size) * (size[1] // patch_size)
+        if settings["topk"] > keys:
+            raise InputError(f"--topk {settings['topk']}: more than the {keys} context keys of {frames[0].parent} "
+                                f"(lower --topk or raise --queue-length / --input-size)")
+        prepared.append((name, frames, extra, size))
+    return prepared
+
+
+def check_frames(frames, error=InputError):
+    """Every frame is an image that load_frame takes (common.check_image: a mode with a
+    conversion to RGB, at most Image.MAX_IMAGE_PIXELS pixels), else `error` naming it."""
+    for frame in frames:
+        try:
+            check_image(frame)
+        except UnreadableImage as e:
+            raise error(str(e)) from None
 
 
 # -----------------------------------------------------------------------------
@@ -1106,6 +1133,9 @@ def draw_mask(image, ids, alpha=0.55):
     return Image.fromarray(out.clip(0, 255).astype(np.uint8))
 
 
+# JHMDB limbs (0-based joint indices, evaluate.JHMDB_JOINTS order) and their colours.
+SKELETON = [(0, 1), (0, 2), (0, 3), (0, 4), (3, 7), (7, 11), (4, 8), (8, 12),
+            (1, 5), (5, 9), (9, 13), (1, 6), (6, 10), (10, 14)]
 LIMB_COLOURS = [(255, 220, 0), (255, 220, 0), (255, 80, 60), (60, 160, 255), (255, 80, 60), (255, 160, 40),
                 (60, 160, 255), (60, 230, 255), (255, 80, 60), (255, 160, 40), (255, 160, 40), (60, 160, 255),
                 (60, 230, 255), (60, 230, 255)]  # torso yellow, right side red/orange, left side blue/cyan

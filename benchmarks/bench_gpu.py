@@ -14,7 +14,7 @@ it measured. The stages, in order of value (`STAGES` gives each one's cap in sec
   exactness    a run stopped and resumed against an uninterrupted one, and a repeat of that one
   generation   the S-LDM sampler at the paper's size, random weights: images/s at three batch sizes
   propagation  ViT-S/16 and ViT-S/8 on 480x880 frames, random weights: frames/s of the features and
-               of the k-NN step (propagate.label_propagation), peak memory
+               of the k-NN step (propagate.label_propagation_fast), peak memory
   compiled     the model stage with torch.compile, in the time that is left
 
 --dry-run runs every stage at tiny sizes (tests/test_gpu_benchmark.py, on the CPU). On a CPU,
@@ -450,7 +450,7 @@ def sldm_flops_per_image(sldm, steps, views, count_macs, decode_module):
 def propagation(stage):
     """ViT-S/16 and ViT-S/8, random weights, random frames at 480x880 already on the device (no file
     decoding): frames/s of propagate.extract_features (8 frames a batch, as propagate.py) and of
-    propagate.label_propagation with Table 7's DAVIS settings, and the peak memory of each."""
+    propagate.label_propagation_fast with Table 7's DAVIS settings, and the peak memory of each."""
     import propagate
 
     settings = {k: v for k, v in propagate.PROTOCOL["davis"].items() if k != "input_size"}
@@ -476,10 +476,10 @@ def propagate_video(stage, propagate, patch, settings):
                  f"{where}; grid {features.shape[2]}x{features.shape[3]}", frames_per_s=frames_count / seconds)
     first = torch.softmax(torch.randn(5, *features.shape[2:], generator=torch.Generator().manual_seed(0)), 0)
     first = first.to(stage.device)  # 5 labels: background and 4 objects
-    propagate.label_propagation(features[:3], first, **settings)  # warm-up
+    propagate.label_propagation_fast(features[:3], first, **settings)  # warm-up
     memory = stage.memory_start()
     start = time.perf_counter()
-    propagate.label_propagation(features, first, **settings)
+    propagate.label_propagation_fast(features, first, **settings)
     stage.sync()
     seconds = time.perf_counter() - start
     stage.record(f"ViT-S/{patch} k-NN propagation", "measured",

@@ -1,15 +1,18 @@
-"""Speed of label propagation (propagate.label_propagation) on a DAVIS-sized feature grid.
+"""Speed of label propagation (propagate.label_propagation_fast, the one propagate.py runs) on
+a DAVIS-sized feature grid.
 
 Feature extraction is excluded: random L2-normalised features [T, C, h, w] stand in for a
 video's ViT features (DAVIS at 480x880 with ViT-S/16: a 30x55 grid, C = 384). Next to it the
 script times, in the same run, the one step no implementation of the protocol can skip: the
 affinity matmul of every frame's queries with its whole context (frame 0 + the queue),
 [h*w, C] x [C, (queue + 1) * h*w] per frame -- the floor. Peak memory is the process's
-resident-set high-water mark during propagation, above what it held before.
+resident-set high-water mark during propagation, above what it held before. --literal times
+propagate.label_propagation (the rule as the protocol reads, the same result) instead.
 
 Usage:
     python benchmarks/bench_propagate.py                      # 30x55, C 384, queue 20, 30 frames
     python benchmarks/bench_propagate.py --grid 60 110 --frames 10   # ViT-S/8 at 480x880
+    python benchmarks/bench_propagate.py --literal            # the literal rule, for comparison
 """
 import argparse
 import os
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from propagate import context_frames, label_propagation  # noqa: E402
+from propagate import context_frames, label_propagation, label_propagation_fast  # noqa: E402
 
 
 def memory_mb(field):
@@ -59,6 +62,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=2, help="alternating runs of floor and propagation; best kept")
+    p.add_argument("--literal", action="store_true",
+                   help="time label_propagation (the literal rule) instead of label_propagation_fast")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -67,10 +72,11 @@ def main(argv=None):
     features = F.normalize(torch.randn(args.frames, args.dim, h, w, generator=g), dim=1).to(device)
     first = torch.softmax(torch.randn(args.labels, h, w, generator=g), dim=0).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    propagation = label_propagation if args.literal else label_propagation_fast
+    settings = dict(topk=args.topk, queue_length=args.queue_length, radius=args.radius, temperature=args.temperature)
 
     # Warm-up (allocator, kernels) on a short prefix.
-    label_propagation(features[:3], first, topk=args.topk, queue_length=args.queue_length,
-                      radius=args.radius, temperature=args.temperature)
+    propagation(features[:3], first, **settings)
 
     # Floor: the affinity matmul of each frame with its full context, same shapes as the protocol.
     feats = features.reshape(args.frames, args.dim, h * w)
@@ -97,8 +103,10 @@ def main(argv=None):
 
         sync()
         start = last[0] = time.perf_counter()
-        label_propagation(features, first, topk=args.topk, queue_length=args.queue_length, radius=args.radius,
-                          temperature=args.temperature, on_frame=on_frame)
+        if args.literal:  # no per-frame callback: the whole video only
+            label_propagation(features, first, **settings)
+        else:
+            label_propagation_fast(features, first, on_frame=on_frame, **settings)
         sync()
         return time.perf_counter() - start, per_frame
 
@@ -122,7 +130,7 @@ def main(argv=None):
     print(f"device {device}, threads {torch.get_num_threads()}, torch {torch.__version__}, cpus {os.cpu_count()}")
     print(f"grid {h}x{w}, C {args.dim}, K {args.labels}, T {args.frames}, queue {args.queue_length}, "
           f"top-k {args.topk}, radius {args.radius}: context {context} frames = {context * h * w} keys per query")
-    print(f"propagation          {n / total:8.2f} frames/s  ({1000 * total / n:7.1f} ms/frame, {total:.2f} s)")
+    print(f"{'literal rule' if args.literal else 'propagation':<21}{n / total:8.2f} frames/s  ({1000 * total / n:7.1f} ms/frame, {total:.2f} s)")
     if steady:
         print(f"  from frame {args.queue_length + 1} on     {len(steady) / sum(steady):8.2f} frames/s "
               f"({1000 * sum(steady) / len(steady):7.1f} ms/frame; earlier frames share frame 0's product)")

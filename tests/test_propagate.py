@@ -1,9 +1,11 @@
 """Label propagation (propagate.py): the k-NN of A.1.2 / Table 7 and CropMAE's protocol around it.
 
-Expected values are worked out by hand, or given by propagate.label_propagation_reference, the
-protocol's wording written one query cell at a time (itself checked on hand-worked cases below).
+Expected values are worked out by hand, or given by propagate.label_propagation, the protocol's
+wording written literally (itself checked on hand-worked cases below), which the fast path
+propagate.label_propagation_fast must reproduce.
 """
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -27,24 +29,30 @@ pytestmark = pytest.mark.float_kernels  # the verdicts compare float results of 
 # The propagation rule itself
 # -----------------------------------------------------------------------------
 
+# Properties and hand-worked cases that hold for the literal rule and for its fast path.
+LITERAL_AND_FAST = pytest.mark.parametrize("propagation", [pr.label_propagation, pr.label_propagation_fast],
+                                           ids=["literal", "fast"])
+
+
 @pytest.mark.parametrize("topk,queue_length,radius", [(4, 3, 2.0), (7, 20, 20), (3, 0, 1.0), (5, 2, 1.5)])
-def test_propagation_follows_the_protocol_definition(topk, queue_length, radius):
+def test_fast_propagation_follows_the_protocol_definition(topk, queue_length, radius):
     g = torch.Generator().manual_seed(topk * 100 + queue_length)
     features = F.normalize(torch.randn(6, 8, 3, 4, generator=g, dtype=torch.float64), dim=1)
     first = torch.softmax(torch.randn(3, 3, 4, generator=g, dtype=torch.float64), dim=0)
-    got = pr.label_propagation(features, first, topk=topk, queue_length=queue_length, radius=radius,
-                               temperature=0.7)
-    expected = pr.label_propagation_reference(features, first, topk=topk, queue_length=queue_length, radius=radius,
-                                              temperature=0.7)
+    got = pr.label_propagation_fast(features, first, topk=topk, queue_length=queue_length, radius=radius,
+                                    temperature=0.7)
+    expected = pr.label_propagation(features, first, topk=topk, queue_length=queue_length, radius=radius,
+                                    temperature=0.7)
     # float64 (in float32 a near tie at the top-k boundary could pick another neighbour): cosines of D = 8 round
     # apart by <= 2 (D + 2) eps = 2e-15, the softmax and label sums of <= 7 terms in [0, 1] by a few eps
     assert torch.allclose(got, expected, rtol=0, atol=1e-12)
 
 
-def test_frame_zero_keeps_the_given_labels():
+@LITERAL_AND_FAST
+def test_frame_zero_keeps_the_given_labels(propagation):
     features = F.normalize(torch.randn(3, 8, 3, 4), dim=1)
     first = torch.rand(2, 3, 4)
-    got = pr.label_propagation(features, first, topk=3, queue_length=2, radius=2, temperature=0.7)
+    got = propagation(features, first, topk=3, queue_length=2, radius=2, temperature=0.7)
     assert torch.equal(got[0], first)
 
 
@@ -53,8 +61,8 @@ def test_chunking_the_queries_gives_the_same_outputs():
     features = F.normalize(torch.randn(8, 16, 5, 7, generator=g, dtype=torch.float64), dim=1)
     first = torch.softmax(torch.randn(4, 5, 7, generator=g, dtype=torch.float64), dim=0)
     kwargs = dict(topk=7, queue_length=20, radius=3, temperature=0.7)
-    whole = pr.label_propagation(features, first, **kwargs)
-    chunked = pr.label_propagation(features, first, max_chunk_bytes=8 * 21 * 35 * 6, **kwargs)  # 6 queries a chunk
+    whole = pr.label_propagation_fast(features, first, **kwargs)
+    chunked = pr.label_propagation_fast(features, first, max_chunk_bytes=8 * 21 * 35 * 6, **kwargs)  # 6 queries a chunk
     # equal up to the matmul's rounding: float64 (no near tie flips a top-k pick), cosines of D = 16 within
     # 2 (D + 2) eps = 4e-15, then softmax and sums of 7 terms in [0, 1]
     assert torch.allclose(whole, chunked, rtol=0, atol=1e-12)
@@ -70,11 +78,6 @@ def test_neighbourhood_is_a_strict_euclidean_disc():
     near = pr.neighbourhood_mask(5, 5, radius=2).reshape(5, 5, 5, 5)[2, 2]
     # within distance < 2 of the centre: itself, 4 at distance 1, 4 at sqrt(2); (0, 2) at 2 is out
     assert near.sum() == 9 and not near[0, 2] and near[1, 1]
-
-
-# Hand-worked cases that hold for the fast propagation and for the reference it is compared with.
-FAST_AND_REFERENCE = pytest.mark.parametrize("propagation", [pr.label_propagation, pr.label_propagation_reference],
-                                             ids=["fast", "reference"])
 
 
 def moving_square_video(step, frames=5, h=6, w=40, side=2, start=2, beta=0.5):
@@ -107,15 +110,16 @@ def moving_square_video(step, frames=5, h=6, w=40, side=2, start=2, beta=0.5):
     return torch.stack(features), first, masks
 
 
-def test_masks_follow_the_motion_when_the_radius_covers_it():
+@LITERAL_AND_FAST
+def test_masks_follow_the_motion_when_the_radius_covers_it(propagation):
     features, first, masks = moving_square_video(step=3)
-    labels = pr.label_propagation(features, first, topk=7, queue_length=20, radius=20, temperature=0.7)
+    labels = propagation(features, first, topk=7, queue_length=20, radius=20, temperature=0.7)
     predicted = labels.argmax(1) == 1
     assert ev.region_similarity(masks[1:], predicted[1:]).min() == 1.0
     assert torch.allclose(labels[:, 1][masks], torch.ones(int(masks.sum())), rtol=0, atol=1e-5)  # 7 weights: ~7 eps
 
 
-@FAST_AND_REFERENCE
+@LITERAL_AND_FAST
 def test_object_is_lost_predictably_when_the_radius_is_smaller_than_the_motion(propagation):
     # Queue keys at the square's old place are 3 cells away, radius 3 excludes them (strict <):
     # only frame 0's long-term copy of each square cell matches (score 1 / 0.7); the other 6 of
@@ -130,7 +134,7 @@ def test_object_is_lost_predictably_when_the_radius_is_smaller_than_the_motion(p
     assert ev.region_similarity(masks[1:], (labels.argmax(1) == 1)[1:]).max() == 0.0
 
 
-@FAST_AND_REFERENCE
+@LITERAL_AND_FAST
 def test_first_frame_memory_is_not_restricted_by_the_radius(propagation):
     # top-1 over frame 0 alone (no queue) with a tiny radius still finds a square 12 cells away
     features, first, masks = moving_square_video(step=6, frames=3)
@@ -403,6 +407,31 @@ def test_static_jhmdb_video_keeps_its_first_pose_through_joint_positions_mat(tmp
     assert pos.shape == (2, 15, 4) and np.allclose(pos[:, :, 3], jhmdb_joints().T + 1)
     summary = ev.evaluate_dataset("jhmdb", tmp_path / "JHMDB", out, progress=False)
     assert summary["PCK@0.1"] == 100.0 and summary["PCK@0.2"] == 100.0
+
+
+class PatchPixels(torch.nn.Module):
+    """A feature extractor that is no ViT: each 8x8 patch's pixels as its feature, L2-normalised."""
+    patch_size, embed_dim = PATCH, 3 * PATCH ** 2
+
+    def description(self):
+        return {"features": "patch pixels", "stride": self.patch_size}
+
+    def forward(self, frames):  # [B, 3, H, W] -> [B, 3*8*8, H/8, W/8]
+        B, _, H, W = frames.shape
+        patches = F.unfold(frames, PATCH, stride=PATCH)  # [B, 3*8*8, (H/8)(W/8)]
+        return F.normalize(patches, dim=1).reshape(B, -1, H // PATCH, W // PATCH)
+
+
+def test_any_module_with_the_feature_extractor_interface_propagates(tmp_path):
+    # frames in, features out, patch_size and embed_dim: nothing of a ViT is asked of it. A static
+    # video's cells match themselves (cosine 1) in every context frame, so the bands stay exact
+    make_davis(tmp_path / "DAVIS")
+    out = tmp_path / "pred"
+    result = pr.propagate_dataset("davis", tmp_path / "DAVIS", PatchPixels(), out, input_size=(H, W), progress=False)
+    assert result["written"] == ["seq"]
+    assert ev.evaluate_dataset("davis", tmp_path / "DAVIS", out, progress=False)["J&F_m"] == 100.0
+    record = json.loads((out / "propagation.json").read_text())
+    assert record["encoder"] == {"features": "patch pixels", "stride": PATCH} and record["topk"] == 7  # Table 7
 
 
 def test_command_line_writes_strips_and_a_rerun_skips_finished_videos(tmp_path, capsys):
