@@ -25,19 +25,16 @@ eps_uncond + s (eps_cond - eps_uncond), the conditional prediction alone for s <
 default s = 7 is the paper's w = 6. generation.json records which convention a bag root's
 `guidance` is in.
 
-What you may copy: the method comes first in this file, the plumbing after it.
-`guided_noise_prediction`, `sample_latents` and `decode_latents` (Sec. 4) need only torch and
-a diffusers UNet2DConditionModel, DDIMScheduler and VQModel / AutoencoderKL (or objects with
-the same calls); `view_seed` / `view_noise` need torch and hashlib; `Conditioner` (Sec. 3.1)
-needs torch and a ViT with `forward_features` and `embed_dim` (cdgmae.VisionTransformer), and
-`conditioning_tensor` metrics.evaluation_tensor. `SLDMBackend` wraps an `SLDM` (UNet,
-first stage, scheduler, conditioner) for `generate_bags`, which takes any backend with
-`prepare`, `latent_shape()`, `generate(prepared, noise)` and `unet_calls`; it and `write_bag`
-use cdgmae's file helpers (atomic_write, remove_stale_temporaries, bag_files, load_rgb) and
-tqdm. After them: the S-LDM folder (`load_sldm` / `save_sldm`: diffusers), the CompVis
-checkpoint converter (`convert_ldm`: diffusers and pyyaml), the image-variation backend
-(diffusers and transformers), the input listing and shards, the output's settings record,
-k-NN image bags (metrics.py) and the command line.
+What you may copy: the method comes first, in its order: `Conditioner` (Sec. 3.1; any ViT
+with `forward_features` and `embed_dim`), the `SLDM`, the sampling of Sec. 4
+(`guided_noise_prediction`, `sample_latents`, `decode_latents`, `view_noise`: torch and
+diffusers' UNet2DConditionModel, DDIMScheduler, VQModel / AutoencoderKL, or objects with the
+same calls) and the bags on disk (`SLDMBackend`, `generate_bags`, `write_bag`). Then the S-LDM
+folder, the CompVis-LDM converter (pyyaml and the two public layouts, mapped here), the
+image-variation backend (transformers), inputs and shards, the settings record, k-NN bags and
+the command line. The plumbing comes from common.py; from cdgmae.py only
+`encoder_from_checkpoint`, `load_checkpoint` and `check_finite`; from metrics.py the
+conditioning crop and the k-NN search.
 
 Commands:
     # a CompVis-LDM checkpoint (UNet + VQ/KL first stage + Linear projection) -> S-LDM folder
@@ -52,7 +49,6 @@ Import:
     from generate_views import load_sldm, SLDMBackend, generate_bags
 """
 import argparse
-import copy
 import hashlib
 import importlib.util
 import json
@@ -269,7 +265,7 @@ def bag_is_complete(bag_dir, num_views):
 
 def write_bag(bag_dir, real_path, views, quality=JPEG_QUALITY, link=False):
     """Write one bag: the views first, the real image last, each under a hidden temporary
-    name then renamed. A bag folder holding real.* (what cdgmae.find_bags looks for) is
+    name then renamed. A bag folder holding real.* (what common.find_bags looks for) is
     therefore always complete, and a killed run never leaves a truncated file under a final name.
 
     views: PIL images (saved as view_XX.jpg) or image files (view_XX.<their suffix>, e.g. the
@@ -321,6 +317,8 @@ class ImageFiles(torch.utils.data.Dataset):
 def generate_bags(backend, images_root, rel_paths, output, num_views=PAPER_VIEWS, batch_size=8, seed=0,
                   quality=JPEG_QUALITY, workers=4, progress=True):
     """Generate the bags of `rel_paths` (relative to images_root) under `output`, skipping complete bags.
+    `backend`: any object with `prepare`, `latent_shape()`, `generate(prepared, noise)` and `unet_calls`
+    (SLDMBackend, ImageVariationBackend).
 
     Returns a summary: {"images", "complete_before", "generated", "unreadable": [(path, reason)],
     "unet_calls", "seconds"}.
@@ -474,9 +472,34 @@ def load_sldm(folder, device="cpu", dtype=torch.float32):
 
 
 # -----------------------------------------------------------------------------
-# Converting a CompVis-LDM checkpoint (model.diffusion_model.* UNet, first_stage_model.*
-# VQ/KL autoencoder, cond_stage_model.* projection) into an S-LDM folder
+# Converting a CompVis-LDM checkpoint into an S-LDM folder
 # -----------------------------------------------------------------------------
+#
+# The checkpoint holds three models under three prefixes. Each becomes its diffusers
+# counterpart, built with its public constructor from a config derived from the yaml; its
+# weights are renamed from the CompVis layout to the diffusers one and loaded strictly: every
+# checkpoint key must name a tensor of the model, and every tensor of the model must be given.
+#
+#   model.diffusion_model.*  openaimodel.UNetModel with SpatialTransformers   -> UNet2DConditionModel
+#   first_stage_model.*      VQModelInterface / AutoencoderKL (taming's        -> VQModel / AutoencoderKL
+#                            Encoder and Decoder, a quantizer or not)
+#   cond_stage_model.*       one Linear layer (PatchEmbedder.patch_fc)         -> Conditioner.projection
+#
+# A renaming table maps each CompVis module to (its diffusers module, {CompVis layer inside it:
+# diffusers layer}), or None where the layers inside have the same names in both layouts.
+
+def read_ldm_config(path):
+    """The checkpoint's yaml, checked to be a CompVis LDM config."""
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: cannot read the LDM config ({one_line(e)}) (give the checkpoint's yaml)") from e
+    params = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(params, dict) or "unet_config" not in (params.get("params") or {}):
+        raise ValueError(f"{path}: not a CompVis LDM config (model.params.unet_config missing)")
+    return config
+
 
 def read_ldm_checkpoint(path, trust=False):
     """Flat state dict of a CompVis/Lightning checkpoint ({"state_dict": ...} or plain)."""
@@ -495,105 +518,232 @@ def read_ldm_checkpoint(path, trust=False):
     return state
 
 
-def _check_all_keys_used(source, converted, what, name):
-    """Every source tensor must reappear in the converted dict (possibly reshaped, same storage)."""
-    used = {v.data_ptr() for v in converted.values()}
-    unused = sorted(k for k, v in source.items() if v.numel() and v.data_ptr() not in used)
-    if unused:
-        raise ValueError(f"{name}: {len(unused)} {what} keys were not converted: {unused[:20]}")
+def renamed(key, table):
+    """A CompVis key -> its diffusers name by a renaming table; None if no module of the table holds it."""
+    parts = key.split(".")
+    for n in range(len(parts) - 1, 0, -1):  # the longest module first: input_blocks.3.0.op before input_blocks.3.0
+        module, layer, leaf = ".".join(parts[:n]), ".".join(parts[n:-1]), parts[-1]
+        if module in table:
+            new_module, layers = table[module]
+            if layers is not None:
+                if layer not in layers:
+                    return None
+                layer = layers[layer]
+            return ".".join(p for p in (new_module, layer, leaf) if p)
+    return None
 
 
-def _load_strict(module, state, what, name):
-    missing, unexpected = set(module.state_dict()) - set(state), set(state) - set(module.state_dict())
-    if missing or unexpected:
-        raise ValueError(f"{name}: converted {what} does not match the model built from the config:\n"
-                         f"  missing: {sorted(missing)[:20]}\n  unexpected: {sorted(unexpected)[:20]}")
+def load_converted(model, weights, table, what, name, prefix):
+    """Load CompVis `weights` (their keys without `prefix`) into the diffusers `model`, every key renamed
+    by `table`, strictly."""
+    target, state, unconverted = model.state_dict(), {}, []
+    for key, value in weights.items():
+        new = renamed(key, table)
+        if new not in target:
+            unconverted.append(key)
+        elif value.ndim == 4 and value.shape[2:] == (1, 1) and target[new].ndim == 2:
+            state[new] = value[:, :, 0, 0]  # a 1x1 convolution in CompVis, the same map as a Linear layer
+        else:
+            state[new] = value
+    if unconverted:
+        raise ValueError(f"{name}: {len(unconverted)} {what} keys were not converted: "
+                         f"{[prefix + k for k in sorted(unconverted)[:20]]}")
+    missing = sorted(set(target) - set(state))
+    if missing:
+        raise ValueError(f"{name}: the model the config builds has {len(missing)} {what} tensors that the checkpoint "
+                         f"lacks: {missing[:20]} (give the yaml the checkpoint was trained with)")
     try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{name}: {what} weights do not fit the config: {e}") from e
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # a shape that differs
+        raise ValueError(f"{name}: {what} weights do not fit the config ({one_line(e)})") from e
 
 
-def ldm_unet_config(original_config, state):
-    """diffusers UNet2DConditionModel config of a CompVis `openaimodel.UNetModel` with spatial transformers."""
-    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
+# The UNet. CompVis UNetModel options that this conversion maps only at the value given (their
+# default there): other values build layers that UNet2DConditionModel lays out otherwise or lacks.
+UNET_FIXED_OPTIONS = {"dims": 2, "conv_resample": True, "resblock_updown": False, "num_classes": None,
+                      "n_embed": None, "disable_self_attentions": None, "num_attention_blocks": None,
+                      "disable_middle_self_attn": False}
+# openaimodel.ResBlock -> diffusers ResnetBlock2D
+RESBLOCK_LAYERS = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+                   "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 
-    original_config = copy.deepcopy(original_config)
-    params = original_config["model"]["params"]
-    unet_params = params["unet_config"]["params"]
-    if not unet_params.get("use_spatial_transformer") or unet_params.get("context_dim") is None:
-        raise ValueError("the UNet has no cross-attention (use_spatial_transformer / context_dim): not an S-LDM")
+
+def check_ldm_unet(params, where):
+    """Raise, naming the yaml, unless its UNet is one that this conversion maps."""
+    p = params["unet_config"]["params"]
     if params.get("conditioning_key", "crossattn") != "crossattn":
-        raise ValueError(f"conditioning_key {params.get('conditioning_key')!r} is not supported, only 'crossattn'")
-    if unet_params.get("resblock_updown") or "num_classes" in unet_params:
-        raise ValueError("resblock_updown / class-conditional UNets are not supported")
-    if not isinstance(unet_params["num_res_blocks"], int):
-        raise ValueError("per-level num_res_blocks is not supported")
-    unet_params.setdefault("transformer_depth", 1)  # the CompVis default
-    config = create_unet_diffusers_config_from_ldm(original_config, state)
-    # diffusers guesses the sample size from Stable Diffusion's; the yaml states the latent size.
-    config["sample_size"] = unet_params["image_size"]
-    # Heads per level. CompVis: num_head_channels (if set) gives ch // num_head_channels heads
-    # at width ch, else num_heads heads everywhere; diffusers' helper only handles the former
-    # for linear projections. diffusers' `attention_head_dim` is the number of heads.
-    head_channels = unet_params.get("num_head_channels", -1)
-    if head_channels not in (None, -1):
-        config["attention_head_dim"] = [c // head_channels for c in config["block_out_channels"]]
-    else:
-        config["attention_head_dim"] = unet_params["num_heads"]
-    if unet_params.get("use_scale_shift_norm"):
-        config["resnet_time_scale_shift"] = "scale_shift"
-    return config
+        raise ValueError(f"{where}: conditioning_key {params['conditioning_key']!r} is not supported, only 'crossattn'")
+    if not p.get("use_spatial_transformer") or not isinstance(p.get("context_dim"), int):
+        raise ValueError(f"{where}: the UNet has no cross-attention to one context (use_spatial_transformer, an "
+                         f"integer context_dim): not an S-LDM")
+    for key, value in UNET_FIXED_OPTIONS.items():
+        if p.get(key, value) != value:
+            raise ValueError(f"{where}: unet_config {key}: {p[key]!r} is not supported, only {value!r}")
+    for key in ("num_res_blocks", "transformer_depth"):
+        if not isinstance(p.get(key, 1), int):
+            raise ValueError(f"{where}: per-level {key} {p[key]!r} is not supported (one integer for every level)")
+    if p.get("num_head_channels", -1) == -1 and p.get("num_heads", -1) == -1:
+        raise ValueError(f"{where}: unet_config gives neither num_heads nor num_head_channels")
 
 
-def convert_ldm_unet(state, original_config, extract_ema=False, name="checkpoint"):
+def ldm_unet_config(original_config, where="the LDM config"):
+    """UNet2DConditionModel config of the yaml's CompVis UNetModel (model.params.unet_config.params)."""
+    check_ldm_unet(original_config["model"]["params"], where)
+    p = original_config["model"]["params"]["unet_config"]["params"]
+    widths = [p["model_channels"] * m for m in p["channel_mult"]]                 # level i's channels
+    attention = [2 ** i in p["attention_resolutions"] for i in range(len(widths))]  # level i downsamples by 2^i
+    # CompVis: width // num_head_channels heads at each level if num_head_channels is set, else num_heads
+    head_channels = p.get("num_head_channels", -1)
+    heads = [w // head_channels for w in widths] if head_channels != -1 else p["num_heads"]
+    return dict(sample_size=p["image_size"], in_channels=p["in_channels"], out_channels=p["out_channels"],
+                block_out_channels=widths, layers_per_block=p["num_res_blocks"],
+                down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
+                up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
+                attention_head_dim=heads,  # diffusers' name for the number of heads
+                transformer_layers_per_block=p.get("transformer_depth", 1),  # blocks per SpatialTransformer
+                cross_attention_dim=p["context_dim"],
+                use_linear_projection=p.get("use_linear_in_transformer", False),  # proj_in/out Linear, not 1x1 conv
+                resnet_time_scale_shift="scale_shift" if p.get("use_scale_shift_norm", False) else "default")
+
+
+def ldm_unet_table(config):
+    """The renaming table of the UNet, written from the two layouts."""
+    levels, blocks = len(config["block_out_channels"]), config["layers_per_block"]
+    attention = [kind.startswith("CrossAttn") for kind in config["down_block_types"]]
+    table = {"time_embed.0": ("time_embedding.linear_1", None), "time_embed.2": ("time_embedding.linear_2", None),
+             "input_blocks.0.0": ("conv_in", None), "out.0": ("conv_norm_out", None), "out.2": ("conv_out", None),
+             # middle_block = ResBlock, SpatialTransformer, ResBlock
+             "middle_block.0": ("mid_block.resnets.0", RESBLOCK_LAYERS),
+             "middle_block.1": ("mid_block.attentions.0", None),
+             "middle_block.2": ("mid_block.resnets.1", RESBLOCK_LAYERS)}
+    # input_blocks, after conv_in: at each level `blocks` blocks [ResBlock, SpatialTransformer at attention
+    # levels], then, but at the last level, one block [Downsample], whose convolution is `op`
+    i = 1
+    for level in range(levels):
+        for j in range(blocks):
+            table[f"input_blocks.{i}.0"] = (f"down_blocks.{level}.resnets.{j}", RESBLOCK_LAYERS)
+            if attention[level]:
+                table[f"input_blocks.{i}.1"] = (f"down_blocks.{level}.attentions.{j}", None)
+            i += 1
+        if level < levels - 1:
+            table[f"input_blocks.{i}.0.op"] = (f"down_blocks.{level}.downsamplers.0.conv", None)
+            i += 1
+    # output_blocks: the levels deepest first, as diffusers' up_blocks (up block u is level levels - 1 - u),
+    # blocks + 1 blocks each [ResBlock, SpatialTransformer at attention levels], the last one of every level
+    # but level 0 ending with an Upsample (its `conv`)
+    for u in range(levels):
+        level = levels - 1 - u
+        for j in range(blocks + 1):
+            i = u * (blocks + 1) + j
+            table[f"output_blocks.{i}.0"] = (f"up_blocks.{u}.resnets.{j}", RESBLOCK_LAYERS)
+            if attention[level]:
+                table[f"output_blocks.{i}.1"] = (f"up_blocks.{u}.attentions.{j}", None)
+        if level > 0:
+            table[f"output_blocks.{i}.{2 if attention[level] else 1}.conv"] = (f"up_blocks.{u}.upsamplers.0.conv", None)
+    return table
+
+
+def ldm_unet_weights(state, ema, name):
+    """The UNet's weights by their CompVis names (model.diffusion_model.* without the prefix); with `ema`,
+    LitEma's copies of them, stored as model_ema.diffusion_model<the name without its dots>."""
+    unet = {k.removeprefix("model.diffusion_model."): v for k, v in state.items()
+            if k.startswith("model.diffusion_model.")}
+    if not ema:
+        return unet
+    ema_key = {k: "model_ema.diffusion_model" + k.replace(".", "") for k in unet}
+    missing = [k for k in unet if ema_key[k] not in state]
+    if missing:
+        raise ValueError(f"{name}: no EMA copy (model_ema.*) of {len(missing)} UNet weights, e.g. {missing[:3]} "
+                         f"(convert without --ema)")
+    return {k: state[ema_key[k]] for k in unet}
+
+
+def convert_ldm_unet(state, original_config, extract_ema=False, name="checkpoint", where="the LDM config"):
     from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import LDM_UNET_KEY, convert_ldm_unet_checkpoint
 
-    config = ldm_unet_config(original_config, state)
-    converted = convert_ldm_unet_checkpoint(state, config, extract_ema=extract_ema)
-    if not extract_ema:
-        _check_all_keys_used({k: v for k, v in state.items() if k.startswith(LDM_UNET_KEY)}, converted, "UNet", name)
-    unet = UNet2DConditionModel.from_config(config)
-    _load_strict(unet, converted, "UNet", name)
+    config = ldm_unet_config(original_config, where)
+    unet = UNet2DConditionModel(**config)
+    load_converted(unet, ldm_unet_weights(state, extract_ema, name), ldm_unet_table(config), "UNet", name,
+                   "model.diffusion_model.")
     return unet
 
 
-def convert_ldm_first_stage(state, original_config, name="checkpoint"):
-    """The VQ (VQModelInterface) or KL first stage as a diffusers VQModel / AutoencoderKL."""
+# The first stage. taming Encoder/Decoder options that this conversion maps only at the value
+# given: diffusers' encoder and decoder blocks have no attention of their own, resample with
+# convolutions and end without tanh.
+FIRST_STAGE_FIXED_OPTIONS = {"attn_resolutions": [], "resamp_with_conv": True, "attn_type": "vanilla",
+                             "use_linear_attn": False, "tanh_out": False, "give_pre_end": False}
+# taming ResnetBlock -> diffusers ResnetBlock2D; taming AttnBlock (1x1 convolutions) -> diffusers Attention
+FIRST_STAGE_RESBLOCK_LAYERS = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
+                               "nin_shortcut": "conv_shortcut"}
+FIRST_STAGE_ATTENTION_LAYERS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+
+def ldm_first_stage(original_config, state, where="the LDM config"):
+    """The yaml's VQ (VQModelInterface) or KL (AutoencoderKL) first stage as a diffusers VQModel or
+    AutoencoderKL with random weights."""
     from diffusers import AutoencoderKL, VQModel
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     params = original_config["model"]["params"]
-    first_stage = params["first_stage_config"]
-    target = first_stage["target"].rsplit(".", 1)[-1]
-    dd = first_stage["params"]["ddconfig"]
-    if dd.get("attn_resolutions"):
-        raise ValueError(f"first stage with attention at resolutions {dd['attn_resolutions']} is not supported "
-                         "(diffusers' encoder/decoder blocks have none)")
-    # LatentDiffusion divides latents by scale_factor before decoding (1.0 unless scale_by_std).
+    kind = params["first_stage_config"]["target"].rsplit(".", 1)[-1]
+    p = params["first_stage_config"]["params"]
+    dd = p["ddconfig"]
+    for key, value in FIRST_STAGE_FIXED_OPTIONS.items():
+        if dd.get(key, value) != value:
+            raise ValueError(f"{where}: first stage ddconfig {key}: {dd[key]!r} is not supported, only {value!r}")
+    # LatentDiffusion divides latents by scale_factor before decoding (1.0 unless scale_by_std)
     scale = state.get("scale_factor", params.get("scale_factor", 1.0))
-    scale = float(scale.item() if torch.is_tensor(scale) else scale)
     levels = len(dd["ch_mult"])
-    config = dict(in_channels=dd["in_channels"], out_channels=dd["out_ch"],
-                  down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
+    config = dict(in_channels=dd["in_channels"], out_channels=dd["out_ch"], sample_size=dd["resolution"],
                   block_out_channels=[dd["ch"] * m for m in dd["ch_mult"]], layers_per_block=dd["num_res_blocks"],
-                  latent_channels=dd["z_channels"], sample_size=dd["resolution"], scaling_factor=scale)
-    source = {k: v for k, v in state.items()
-              if k.startswith("first_stage_model.") and not k.startswith("first_stage_model.loss.")}
-    converted = convert_ldm_vae_checkpoint(source, config)
-    if target.startswith("VQModel"):
-        vae = VQModel(**config, num_vq_embeddings=first_stage["params"]["n_embed"],
-                      vq_embed_dim=first_stage["params"]["embed_dim"])
-        converted["quantize.embedding.weight"] = source["first_stage_model.quantize.embedding.weight"]
-    elif target == "AutoencoderKL":
-        if first_stage["params"]["embed_dim"] != dd["z_channels"]:
-            raise ValueError("AutoencoderKL with embed_dim != z_channels has no diffusers counterpart")
-        vae = AutoencoderKL(**config)
-    else:
-        raise ValueError(f"first stage {first_stage['target']} is not supported (VQModelInterface or AutoencoderKL)")
-    _check_all_keys_used(source, converted, "first-stage", name)
-    _load_strict(vae, converted, "first stage", name)
+                  down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
+                  latent_channels=dd["z_channels"], scaling_factor=float(scale))
+    if kind.startswith("VQModel"):  # the encoder gives z_channels, quant_conv maps them to the codebook's embed_dim
+        if dd.get("double_z", True):
+            raise ValueError(f"{where}: a VQ first stage with double_z True is not supported")
+        return VQModel(**config, num_vq_embeddings=p["n_embed"], vq_embed_dim=p["embed_dim"])
+    if kind == "AutoencoderKL":  # the encoder gives mean and log-variance, 2 x z_channels (double_z)
+        if not dd.get("double_z", True) or p["embed_dim"] != dd["z_channels"]:
+            raise ValueError(f"{where}: a KL first stage needs double_z True and embed_dim == z_channels "
+                             f"(diffusers' AutoencoderKL has no other)")
+        return AutoencoderKL(**config)
+    raise ValueError(f"{where}: first stage {params['first_stage_config']['target']} is not supported "
+                     f"(VQModelInterface or AutoencoderKL)")
+
+
+def ldm_first_stage_table(config):
+    """The renaming table of the first stage, written from the two layouts."""
+    levels, blocks = len(config["block_out_channels"]), config["layers_per_block"]
+    table = {name: (name, None) for name in ("quant_conv", "post_quant_conv", "quantize.embedding")}
+    for part in ("encoder", "decoder"):
+        table.update({f"{part}.conv_in": (f"{part}.conv_in", None), f"{part}.conv_out": (f"{part}.conv_out", None),
+                      f"{part}.norm_out": (f"{part}.conv_norm_out", None),
+                      # mid = block_1, attn_1, block_2
+                      f"{part}.mid.block_1": (f"{part}.mid_block.resnets.0", FIRST_STAGE_RESBLOCK_LAYERS),
+                      f"{part}.mid.attn_1": (f"{part}.mid_block.attentions.0", FIRST_STAGE_ATTENTION_LAYERS),
+                      f"{part}.mid.block_2": (f"{part}.mid_block.resnets.1", FIRST_STAGE_RESBLOCK_LAYERS)})
+    for level in range(levels):
+        # encoder.down[level]: `blocks` ResnetBlocks, then, but at the last level, a Downsample
+        for j in range(blocks):
+            table[f"encoder.down.{level}.block.{j}"] = (f"encoder.down_blocks.{level}.resnets.{j}",
+                                                        FIRST_STAGE_RESBLOCK_LAYERS)
+        if level < levels - 1:
+            table[f"encoder.down.{level}.downsample.conv"] = (f"encoder.down_blocks.{level}.downsamplers.0.conv", None)
+        # decoder.up[level]: blocks + 1 ResnetBlocks, then, but at level 0, an Upsample; diffusers'
+        # up_blocks run the levels deepest first
+        u = levels - 1 - level
+        for j in range(blocks + 1):
+            table[f"decoder.up.{level}.block.{j}"] = (f"decoder.up_blocks.{u}.resnets.{j}", FIRST_STAGE_RESBLOCK_LAYERS)
+        if level > 0:
+            table[f"decoder.up.{level}.upsample.conv"] = (f"decoder.up_blocks.{u}.upsamplers.0.conv", None)
+    return table
+
+
+def convert_ldm_first_stage(state, original_config, name="checkpoint", where="the LDM config"):
+    vae = ldm_first_stage(original_config, state, where)
+    weights = {k.removeprefix("first_stage_model."): v for k, v in state.items()
+               if k.startswith("first_stage_model.") and not k.startswith("first_stage_model.loss.")}
+    load_converted(vae, weights, ldm_first_stage_table(vae.config), "first-stage", name, "first_stage_model.")
     return vae
 
 
@@ -610,14 +760,20 @@ def convert_ldm_projection(state, original_config, name="checkpoint"):
     return cond[prefix + "weight"], cond[prefix + "bias"], bool(cond_params.get("normalize_ssl", False))
 
 
-def ldm_scheduler(original_config):
+PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}  # CompVis parameterization -> diffusers
+
+
+def ldm_scheduler(original_config, where="the LDM config"):
     """DDIMScheduler reproducing the CompVis DDIM sampler (eta = 0) on the checkpoint's noise schedule."""
     from diffusers import DDIMScheduler
 
     params = original_config["model"]["params"]
     if params.get("beta_schedule", "linear") != "linear":
-        raise ValueError(f"beta_schedule {params['beta_schedule']!r} is not supported, only CompVis 'linear'")
-    prediction = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[params.get("parameterization", "eps")]
+        raise ValueError(f"{where}: beta_schedule {params['beta_schedule']!r} is not supported, only CompVis 'linear'")
+    if params.get("parameterization", "eps") not in PREDICTION_TYPES:
+        raise ValueError(f"{where}: parameterization {params['parameterization']!r} is not one of "
+                         f"{list(PREDICTION_TYPES)}")
+    prediction = PREDICTION_TYPES[params.get("parameterization", "eps")]
     # CompVis DDPM defaults: linear_start 1e-4, linear_end 2e-2, 1000 timesteps.
     return DDIMScheduler(**{**LDM_DDIM, "num_train_timesteps": params.get("timesteps", 1000),
                             "beta_start": params.get("linear_start", 1e-4), "beta_end": params.get("linear_end", 2e-2),
@@ -629,20 +785,14 @@ def convert_ldm(ldm_checkpoint, ldm_config, dino_checkpoint, output, cond_image_
     """CompVis-LDM checkpoint + its yaml + the conditioning ViT's checkpoint -> S-LDM folder.
     num_heads: the ViT's heads (None: cdgmae.encoder_from_checkpoint's rule)."""
     check_new_folder(output)
-    try:
-        with open(ldm_config) as f:
-            original_config = yaml.safe_load(f)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ValueError(f"{ldm_config}: cannot read the LDM config ({one_line(e)}) (give the checkpoint's yaml)") from e
-    params = original_config.get("model") if isinstance(original_config, dict) else None
-    if not isinstance(params, dict) or "unet_config" not in (params.get("params") or {}):
-        raise ValueError(f"{ldm_config}: not a CompVis LDM config (model.params.unet_config missing)")
+    original_config = read_ldm_config(ldm_config)
     state = read_ldm_checkpoint(ldm_checkpoint, trust=trust_checkpoint)
     name = str(ldm_checkpoint)
     try:
-        unet = convert_ldm_unet(state, original_config, extract_ema, name)
-        vae = convert_ldm_first_stage(state, original_config, name)
+        unet = convert_ldm_unet(state, original_config, extract_ema, name, ldm_config)
+        vae = convert_ldm_first_stage(state, original_config, name, ldm_config)
         weight, bias, normalize = convert_ldm_projection(state, original_config, name)
+        scheduler = ldm_scheduler(original_config, ldm_config)
     except KeyError as e:  # an entry the conversion needs is not in the yaml
         raise ValueError(f"{ldm_config}: missing entry {e} in this config or in {ldm_checkpoint} "
                          f"(give the yaml the checkpoint was trained with)") from e
@@ -657,7 +807,7 @@ def convert_ldm(ldm_checkpoint, ldm_config, dino_checkpoint, output, cond_image_
                          f"embedding of {dino_checkpoint} to the UNet's {unet.config.cross_attention_dim}-d context")
     conditioner = Conditioner(vit, weight.shape[0], normalize, cond_image_size)
     conditioner.projection.load_state_dict({"weight": weight, "bias": bias})
-    sldm = SLDM(unet, vae, ldm_scheduler(original_config), conditioner)
+    sldm = SLDM(unet, vae, scheduler, conditioner)
     save_sldm(output, sldm, extra={"converted_from": {"checkpoint": str(ldm_checkpoint), "config": str(ldm_config),
                                                      "vit": str(dino_checkpoint), "ema": extract_ema}})
     return sldm

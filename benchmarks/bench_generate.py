@@ -66,10 +66,10 @@ def real_size_sldm(device="cpu", unet_dtype=torch.float32):
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(gv.ldm_unet_config(REAL_SIZE_CONFIG, {}))
+    unet = UNet2DConditionModel(**gv.ldm_unet_config(REAL_SIZE_CONFIG))
     context_dim = REAL_SIZE_CONFIG["model"]["params"]["unet_config"]["params"]["context_dim"]
     conditioner = gv.Conditioner(cdgmae.vit_base(patch_size=16), context_dim, True, 224)
-    sldm = gv.SLDM(unet.to(device, unet_dtype).eval(), first_stage_from_config(REAL_SIZE_CONFIG).to(device),
+    sldm = gv.SLDM(unet.to(device, unet_dtype).eval(), gv.ldm_first_stage(REAL_SIZE_CONFIG, {}).eval().to(device),
                    DDIMScheduler(**gv.LDM_DDIM), conditioner.to(device).eval())
     for module in (sldm.unet, sldm.vae, sldm.conditioner):
         module.requires_grad_(False)
@@ -146,11 +146,10 @@ def bench_real_size(views, steps):
     from diffusers import UNet2DConditionModel
 
     print("\n== S-LDM of the real size, random weights: MACs of one forward (batch 1), counted with hooks")
-    config = gv.ldm_unet_config(REAL_SIZE_CONFIG, {})
-    unet = UNet2DConditionModel.from_config(config).eval()
+    unet = UNet2DConditionModel(**gv.ldm_unet_config(REAL_SIZE_CONFIG)).eval()
     params = sum(p.numel() for p in unet.parameters())
     unet_macs, unet_s = count_macs(unet, torch.randn(1, 3, 64, 64), 500, encoder_hidden_states=torch.randn(1, 1, 512))
-    vae = first_stage_from_config(REAL_SIZE_CONFIG)
+    vae = gv.ldm_first_stage(REAL_SIZE_CONFIG, {}).eval()
     dec_macs, dec_s = count_macs(Decode(vae), torch.randn(1, 3, 64, 64))
     vit = cdgmae.vit_base(patch_size=16).eval()
     vit_macs, vit_s = count_macs(vit, torch.randn(1, 3, 224, 224))
@@ -169,19 +168,6 @@ def bench_real_size(views, steps):
     print(f"paper: 48 h x 8 A100 / 1.28M images = {PAPER_GPU_SECONDS_PER_IMAGE:.2f} GPU-s per image "
           f"({1 / PAPER_GPU_SECONDS_PER_IMAGE:.2f} images/s per GPU; 135 ms per image on 8 GPUs), i.e. "
           f"{achieved / 1e12:.0f} TFLOP/s = {100 * achieved / A100_BF16_PEAK:.0f}% of peak if the model is this size")
-
-
-def first_stage_from_config(config):
-    """The VQ-f4 first stage built from the yaml, with random weights (no checkpoint)."""
-    from diffusers import VQModel
-
-    dd = config["model"]["params"]["first_stage_config"]["params"]["ddconfig"]
-    levels = len(dd["ch_mult"])
-    return VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
-                   up_block_types=("UpDecoderBlock2D",) * levels,
-                   block_out_channels=[dd["ch"] * m for m in dd["ch_mult"]],
-                   layers_per_block=dd["num_res_blocks"], latent_channels=3, num_vq_embeddings=8192,
-                   vq_embed_dim=3, sample_size=256, scaling_factor=1.0).eval()
 
 
 class Decode(nn.Module):

@@ -14,7 +14,7 @@ from PIL import Image
 import common
 import cdgmae
 import generate_views as gv
-from diffusers import DDIMScheduler, UNet2DConditionModel, VQModel
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, VQModel
 
 VIEWS = 2
 STEPS = 2
@@ -466,6 +466,96 @@ def test_conversion_refuses_a_checkpoint_with_unconverted_keys(compvis_checkpoin
     with pytest.raises(ValueError, match="extra.weight"):
         gv.convert_ldm(tmp_path / "bad.ckpt", root / "model.yaml", root / "dino.pth", tmp_path / "out", 32)
     assert not (tmp_path / "out").exists()
+
+
+def test_conversion_refuses_a_checkpoint_that_lacks_a_tensor_of_the_model(compvis_checkpoint, tmp_path):
+    root = compvis_checkpoint["folder"].parent
+    state = torch.load(root / "model.ckpt", weights_only=True)["state_dict"]
+    del state["model.diffusion_model.out.2.bias"]  # the UNet's last convolution: diffusers' conv_out
+    torch.save({"state_dict": state}, tmp_path / "short.ckpt")
+    with pytest.raises(ValueError, match=r"lacks: \['conv_out.bias'\]"):
+        gv.convert_ldm(tmp_path / "short.ckpt", root / "model.yaml", root / "dino.pth", tmp_path / "out", 32)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.float_kernels
+def test_a_kl_first_stage_and_the_other_unet_options_convert_to_the_same_computation(tmp_path):
+    """The options the fixture above leaves at one value: num_heads instead of num_head_channels,
+    two transformer blocks per SpatialTransformer, scale-shift norm, Linear proj_in/proj_out, two
+    ResBlocks per level over three levels, a KL first stage with a stored scale_factor, no
+    normalisation of the SSL embedding."""
+    torch.manual_seed(20)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+                                block_out_channels=(32, 32, 64),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                                cross_attention_dim=32, attention_head_dim=2, transformer_layers_per_block=2,
+                                use_linear_projection=True, resnet_time_scale_shift="scale_shift").eval()
+    kl = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                       up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 32), layers_per_block=1,
+                       latent_channels=4, sample_size=16).eval()
+    patch_fc, vit = torch.nn.Linear(64, 32), tiny_vit(21)
+    state = {f"model.diffusion_model.{k}": v.clone() for k, v in
+             ldm_unet_keys(unet.state_dict(), 2, attention_levels=[False, True, True]).items()}
+    state.update({f"first_stage_model.{k}": v.clone() for k, v in ldm_first_stage_keys(kl.state_dict(), 2).items()})
+    state.update({f"cond_stage_model.patch_fc.{k}": v.clone() for k, v in patch_fc.state_dict().items()})
+    state["scale_factor"] = torch.tensor(0.25)  # LatentDiffusion's buffer when scale_by_std
+    torch.save({"state_dict": state}, tmp_path / "model.ckpt")
+    config = {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": {
+        "linear_start": 0.0015, "linear_end": 0.0195, "conditioning_key": "crossattn", "scale_by_std": True,
+        "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
+            "image_size": 8, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+            "attention_resolutions": [2, 4], "num_res_blocks": 2, "channel_mult": [1, 1, 2], "num_heads": 2,
+            "use_spatial_transformer": True, "transformer_depth": 2, "context_dim": 32,
+            "use_scale_shift_norm": True, "use_linear_in_transformer": True}},
+        "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
+            "embed_dim": 4, "ddconfig": {
+                "double_z": True, "z_channels": 4, "resolution": 16, "in_channels": 3, "out_ch": 3, "ch": 32,
+                "ch_mult": [1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}}},
+        "cond_stage_config": {"target": "ldm.modules.encoders.modules.PatchEmbedder", "params": {
+            "normalize_ssl": False}}}}}
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(config))
+    torch.save(vit.state_dict(), tmp_path / "dino.pth")
+    gv.convert_ldm(tmp_path / "model.ckpt", tmp_path / "model.yaml", tmp_path / "dino.pth", tmp_path / "sldm", 32)
+    sldm = gv.load_sldm(tmp_path / "sldm")
+    assert sldm.unet.config.attention_head_dim == 2  # CompVis num_heads: 2 heads at every level
+    assert isinstance(sldm.vae, AutoencoderKL) and sldm.vae.config.scaling_factor == 0.25
+    for module in (unet, kl, patch_fc, vit):  # as load_sldm sets its pieces up (the kernels may depend on it)
+        module.requires_grad_(False)
+    torch.manual_seed(21)
+    x, ctx, z = torch.randn(2, 4, 8, 8), torch.randn(2, 1, 32), torch.randn(2, 4, 8, 8)
+    image = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        # one architecture with the same weights on the same input: the same operations, equal to the bit
+        for t in (1, 500, 999):
+            assert torch.equal(sldm.unet(x, t, encoder_hidden_states=ctx).sample,
+                               unet(x, t, encoder_hidden_states=ctx).sample)
+        assert torch.equal(sldm.vae.decode(z).sample, kl.decode(z).sample)
+        assert torch.equal(sldm.conditioner(image), patch_fc(vit(image)[:, 0]).unsqueeze(1))  # normalize_ssl False
+
+
+def test_ema_converts_litemas_copies_of_the_unet_and_is_refused_without_them(compvis_checkpoint, tmp_path):
+    root = compvis_checkpoint["folder"].parent
+    state = torch.load(root / "model.ckpt", weights_only=True)["state_dict"]
+    # LitEma (ldm/modules/ema.py) keeps a copy of every parameter of LatentDiffusion.model under the
+    # parameter's name without its dots: model_ema.diffusion_modelinput_blocks00weight, ...
+    torch.manual_seed(22)
+    for key in [k for k in state if k.startswith("model.diffusion_model.")]:
+        state["model_ema." + key.removeprefix("model.").replace(".", "")] = state[key]
+        state[key] = torch.randn_like(state[key])  # the training weights: other values
+    state.update({"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(7)})
+    torch.save({"state_dict": state}, tmp_path / "ema.ckpt")
+    for ema in (True, False):
+        gv.convert_ldm(tmp_path / "ema.ckpt", root / "model.yaml", root / "dino.pth", tmp_path / f"sldm-{ema}", 32,
+                       extract_ema=ema)
+    direct = compvis_checkpoint["unet"].state_dict()
+    with_ema, without = (gv.load_sldm(tmp_path / f"sldm-{ema}").unet.state_dict() for ema in (True, False))
+    assert all(torch.equal(with_ema[k], direct[k]) for k in direct)
+    assert not any(torch.equal(without[k], direct[k]) for k in direct)
+    with pytest.raises(ValueError, match=r"no EMA copy \(model_ema\.\*\) of 208 UNet weights.*convert without --ema"):
+        gv.convert_ldm(root / "model.ckpt", root / "model.yaml", root / "dino.pth", tmp_path / "none", 32,
+                       extract_ema=True)
+    assert not (tmp_path / "none").exists()
 
 
 # -----------------------------------------------------------------------------

@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 import common
 import cdgmae
 import generate_views as gv
 import metrics
-from test_generate_views import tiny_sldm, tiny_sldm_folder, tree_bytes, write_images
+from test_generate_views import compvis_checkpoint, tiny_sldm, tiny_sldm_folder, tree_bytes, write_images  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATE = ["--views", "2", "--steps", "1", "--batch-size", "2", "--workers", "0", "--device", "cpu",
@@ -365,6 +366,46 @@ def test_convert_refuses_an_existing_folder_and_unreadable_inputs(tmp_path, caps
         assert_one_line_naming(message, name)
         assert out == model or not out.exists()
     assert tree_bytes(model) == before
+
+
+# CompVis options that the conversion does not map, each set in the yaml of compvis_checkpoint:
+# (the entry under model.params, its value, what the message must say)
+UNCONVERTED_OPTIONS = [
+    ("conditioning_key", "concat", "conditioning_key 'concat' is not supported, only 'crossattn'"),
+    ("unet_config.params.use_spatial_transformer", False, "no cross-attention to one context"),
+    ("unet_config.params.resblock_updown", True, "resblock_updown: True is not supported, only False"),
+    ("unet_config.params.num_classes", 1000, "num_classes: 1000 is not supported, only None"),
+    ("unet_config.params.num_res_blocks", [1, 1], "per-level num_res_blocks [1, 1] is not supported"),
+    ("unet_config.params.transformer_depth", [1, 2], "per-level transformer_depth [1, 2] is not supported"),
+    ("unet_config.params.num_head_channels", -1, "neither num_heads nor num_head_channels"),
+    ("first_stage_config.params.ddconfig.attn_resolutions", [8], "attn_resolutions: [8] is not supported"),
+    ("first_stage_config.params.ddconfig.double_z", True, "a VQ first stage with double_z True"),
+    ("first_stage_config.target", "ldm.models.autoencoder.AutoencoderKL", "a KL first stage needs double_z True"),
+    ("first_stage_config.target", "taming.models.vqgan.GumbelVQ", "first stage taming.models.vqgan.GumbelVQ is "
+                                                                  "not supported"),
+    ("beta_schedule", "cosine", "beta_schedule 'cosine' is not supported"),
+    ("parameterization", "score", "parameterization 'score' is not one of ['eps', 'v', 'x0']"),
+]
+
+
+@pytest.mark.parametrize("entry, value, words", UNCONVERTED_OPTIONS,
+                         ids=[f"{e}={v}" for e, v, _ in UNCONVERTED_OPTIONS])
+def test_convert_refuses_the_options_it_does_not_map_naming_the_yaml(tmp_path, capsys, compvis_checkpoint, entry,
+                                                                    value, words):
+    root = compvis_checkpoint["folder"].parent
+    config = yaml.safe_load((root / "model.yaml").read_text())
+    *path, last = entry.split(".")
+    section = config["model"]["params"]
+    for name in path:
+        section = section[name]
+    section[last] = value
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(config))
+    status, err, message = cli(gv.main, ["convert", "--ldm-checkpoint", root / "model.ckpt", "--ldm-config",
+                                         tmp_path / "other.yaml", "--dino", root / "dino.pth", "--output",
+                                         tmp_path / "sldm", "--cond-image-size", "32"], capsys)
+    assert status == 1 and "Traceback" not in err and message.startswith(f"{tmp_path / 'other.yaml'}: ")
+    assert_one_line_naming(message, words)
+    assert not (tmp_path / "sldm").exists()
 
 
 # -----------------------------------------------------------------------------
