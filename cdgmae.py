@@ -43,11 +43,12 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from common import (DIFFUSION_FOLDER_FILES, IMAGE_SUFFIXES, VIEW_NAME, InputError, UnreadableImage, bag_files,
-                    check_output_folder, check_outside, checked, find_bags, first_line, image_problem, is_real_image,
-                    list_files, one_line, open_image, parallel_map, plain, read_record, refuse_line_breaks,
-                    refuse_other_settings, remove_stale_temporaries, run_command, to_rgb, top_level_entries,
-                    torchrun_environment, write_or_exit, HelpFormatter)
+from common import (DIFFUSION_FOLDER_FILES, IMAGE_SUFFIXES, VERIFY_LEVELS, HelpFormatter, InputError, UnreadableImage,
+                    bag_files, check_bags, check_items, check_output_folder, check_outside, checked, find_bags,
+                    first_line, gpu_check, gpu_decode_problem, is_real_image, list_files, list_fingerprint, one_line,
+                    open_image, plain, read_bag_index, read_record, refuse_line_breaks, refuse_other_settings,
+                    remove_stale_temporaries, run_command, to_rgb, top_level_entries, torchrun_environment,
+                    truncate_log, write_or_exit)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -1022,28 +1023,7 @@ def batch_to_device(args, device):
 
 
 # --decode gpu: the workers read the files' bytes and draw the boxes; the GPU decodes (nvJPEG) and
-# crops. What torchvision decodes as the CPU path does: format -> Pillow modes. nvJPEG's CMYK,
-# torchvision's 16-bit PNGs (uint16 pixels) and BMP (not decoded) are refused instead.
-GPU_MODES = {"JPEG": ("L", "RGB"), "MPO": ("L", "RGB"),  # MPO: a camera's JPEG with a second picture
-             "PNG": ("1", "L", "P", "LA", "RGB", "RGBA"), "WEBP": ("RGB", "RGBA")}
-
-
-def gpu_decode_problem(image, head):
-    """None if --decode gpu decodes this opened image as `to_rgb` does, else why not. head:
-    the file's first 26 bytes (a PNG's bit depth is byte 24 of its IHDR chunk)."""
-    depth = head[24] if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" else 8
-    if image.mode in GPU_MODES.get(image.format, ()) and depth <= 8:
-        return None
-    kind = f"{depth}-bit " if depth > 8 else ""
-    return (f"a {kind}{image.format} image in mode {image.mode}, which --decode gpu does not decode as --decode cpu "
-            f"does (convert it to 8-bit RGB JPEG or PNG, or train with --decode cpu)")
-
-
-def gpu_check(image, path):
-    """`gpu_decode_problem` of an opened image file (common.check_image's further rule for --decode gpu)."""
-    with open(path, "rb") as f:
-        return gpu_decode_problem(image, f.read(26))
-
+# crops. (common.gpu_decode_problem: which images torchvision decodes as the CPU path does.)
 
 def read_encoded(path):
     """A file's bytes as a uint8 tensor, for decoding on the device (--decode gpu), and the
@@ -1062,6 +1042,7 @@ def read_encoded(path):
     if kind == "JPEG" and b"\xff\xd9" not in data[-1024:]:
         raise UnreadableImage(f"{path}: cannot decode image (truncated JPEG: no end-of-image marker)")
     return torch.frombuffer(bytearray(data), dtype=torch.uint8), size
+
 
 
 def collate_encoded(samples):
@@ -1313,7 +1294,7 @@ def start_records(args, run, num_items, per_step, resumed, start):
         print(f"resumed from {resumed}: epoch {start_epoch}, step {start_step} of {run.steps_per_epoch}")
     write_or_exit(output / "args.json", lambda tmp: Path(tmp).write_text(json.dumps(run.settings, indent=2)),
                   "the settings", then="rerun with --resume auto")
-    truncate_log(output / "log.jsonl", global_step)
+    truncate_log(output / "log.jsonl", global_step, then="rerun with --resume auto")
     run.log_file = open(output / "log.jsonl", "a")
     if global_step == 0:
         write_checkpoint(output / "checkpoint-0000.pth", run.model, run.optimizer, run.settings, 0, 0, 0,
@@ -1482,25 +1463,8 @@ def check_resume_fits(args, ckpt, path):
                          "(--resume needs a checkpoint of this run, with its settings)")
 
 
-def truncate_log(path, last_step):
-    """Keep the log records of steps <= last_step (those in the checkpoint resumed from), so the
-    resumed run appends after them and no step is logged twice. A line cut by a kill is dropped."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= last_step:
-            kept.append(line + "\n")
-    write_or_exit(path, lambda tmp: Path(tmp).write_text("".join(kept)), "the log", then="rerun with --resume auto")
-
-
 # The start-up scan: list and check the data, split over ranks and processes, cached
 
-VERIFY_LEVELS = ("none", "header", "decode")  # --verify-images, from cheapest to most thorough
 EXPECTED_LAYOUT = {"bags": "a bag is a folder holding real.* and view_NN.jpg files",
                    "crops": f"--pretext crops reads the image files ({', '.join(IMAGE_SUFFIXES)}) at any depth",
                    "frames": "--pretext frames reads ROOT/<video>/<frame>.jpg: a video is a folder holding images"}
@@ -1524,62 +1488,6 @@ def check_data_root(args):
                      "or `toyworld.py bags`)")
 
 
-def start_method():
-    """How the start-up scan starts its processes: forked, unless CUDA is initialised (a forked
-    child of a process that has started CUDA cannot use it, and may hang)."""
-    return "forkserver" if torch.cuda.is_initialized() else "fork"
-
-
-def _bag_problem(job):
-    """(bag, reason or None) for one bag; see check_bags."""
-    root, bag, num_views, min_views, level, decode = job
-    real, views = bag_files(Path(root) / bag)
-    if real is None:
-        return bag, "no real.* image"
-    indices = [int(VIEW_NAME.match(os.path.basename(v)).group(1)) for v in views]
-    if indices[:num_views] != list(range(num_views)):
-        return bag, f"incomplete: has views {indices}, needs view_00..view_{num_views - 1:02d}"
-    if 1 + num_views < min_views:
-        return bag, f"{1 + num_views} images, needs at least {min_views}"
-    if level != "none":
-        for path in [real] + views[:num_views]:
-            if (problem := image_problem(path, level, gpu_check if decode == "gpu" else None)):
-                return bag, f"{os.path.basename(path)}: {problem}"
-    return bag, None
-
-
-def check_bags(root, bags, num_views, min_views, verify_images="header", processes=1, decode="cpu"):
-    """Problems of the given bags as {bag: reason}: no real image, views missing among
-    view_00..view_{num_views-1}, fewer than `min_views` images in all, or an image that
-    cannot be read or that the loader of `decode` ("cpu" or "gpu") would refuse (verify_images
-    "header": its header and mode; "decode": all of it; "none": no image is opened; see
-    `check_image`). The bags are split over `processes` worker processes."""
-    level = {True: "header", False: "none"}.get(verify_images, verify_images)
-    jobs = [(str(root), bag, num_views, min_views, level, decode) for bag in bags]
-    return {bag: reason for bag, reason in parallel_map(_bag_problem, jobs, processes, start_method=start_method()) if reason}
-
-
-def _item_problem(job):
-    """(item, reason or None) for one image (--pretext crops) or video (frames); see check_items."""
-    root, item, pretext, level, decode = job
-    path = Path(root) / item
-    paths = [path] if pretext == "crops" else list_files(path)
-    if pretext == "frames" and len(paths) < FRAME_GAP[0] + 1:
-        return item, f"{len(paths)} frames, needs at least {FRAME_GAP[0] + 1} (a gap of {FRAME_GAP[0]} frames)"
-    if level != "none":
-        for frame in paths:
-            if (problem := image_problem(frame, level, gpu_check if decode == "gpu" else None)):
-                return item, problem if pretext == "crops" else f"{os.path.basename(frame)}: {problem}"
-    return item, None
-
-
-def check_items(root, items, pretext, verify_images="header", processes=1, decode="cpu"):
-    """check_bags for --pretext crops (each image opens) and frames (each video has at least 5
-    frames and each frame opens): {item: reason}."""
-    jobs = [(str(root), item, pretext, verify_images, decode) for item in items]
-    return {item: reason for item, reason in parallel_map(_item_problem, jobs, processes, start_method=start_method()) if reason}
-
-
 def bag_index_key(args):
     """What the cached bag list depends on: the folder, the modification times of the root and
     of its top-level folders (adding or removing a bag changes its parent's), and the flags that
@@ -1590,19 +1498,6 @@ def bag_index_key(args):
             "folders": hashlib.sha1(json.dumps(stamps).encode()).hexdigest(),
             "views": args.views, "anchors": args.anchors, "target_view": args.target_view, "pretext": args.pretext,
             "decode": args.decode}
-
-
-def read_bag_index(path, key, level):
-    """(bags, num_views) from OUTPUT/bag-index.json if it was made for `key` and checked at
-    `level` or more thoroughly; None otherwise."""
-    try:
-        index = json.loads(path.read_text())
-        verified = VERIFY_LEVELS.index(index["verified"])
-        if index["key"] != key or verified < VERIFY_LEVELS.index(level):
-            return None
-        return index["bags"], index["num_views"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def scan_bag_root(args, rank, world_size, output):
@@ -1617,7 +1512,7 @@ def scan_bag_root(args, rank, world_size, output):
     if cached:
         return cached
     processes, item = max(1, args.workers), PRETEXT_ITEMS[args.pretext]
-    bags = sorted(gather(find_bags(args.data, rank, world_size, processes, args.pretext, start_method()), world_size))
+    bags = sorted(gather(find_bags(args.data, rank, world_size, processes, args.pretext), world_size))
     if not bags:
         raise SystemExit(f"{args.data}: no {item}s found ({EXPECTED_LAYOUT[args.pretext]})")
     refuse_line_breaks(args.data, bags, item)
@@ -1625,11 +1520,11 @@ def scan_bag_root(args, rank, world_size, output):
     if args.pretext == "bags":
         num_views = args.views or max(len(bag_files(Path(args.data) / b)[1]) for b in bags[:1000])
         setting = f" (M = {num_views} views, N = {args.anchors} anchors)"
-        problems = check_bags(args.data, bags[rank::world_size], num_views, 1 + args.anchors,
-                              args.verify_images, processes, args.decode)
+        problems = check_bags(args.data, bags[rank::world_size], num_views, 1 + args.anchors, args.verify_images,
+                              processes, gpu_check if args.decode == "gpu" else None)
     else:
         problems = check_items(args.data, bags[rank::world_size], args.pretext, args.verify_images, processes,
-                               args.decode)
+                               gpu_check if args.decode == "gpu" else None, min_frames=FRAME_GAP[0] + 1)
     problems = dict(gather(problems.items(), world_size))
     if args.pretext == "bags" and args.target_view == "real" and num_views < args.anchors:
         problems["(all)"] = f"--target-view real needs at least {args.anchors} generated views, bags have {num_views}"
@@ -1648,11 +1543,6 @@ def scan_bag_root(args, rank, world_size, output):
         index = {"key": key, "verified": args.verify_images, "num_views": num_views, "bags": bags}
         write_or_exit(cache, lambda tmp: Path(tmp).write_text(json.dumps(index)), "the bag index", then="rerun with --resume auto")
     return bags, num_views
-
-
-def bag_list_id(bags, item="bag"):
-    """'<count> bags, sha1 <12 hex>': recorded with the run, so a resume on another bag list is refused."""
-    return f"{len(bags)} {item}s, sha1 {hashlib.sha1(chr(10).join(bags).encode()).hexdigest()[:12]}"
 
 
 # torchrun and DDP: NCCL on CUDA, gloo on CPU
@@ -1844,7 +1734,7 @@ def main(argv=None):
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(output)
-    args.bags = bag_list_id(bags, PRETEXT_ITEMS[args.pretext])
+    args.bags = list_fingerprint(bags, PRETEXT_ITEMS[args.pretext])
     refuse_changed_settings(args, ckpt, resume, output)  # now with the views and the bag list known
     return train(args, bags, rank, world_size, device, per_step, output, ckpt, resume)
 

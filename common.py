@@ -9,7 +9,8 @@ another setting's, and a killed run resumes. In order:
      ranges), `HelpFormatter`, `run_command` (Ctrl-C and SIGTERM as one line) and
      `torchrun_environment` (RANK, WORLD_SIZE, LOCAL_RANK checked).
   2. Reading inputs: files in natural order, the bag layout on disk (`bag_files`,
-     `find_bags`), images of every mode (`load_rgb`: one rule for every reader).
+     `find_bags`), images of every mode (`load_rgb`: one rule for every reader), the check of
+     a data folder before a run (`check_bags`).
   3. Writing outputs: `atomic_write` (a temporary name, then a rename), the sweep of what
      killed writers left (`remove_stale_temporaries`), checks of output folders.
   4. Settings records: a file's or a folder's fingerprint, and ONE rule that refuses to
@@ -280,9 +281,11 @@ def walk_items(job):
     return items
 
 
-def parallel_map(function, jobs, processes, chunksize=64, start_method="fork"):
-    """map() over worker processes (not threads: listing, header reads and decoding hold the
-    GIL), in-process for small jobs. A caller that has started CUDA passes "forkserver"."""
+def parallel_map(function, jobs, processes, chunksize=64, start_method="forkserver"):
+    """map() over worker processes (not threads: listing, header reads and decoding hold the GIL),
+    in-process for small jobs. The processes come from a fork server, a fresh single-threaded
+    process: forked straight from a training process, whose torch and CUDA threads may hold locks
+    at the fork, a worker can hang. (`function` and the jobs travel pickled: module-level functions.)"""
     jobs = list(jobs)
     if processes <= 1 or len(jobs) < 2 * chunksize:
         return [function(job) for job in jobs]
@@ -290,7 +293,7 @@ def parallel_map(function, jobs, processes, chunksize=64, start_method="fork"):
         return pool.map(function, jobs, chunksize=chunksize)
 
 
-def find_bags(root, rank=0, world_size=1, processes=1, kind="bags", start_method="fork"):
+def find_bags(root, rank=0, world_size=1, processes=1, kind="bags", start_method="forkserver"):
     """Sorted relative paths of the bag folders (those holding real.*) under root; kind "crops":
     of the image files, "frames": of the folders holding images (videos).
 
@@ -414,6 +417,99 @@ def image_problem(path, level="header", also=None):
         return f"unreadable ({type(e).__name__}: {e})"
 
 
+# What --decode gpu (torchvision's decoders) decodes as to_rgb does: format -> Pillow modes. nvJPEG's
+# CMYK, torchvision's 16-bit PNGs (uint16 pixels) and BMP (not decoded) are refused instead.
+GPU_MODES = {"JPEG": ("L", "RGB"), "MPO": ("L", "RGB"),  # MPO: a camera's JPEG with a second picture
+             "PNG": ("1", "L", "P", "LA", "RGB", "RGBA"), "WEBP": ("RGB", "RGBA")}
+
+
+def gpu_decode_problem(image, head):
+    """None if --decode gpu decodes this opened image as `to_rgb` does, else why not. head: the
+    file's first 26 bytes (a PNG's bit depth is byte 24 of its IHDR chunk)."""
+    depth = head[24] if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" else 8
+    if image.mode in GPU_MODES.get(image.format, ()) and depth <= 8:
+        return None
+    kind = f"{depth}-bit " if depth > 8 else ""
+    return (f"a {kind}{image.format} image in mode {image.mode}, which --decode gpu does not decode as --decode cpu "
+            f"does (convert it to 8-bit RGB JPEG or PNG, or train with --decode cpu)")
+
+
+def gpu_check(image, path):
+    """check_image's further rule for --decode gpu: `gpu_decode_problem` of an opened image file."""
+    with open(path, "rb") as f:
+        return gpu_decode_problem(image, f.read(26))
+
+
+# Checking a data folder before a run: every bag (or image, or video) is listed and checked, split
+# over processes, so that a bad file stops the run before its first step, naming the file.
+
+VERIFY_LEVELS = ("none", "header", "decode")  # --verify-images, from cheapest to most thorough
+
+
+def bag_problem(job):
+    """(bag, reason or None) for one bag; see check_bags."""
+    root, bag, num_views, min_views, level, also = job
+    real, views = bag_files(Path(root) / bag)
+    if real is None:
+        return bag, "no real.* image"
+    indices = [int(VIEW_NAME.match(os.path.basename(v)).group(1)) for v in views]
+    if indices[:num_views] != list(range(num_views)):
+        return bag, f"incomplete: has views {indices}, needs view_00..view_{num_views - 1:02d}"
+    if 1 + num_views < min_views:
+        return bag, f"{1 + num_views} images, needs at least {min_views}"
+    if level != "none":
+        for path in [real] + views[:num_views]:
+            if (problem := image_problem(path, level, also)):
+                return bag, f"{os.path.basename(path)}: {problem}"
+    return bag, None
+
+
+def check_bags(root, bags, num_views, min_views, verify_images="header", processes=1, also=None,
+               start_method="forkserver"):
+    """Problems of the given bags as {bag: reason}: no real image, views missing among
+    view_00..view_{num_views-1}, fewer than `min_views` images in all, or an image that cannot be
+    read or that `load_rgb` (or the further rule `also`, see check_image) would refuse
+    (verify_images "header": its header and mode; "decode": all of it; "none": no image is opened).
+    The bags are split over `processes` worker processes."""
+    level = {True: "header", False: "none"}.get(verify_images, verify_images)
+    jobs = [(str(root), bag, num_views, min_views, level, also) for bag in bags]
+    return {bag: why for bag, why in parallel_map(bag_problem, jobs, processes, start_method=start_method) if why}
+
+
+def item_problem(job):
+    """(item, reason or None) for one image (kind "crops") or video (kind "frames"); see check_items."""
+    root, item, kind, level, also, min_frames = job
+    path = Path(root) / item
+    paths = [path] if kind == "crops" else list_files(path)
+    if kind == "frames" and len(paths) < min_frames:
+        return item, f"{len(paths)} frames, needs at least {min_frames} (a gap of {min_frames - 1} frames)"
+    if level != "none":
+        for frame in paths:
+            if (problem := image_problem(frame, level, also)):
+                return item, problem if kind == "crops" else f"{os.path.basename(frame)}: {problem}"
+    return item, None
+
+
+def check_items(root, items, kind, verify_images="header", processes=1, also=None, start_method="forkserver",
+                min_frames=1):
+    """check_bags for images (kind "crops": each image opens) and videos (kind "frames": at least
+    `min_frames` frames, each opens): {item: reason}."""
+    jobs = [(str(root), item, kind, verify_images, also, min_frames) for item in items]
+    return {item: why for item, why in parallel_map(item_problem, jobs, processes, start_method=start_method) if why}
+
+
+def read_bag_index(path, key, level):
+    """(bags, num_views) from a cached listing (a run's bag-index.json) if it was made for `key` and
+    checked at `level` or more thoroughly; None otherwise."""
+    try:
+        index = json.loads(Path(path).read_text())
+        if index["key"] != key or VERIFY_LEVELS.index(index["verified"]) < VERIFY_LEVELS.index(level):
+            return None
+        return index["bags"], index["num_views"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 # -----------------------------------------------------------------------------
 # 3. Writing outputs
 # -----------------------------------------------------------------------------
@@ -501,6 +597,23 @@ def write_json(path, value):
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=2) + "\n"))
 
 
+def truncate_log(path, last_step, then="rerun"):
+    """Keep the records of a JSON-lines log whose "step" is at most last_step (those of the checkpoint
+    a run resumes from), so that the resumed run appends after them and no step is logged twice. A
+    line cut by a kill is dropped."""
+    if not Path(path).exists():
+        return
+    kept = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= last_step:
+            kept.append(line + "\n")
+    write_or_exit(path, lambda tmp: Path(tmp).write_text("".join(kept)), "the log", then)
+
+
 def check_output_folder(folder, flag="--output"):
     """Raise ValueError (one line) unless `folder` is a folder this process can write in or create:
     it, or else its nearest existing parent, is a folder (not a file) and writable. (As root every
@@ -573,6 +686,11 @@ def folder_sha256(folder, suffixes, chunk_size=1 << 24):
             while block := f.read(chunk_size):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def list_fingerprint(names, item="bag"):
+    """'<count> bags, sha1 <12 hex>': recorded with a run, so that a resume on another list is refused."""
+    return f"{len(names)} {item}s, sha1 {hashlib.sha1(chr(10).join(names).encode()).hexdigest()[:12]}"
 
 
 def plain(value):

@@ -2,20 +2,18 @@
 
 It writes synthetic ImageNet-shaped bags into a temporary folder (a 500x375 photo-like real
 image at JPEG quality 90, about 110 KB, and four 256x256 views at quality 95), then, in one
-thread of one process, times for the a1 (N = 1) and a3 (N = 3) settings:
+thread of one process (what one DataLoader worker gets), times for the a1 (N = 1) and a3 (N = 3)
+settings:
 
-  before  the previous loader: PIL decode + convert, PIL bicubic crop-resize (box), PIL flip,
-          float32 ImageNet normalisation in the worker, float32 collate into shared memory;
-  after   cdgmae.BagDataset.collated, what a DataLoader worker runs for a batch: Pillow decodes
-          into a uint8 RGBX array (`cdgmae.decode_rgbx`), torch's uint8 antialiased bicubic
-          crop-resize (`cdgmae.crop_resize`), each crop copied (and flipped) straight into its
-          row of a uint8 batch in shared memory; normalisation on the device;
+  loader  what a DataLoader worker runs for a batch: `cdgmae.BagDataset`'s items (Pillow decodes,
+          torch's uint8 antialiased bicubic crop-resize of each image's whole-pixel box, one flip)
+          and their collation into shared memory; stage by stage and measured whole;
   bare    Image.open + load of exactly the files each sample decodes.
 
-Stages are timed on a copy of the dataset's steps (checked to give the dataset's own batch);
-the "measured" rows time `dataset.collated(keys, shared=True)` itself. It also reports how far
-the new crops are from the previous PIL crops (same boxes). The machine may be shared: compare
-ratios to the bare decode, which is measured in the same passes.
+The machine may be shared: compare the ratio to the bare decode, which is measured in the same
+passes (CPU time of this thread, which another process's load disturbs little). It also reports
+how far the crops are from those of Pillow's box resize at the box's exact (sub-pixel) place,
+which the loader used before its boxes were cut in whole pixels.
 
     python benchmarks/bench_data.py                      # 200 bags, a1 and a3, 3 passes
     python benchmarks/bench_data.py --bags 100 --passes 1 --settings a3
@@ -38,8 +36,7 @@ import common  # noqa: E402
 import cdgmae  # noqa: E402
 
 SETTINGS = {"a1": 1, "a3": 3}  # N anchors
-STAGES = ["decode", "crop + resize", "to uint8 / normalise", "rest", "collate (shared memory)"]
-# "collate" after: allocating the batch in shared memory and copying each crop (flipped) into it.
+STAGES = ["decode", "crop + resize + flip", "draws (views, box, noise)", "collate (shared memory)"]
 
 
 def photo(rng, width, height):
@@ -75,116 +72,70 @@ class Clock:
         self.seconds[stage] += time.thread_time() - start
 
 
-def chosen_paths(ds, key):
-    """The files one sample decodes, and its generator after the view choice (the dataset's order)."""
+def draws(ds, key):
+    """A sample's files, its boxes (one box on the bag's geometry, mapped into each image) and flip,
+    drawn as BagDataset.sample draws them (the images' sizes from their headers)."""
     epoch, index = key
     rng = np.random.default_rng([ds.seed, epoch, index])
-    real, views = common.bag_files(ds.root / ds.bags[index])
-    paths = [real] + views[:ds.num_views]
-    return [paths[i] for i in ds.choose_views(rng)], rng
-
-
-def draw_rest(ds, rng, paths, sizes):
-    """Each image's box (one box on the bag's common geometry, mapped), the flip and the noise."""
-    (width, height), regions = ds.geometry(paths, sizes)
+    files = ds.files(ds.bags[index], rng)
+    sizes = []
+    for path in files:
+        with Image.open(path) as im:
+            sizes.append(im.size)
+    (width, height), regions = ds.geometry(files, sizes)
     box = cdgmae.sample_crop_box(rng, width, height, ds.crop_scale, ds.crop_ratio)
     flip = rng.random() < 0.5
-    target_noise = torch.from_numpy(rng.random(ds.num_patches, dtype=np.float32))
-    anchor_noise = torch.from_numpy(rng.random((ds.num_anchors, ds.num_patches), dtype=np.float32))
-    return cdgmae.image_boxes(box, regions), flip, target_noise, anchor_noise
-
-
-def staged_after(ds, keys, clock):
-    """cdgmae.BagDataset.collated(keys, shared=True) (CPU decode), stage by stage."""
-    size, n = ds.input_size, ds.num_anchors
-    with clock("collate (shared memory)"):
-        target = cdgmae.batch_tensor((len(keys), 3, size, size), torch.uint8, True)
-        anchors = cdgmae.batch_tensor((len(keys), n, 3, size, size), torch.uint8, True)
-        target_noise = cdgmae.batch_tensor((len(keys), ds.num_patches), torch.float32, True)
-        anchor_noise = cdgmae.batch_tensor((len(keys), n, ds.num_patches), torch.float32, True)
-    with clock("rest"):  # the files of every item first, as `collated` lists them
-        chosen = [chosen_paths(ds, key) for key in keys]
-    for i, (paths, rng) in enumerate(chosen):
-        with clock("decode"):
-            images = [cdgmae.decode_rgbx(path) for path in paths]
-        with clock("rest"):
-            boxes, flip, target_noise[i], anchor_noise[i] = draw_rest(
-                ds, rng, paths, [(image.shape[2], image.shape[1]) for image in images])
-        for out, image, box in zip([target[i], *anchors[i]], images, boxes):
-            with clock("crop + resize"):
-                crop = cdgmae.crop_resize(image, box, size)[:3]
-            with clock("collate (shared memory)"):
-                cdgmae.copy_flipped(out, crop, flip)
-    return target, anchors, target_noise, anchor_noise
-
-
-def staged_before(ds, key, clock, keep_pixels=None):
-    """The previous loader (PIL crop-resize, float32 normalisation in the worker), stage by stage."""
-    with clock("rest"):
-        paths, rng = chosen_paths(ds, key)
-    with clock("decode"):
-        images = [common.load_rgb(p) for p in paths]
-    with clock("rest"):
-        boxes, flip, target_noise, anchor_noise = draw_rest(ds, rng, paths, [img.size for img in images])
-    crops = []
-    for img, box in zip(images, boxes):
-        with clock("crop + resize"):
-            w, h = img.size
-            img = img.resize((ds.input_size, ds.input_size), Image.BICUBIC,
-                             box=(box[0] * w, box[1] * h, box[2] * w, box[3] * h))
-            if flip:
-                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        if keep_pixels is not None:
-            keep_pixels.append(np.asarray(img))
-        with clock("to uint8 / normalise"):
-            crops.append(cdgmae.image_to_tensor(img))
-    with clock("rest"):
-        return crops[0], torch.stack(crops[1:]), target_noise, anchor_noise
+    ds.draw_noise(rng)
+    return files, cdgmae.image_boxes(box, regions), flip
 
 
 def collate_shared(samples):
-    """What a DataLoader worker's default_collate does: stack each field into new shared memory."""
-    return [torch.stack(field, out=cdgmae.batch_tensor((len(field), *field[0].shape), field[0].dtype, True))
-            for field in zip(*samples)]
-
-
-def bare_decode(paths):
-    for path in paths:
-        with Image.open(path) as im:
-            im.load()
+    """What a DataLoader worker's default_collate does: stack each field into one new tensor (in a
+    worker its storage is allocated in shared memory, where the main process maps it: one copy)."""
+    return [torch.stack(field) for field in zip(*samples)]
 
 
 def one_pass(ds, keys, batch):
-    """Per-sample seconds of every stage, before and after, the measured dataset, and bare decode."""
-    before, after, measured = Clock(), Clock(), Clock()
+    """Per-sample CPU seconds of every stage, of the dataset's own batches, and of the bare decode."""
+    staged, measured = Clock(), Clock()
     for start in range(0, len(keys), batch):
         chunk = keys[start:start + batch]
-        with measured("bare decode"):
-            for key in chunk:
-                bare_decode(chosen_paths(ds, key)[0])
-        old = [staged_before(ds, key, before) for key in chunk]
-        with before("collate (shared memory)"):
-            collate_shared(old)
-        staged_after(ds, chunk, after)
-        with measured("batch"):
-            ds.collated(chunk, shared=True)
-    n = len(keys)
-    return ({k: v / n for k, v in before.seconds.items()}, {k: v / n for k, v in after.seconds.items()},
-            {k: v / n for k, v in measured.seconds.items()})
+        samples = []
+        for key in chunk:
+            with staged("draws (views, box, noise)"):
+                files, boxes, flip = draws(ds, key)
+            with staged("decode"):
+                images = [cdgmae.decode_image(path) for path in files]
+            with staged("crop + resize + flip"):
+                crops = cdgmae.crop_views(images, boxes, flip, ds.input_size)
+            samples.append((crops[0], crops[1:]))
+            with measured("bare decode"):
+                for path in files:
+                    with Image.open(path) as im:
+                        im.load()
+        with staged("collate (shared memory)"):
+            collate_shared(samples)
+        with measured("loader"):
+            collate_shared([ds[key] for key in chunk])
+    return {k: v / len(keys) for k, v in staged.seconds.items()}, {k: v / len(keys) for k, v in measured.seconds.items()}
 
 
 def pixel_difference(ds, keys):
-    """New crops against the previous PIL crops of the same boxes, (mean |diff|, max, share > 2
-    levels) for the views (the box is drawn on their size: whole pixels) and for the real images
-    (the box mapped into the conditioning region falls between pixels)."""
+    """The crops against Pillow's box resize at the box's exact place (the loader's crops before the
+    boxes were cut in whole pixels): (mean |diff|, max, share > 2 levels), for the views (the box is
+    drawn on their size: whole pixels, so only the resampling at the crop's edge differs) and for the
+    real images (the box mapped into the conditioning region falls between pixels)."""
     diffs = {"views": [], "real images": []}
     for key in keys:
-        pil = []
-        staged_before(ds, key, Clock(), keep_pixels=pil)
+        files, boxes, flip = draws(ds, key)
         target, anchors, _, _ = ds[key]
-        for i, (ours, theirs) in enumerate(zip([target, *anchors], pil)):
-            d = np.abs(ours.permute(1, 2, 0).numpy().astype(int) - theirs.astype(int)).ravel()
-            diffs["real images" if common.is_real_image(chosen_paths(ds, key)[0][i]) else "views"].append(d)
+        for path, box, ours in zip(files, boxes, [target, *anchors]):
+            image = common.load_rgb(path)
+            w, h = image.size
+            theirs = image.resize((ds.input_size,) * 2, Image.BICUBIC, box=(box[0] * w, box[1] * h, box[2] * w, box[3] * h))
+            theirs = np.asarray(theirs.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else theirs).astype(int)
+            d = np.abs(ours.permute(1, 2, 0).numpy().astype(int) - theirs).ravel()
+            diffs["real images" if common.is_real_image(path) else "views"].append(d)
     return {k: (np.concatenate(v).mean(), np.concatenate(v).max(), (np.concatenate(v) > 2).mean())
             for k, v in diffs.items() if v}
 
@@ -192,43 +143,30 @@ def pixel_difference(ds, keys):
 def measure(setting, root, bags, args):
     ds = cdgmae.BagDataset(root, bags, 4, SETTINGS[setting], 224, num_patches=196, seed=0)
     keys = [(0, i) for i in range(len(bags))]
-    # the staged copy is the dataset's own computation, which is default_collate of its items
-    expected = torch.utils.data.default_collate([ds[key] for key in keys[:8]])
-    assert all(torch.equal(a, b) for a, b in zip(staged_after(ds, keys[:8], Clock()), expected))
-    assert all(torch.equal(a, b) for a, b in zip(ds.collated(keys[:8], shared=True), expected))
     passes = [one_pass(ds, keys, args.batch) for _ in range(args.passes)]
-    before, after, measured = min(passes, key=lambda p: p[2]["batch"])
-    return before, after, measured, pixel_difference(ds, keys[:args.pixel_samples])
+    staged, measured = min(passes, key=lambda p: p[1]["loader"])
+    return staged, measured, pixel_difference(ds, keys[:args.pixel_samples])
 
 
 def report(results):
     ms = lambda s: f"{s * 1e3:.2f}"  # noqa: E731
     names = list(results)
-    print("\n| stage (CPU ms per sample, 1 thread) | " + " | ".join(f"{n} before | {n} after" for n in names) + " |")
-    print("|---|" + "---|---|" * len(names))
+    print("\n| CPU ms per sample, 1 thread | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
     for stage in STAGES:
-        print(f"| {stage} | " + " | ".join(f"{ms(results[n][0].get(stage, 0))} | {ms(results[n][1].get(stage, 0))}"
-                                          for n in names) + " |")
-    for label, row in [("total", lambda b, a, m: (sum(b.values()), sum(a.values()))),
-                       ("bare decode of the same JPEGs", lambda b, a, m: (m["bare decode"], m["bare decode"])),
-                       ("total / bare decode", lambda b, a, m: (sum(b.values()) / m["bare decode"],
-                                                                m["batch"] / m["bare decode"]))]:
-        cells = [row(*results[n][:3]) for n in names]
-        fmt = (lambda x: f"{x:.2f}x") if "/" in label else ms
-        print(f"| {label} | " + " | ".join(f"{fmt(b)} | {fmt(a)}" for b, a in cells) + " |")
-    print("| measured: dataset.collated(keys), the batch in shared memory | " + " | ".join(
-        f"- | {ms(results[n][2]['batch'])}" for n in names) + " |")
-    print("| samples/s per core | " + " | ".join(
-        f"{1 / sum(results[n][0].values()):.0f} | {1 / (results[n][2]['batch']):.0f}"
-        for n in names) + " |")
+        print(f"| {stage} | " + " | ".join(ms(results[n][0].get(stage, 0)) for n in names) + " |")
+    print("| loader, measured whole (items + collate) | " + " | ".join(ms(results[n][1]["loader"]) for n in names) + " |")
+    print("| bare decode of the same JPEGs | " + " | ".join(ms(results[n][1]["bare decode"]) for n in names) + " |")
+    print("| loader / bare decode | " + " | ".join(
+        f"{results[n][1]['loader'] / results[n][1]['bare decode']:.2f}x" for n in names) + " |")
+    print("| samples/s per core | " + " | ".join(f"{1 / results[n][1]['loader']:.0f}" for n in names) + " |")
     if "a3" in results:
-        b, _, m = results["a3"][:3]
-        old, new = sum(b.values()), m["batch"]
-        print(f"\ncores per GPU, a3: {317 * old:.1f} before / {317 * new:.1f} after for 317 samples/s (the paper's "
-              f"pace); {4000 * old:.0f} before / {4000 * new:.0f} after for 4,000 samples/s")
+        per_sample = results["a3"][1]["loader"]
+        print(f"\ncores per GPU, a3: {317 * per_sample:.1f} for 317 samples/s (the paper's pace); "
+              f"{4000 * per_sample:.0f} for 4,000 samples/s")
     for n in names:
-        for group, (mean, worst, share) in results[n][3].items():
-            print(f"{n}, {group}: new crops vs the previous PIL crops of the same boxes: mean |diff| {mean:.3f} "
+        for group, (mean, worst, share) in results[n][2].items():
+            print(f"{n}, {group}: crops vs Pillow's box resize at the box's exact place: mean |diff| {mean:.3f} "
                   f"levels, max {worst}, {share:.2%} of values differ by more than 2")
 
 

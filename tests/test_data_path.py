@@ -232,9 +232,9 @@ def test_listing_and_checking_split_over_ranks_and_processes_cover_every_bag_onc
     (root / "class1" / "img003" / "view_01.jpg").write_bytes(b"\xff\xd8 broken")
     shares = [common.find_bags(root, rank, 3, processes=2) for rank in range(3)]
     assert sorted(b for share in shares for b in share) == bags and sum(map(len, shares)) == len(bags)
-    jobs = [(str(root), bag, 3, 3, "decode", "cpu") for bag in bags]
-    in_process = [cdgmae._bag_problem(job) for job in jobs]
-    assert common.parallel_map(cdgmae._bag_problem, jobs, processes=2, chunksize=2) == in_process
+    jobs = [(str(root), bag, 3, 3, "decode", None) for bag in bags]
+    in_process = [common.bag_problem(job) for job in jobs]
+    assert common.parallel_map(common.bag_problem, jobs, processes=2, chunksize=2) == in_process
     assert [bag for bag, why in in_process if why] == ["class1/img003"]
 
 

@@ -239,8 +239,8 @@ def test_the_gpu_decode_refuses_at_start_up_and_in_the_workers_what_it_would_dec
     (bags / "img003" / "view_00.jpg").unlink()
     Image.new("L", (40, 48), 9).save(bags / "img004" / "view_00.jpg")              # grey JPEG: decoded alike
     names = [f"img{i:03d}" for i in range(6)]
-    assert cdgmae.check_bags(bags, names, 2, 2, decode="cpu") == {}
-    refused = cdgmae.check_bags(bags, names, 2, 2, decode="gpu")
+    assert common.check_bags(bags, names, 2, 2) == {}
+    refused = common.check_bags(bags, names, 2, 2, also=common.gpu_check)
     assert sorted(refused) == ["img000", "img001", "img002"]
     assert "JPEG image in mode CMYK" in refused["img000"] and "BMP" in refused["img001"]
     assert "16-bit PNG" in refused["img002"] and all("--decode cpu" in why for why in refused.values())

@@ -112,7 +112,7 @@ def test_the_command_line_writes_complete_bags_of_m_views(images, whole):
     output, summary = whole
     assert (summary["generated"], summary["complete_before"], summary["unreadable"]) == (3, 0, [])
     assert common.find_bags(output) == ["cat/a", "cat/b", "dog/c"]
-    assert cdgmae.check_bags(output, common.find_bags(output), num_views=VIEWS, min_views=VIEWS + 1) == {}
+    assert common.check_bags(output, common.find_bags(output), num_views=VIEWS, min_views=VIEWS + 1) == {}
     for rel in ("cat/a.jpg", "cat/b.png", "dog/c.jpg"):
         bag = output / Path(rel).parent / Path(rel).stem
         assert sorted(p.name for p in bag.iterdir()) == ["real" + Path(rel).suffix, "view_00.jpg", "view_01.jpg"]

@@ -115,7 +115,7 @@ def test_bags_hold_the_k_nearest_other_images_in_order_and_cdgmae_reads_them(tmp
 
     bags = common.find_bags(output)
     assert len(bags) == NUM_IMAGES
-    assert cdgmae.check_bags(output, bags, num_views=5, min_views=2, verify_images="decode") == {}
+    assert common.check_bags(output, bags, num_views=5, min_views=2, verify_images="decode") == {}
     dataset = cdgmae.BagDataset(output, bags, num_views=5, num_anchors=2, input_size=16, num_patches=4)
     target, anchors, _, _ = dataset[(0, 3)]
     assert target.shape == (3, 16, 16) and anchors.shape == (2, 3, 16, 16)

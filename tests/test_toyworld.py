@@ -100,7 +100,7 @@ def test_bags_have_the_trainers_layout_and_true_masks(tmp_path):
     names = tw.write_bags(root, num_bags=3, num_views=2, size=64, seed=5, gt_output=gt, progress=False)
     bags = common.find_bags(root)
     assert bags == names == ["scene_000000", "scene_000001", "scene_000002"]
-    assert cdgmae.check_bags(root, bags, num_views=2, min_views=3) == {}
+    assert common.check_bags(root, bags, num_views=2, min_views=3) == {}
     assert all(not name.startswith(".") for name in files_under(root) + files_under(gt))  # no temporary files
     for i, bag in enumerate(bags):
         real, views = common.bag_files(root / bag)
