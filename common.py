@@ -21,6 +21,7 @@ another setting's, and a killed run resumes. In order:
 It imports no torch (the standard library, numpy and Pillow), so evaluate.py stays light.
 """
 import argparse
+import contextlib
 import csv
 import errno
 import hashlib
@@ -62,6 +63,21 @@ def one_line(error):
         return f"{error.filename}: {error.strerror} (check the path, its permissions and the free disk space)"
     text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
     return "; ".join(" ".join(line.split()) for line in text.splitlines() if line.strip()) or type(error).__name__
+
+
+@contextlib.contextmanager
+def exit_on_expected_errors():
+    """Turn an expected failure inside the block into a one-line exit: an InputError, a missing file,
+    or an OSError the user is to fix (EXPECTED_OS_ERRORS: a full disk, no permission, ...); any
+    other error stays a traceback, a bug to report."""
+    try:
+        yield
+    except (InputError, FileNotFoundError) as e:
+        raise SystemExit(one_line(e)) from None
+    except OSError as e:
+        if e.errno not in EXPECTED_OS_ERRORS:
+            raise
+        raise SystemExit(one_line(e)) from None
 
 
 def first_line(error):

@@ -75,8 +75,8 @@ from PIL import Image
 from scipy import io as sio
 from scipy import ndimage
 
-from common import (EXPECTED_OS_ERRORS, HelpFormatter, InputError, UnreadableImage, atomic_write, check_output_path,
-                    checked, format_table, list_files, one_line, open_image, run_command, write_csv)
+from common import (HelpFormatter, InputError, UnreadableImage, atomic_write, check_output_path,
+                    checked, exit_on_expected_errors, format_table, list_files, open_image, run_command, write_csv)
 
 DATASETS = ("davis", "vip", "jhmdb")
 VIP_NUM_CLASSES = 20
@@ -758,7 +758,7 @@ def main(argv=None):
     """Score, print the tables and write the CSV. An expected failure (a bad or missing file, a
     full disk) exits with one line `path: what is wrong (what to do)`, no traceback."""
     args = get_args_parser().parse_args(argv)
-    try:
+    with exit_on_expected_errors():
         check_output_path(args.csv or Path(args.predictions) / f"{args.dataset}_scores.csv", "--csv")
         summary = evaluate_dataset(args.dataset, args.data_root, args.predictions, args.list_file, args.videos,
                                    args.resolution, args.subset, args.exclude_void, args.progress, tuple(args.alphas))
@@ -775,12 +775,6 @@ def main(argv=None):
             summary_row.update({c: summary[c] for c in columns})
         csv_path = args.csv or Path(args.predictions) / f"{args.dataset}_scores.csv"
         write_csv(csv_path, rows + [summary_row], list(rows[0]) if rows else list(summary_row))
-    except (InputError, FileNotFoundError) as e:
-        raise SystemExit(one_line(e)) from None
-    except OSError as e:
-        if e.errno not in EXPECTED_OS_ERRORS:
-            raise
-        raise SystemExit(one_line(e)) from None
     print(f"\nwrote {csv_path}")
     return summary
 

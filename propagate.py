@@ -102,7 +102,7 @@ from tqdm import tqdm
 
 import evaluate as ev
 from cdgmae import IMAGENET_MEAN, IMAGENET_STD, check_finite, encoder_from_checkpoint, image_to_tensor
-from common import (DIFFUSION_FOLDER_FILES, EXPECTED_OS_ERRORS, HelpFormatter, InputError, UnreadableImage, atomic_write, check_image,
+from common import (DIFFUSION_FOLDER_FILES, EXPECTED_OS_ERRORS, exit_on_expected_errors, HelpFormatter, InputError, UnreadableImage, atomic_write, check_image,
                     check_output_folder, check_outside, checked, file_sha256, list_files, load_rgb,
                     one_line, read_record, refuse_other_settings, remove_stale_temporaries, run_command,
                     temporary_path, write_json)
@@ -1332,7 +1332,7 @@ def main(argv=None):
         parser.error("--dataset and --data-root are required (or --video for your own clip)")
     if args.first_mask is not None or args.first_keypoints is not None:
         parser.error("--first-mask and --first-keypoints go with --video")
-    try:
+    with exit_on_expected_errors():
         result = propagate_dataset(
             args.dataset, args.data_root, encoder_from_args(args), args.output, topk=args.topk,
             queue_length=args.queue_length, radius=args.radius, temperature=args.temperature,
@@ -1340,12 +1340,6 @@ def main(argv=None):
             videos=args.videos, subset=args.subset, resolution=args.resolution, batch_size=args.batch_size,
             device=args.device, num_heads=args.num_heads,
             visualize=args.visualize, visualize_frames=args.visualize_frames)
-    except (InputError, FileNotFoundError) as e:
-        raise SystemExit(one_line(e)) from None
-    except OSError as e:
-        if e.errno not in EXPECTED_OS_ERRORS:
-            raise
-        raise SystemExit(one_line(e)) from None
     print(f"{len(result['written'])} videos propagated, {len(result['skipped'])} already done -> {args.output}")
     if args.evaluate:  # --flag=value: a path or name that starts with "-" stays a value
         ev.main([f"--dataset={args.dataset}", f"--data-root={args.data_root}", f"--predictions={args.output}",

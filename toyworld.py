@@ -51,7 +51,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common import EXPECTED_OS_ERRORS, InputError, atomic_write, check_output_path, checked, one_line, run_command
+from common import InputError, atomic_write, check_output_path, checked, exit_on_expected_errors, run_command
 from evaluate import JHMDB_JOINTS, VIP_CLASSES, davis_palette  # classes, joints, DAVIS colour map
 
 # -----------------------------------------------------------------------------
@@ -1054,14 +1054,8 @@ def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
-    try:
+    with exit_on_expected_errors():  # e.g. write_bags: a --gt-output inside --output; a full disk
         write(args)
-    except InputError as e:  # write_bags: a --gt-output inside --output
-        raise SystemExit(str(e)) from None
-    except OSError as e:
-        if e.errno not in EXPECTED_OS_ERRORS:
-            raise
-        raise SystemExit(one_line(e)) from None
 
 
 def write(args):
